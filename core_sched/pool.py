@@ -1,0 +1,340 @@
+"""Pure-Python twin of the block pool (``core_sched/csrc/block_pool.hpp``).
+
+Same behaviour, same block ids in the same order, same errors: the test suite runs against
+both. Read ``block_pool.hpp`` for the design; this file mirrors it line for line where it can.
+"""
+
+from __future__ import annotations
+
+from ..errors import CapacityError, SchedulerError, ValidationError
+from .types import BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, PoolCounters, PoolDelta
+
+__all__ = ["BlockPool"]
+
+
+class _Reservation:
+    __slots__ = ("borrower", "expires_at", "blocks")
+
+    def __init__(self, borrower: int, expires_at: float, blocks: list[int]) -> None:
+        self.borrower = borrower
+        self.expires_at = expires_at
+        self.blocks = blocks
+
+
+class BlockPool:
+    """The KV block pool of one instance (rManager): allocate, free, lend, reserve."""
+
+    def __init__(self, instance_id: int, num_blocks: int, max_lent_blocks: int | None = None) -> None:
+        _check_args(instance_id, num_blocks, max_lent_blocks)
+        self._instance_id = instance_id
+        self._num_blocks = num_blocks
+        self._max_lent = num_blocks if max_lent_blocks is None else max_lent_blocks
+        self._state = [BLOCK_FREE] * num_blocks
+        self._owner_request = [-1] * num_blocks
+        self._owner_home = [-1] * num_blocks
+        self._free_stack = list(range(num_blocks - 1, -1, -1))
+        self._held: dict[int, list[int]] = {}
+        self._reservations: dict[int, _Reservation] = {}  # insertion order == id order
+        self._borrowed_by_request: dict[int, int] = {}
+        self._next_reservation = 1
+        self._used = 0
+        self._lent = 0
+        self._reserved = 0
+        self._borrowed = 0
+        self._version = 0
+        self._reported = self.counters()
+
+    # ---- counters ----------------------------------------------------------------------------
+
+    @property
+    def instance_id(self) -> int:
+        return self._instance_id
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def max_lent_blocks(self) -> int:
+        return self._max_lent
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free_stack)
+
+    @property
+    def num_used(self) -> int:
+        return self._used
+
+    @property
+    def num_lent(self) -> int:
+        return self._lent
+
+    @property
+    def num_reserved(self) -> int:
+        return self._reserved
+
+    @property
+    def num_borrowed(self) -> int:
+        return self._borrowed
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._held)
+
+    @property
+    def num_reservations(self) -> int:
+        return len(self._reservations)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def counters(self) -> PoolCounters:
+        return PoolCounters(
+            self._version, self._num_blocks, len(self._free_stack), self._used, self._lent, self._reserved, self._borrowed
+        )
+
+    def take_delta(self) -> PoolDelta:
+        """Counter changes since the previous call: what the next heartbeat carries."""
+        now, was = self.counters(), self._reported
+        self._reported = now
+        return PoolDelta(
+            self._instance_id,
+            was.version,
+            now.version,
+            now.capacity - was.capacity,
+            now.free - was.free,
+            now.used - was.used,
+            now.lent - was.lent,
+            now.reserved - was.reserved,
+            now.borrowed - was.borrowed,
+        )
+
+    # ---- own requests ------------------------------------------------------------------------
+
+    def can_allocate(self, n: int) -> bool:
+        return 0 <= n <= len(self._free_stack)
+
+    def allocate(self, request_id: int, n: int) -> list[int]:
+        """Allocate ``n`` blocks for a request whose home is this instance."""
+        if n < 0:
+            raise ValidationError("n", n, "must be >= 0")
+        if n > len(self._free_stack):
+            raise CapacityError(
+                f"instance {self._instance_id}: cannot allocate {n} blocks for request {request_id}: "
+                f"{len(self._free_stack)} of {self._num_blocks} free"
+            )
+        held = self._held.setdefault(request_id, [])
+        out = []
+        for _ in range(n):
+            b = self._free_stack.pop()
+            self._state[b] = BLOCK_USED
+            self._owner_request[b] = request_id
+            self._owner_home[b] = self._instance_id
+            held.append(b)
+            out.append(b)
+        if not held:
+            del self._held[request_id]
+        self._used += n
+        if n:
+            self._version += 1
+        return out
+
+    def free_blocks(self, request_id: int, blocks: list[int]) -> None:
+        """Free the named blocks of a request; all must be its own, else nothing is freed."""
+        held = self._held.get(request_id)
+        if held is None:
+            if blocks:
+                raise SchedulerError(f"instance {self._instance_id}: request {request_id} holds no blocks here")
+            return
+        for i, b in enumerate(blocks):
+            if not (0 <= b < self._num_blocks) or self._state[b] != BLOCK_USED or self._owner_request[b] != request_id:
+                raise SchedulerError(
+                    f"instance {self._instance_id}: block {b} is not held by request {request_id}"
+                )
+            if b in blocks[:i]:
+                raise SchedulerError(f"instance {self._instance_id}: block {b} named twice")
+        for b in blocks:
+            for k in range(len(held) - 1, -1, -1):
+                if held[k] == b:
+                    del held[k]
+                    break
+            self._release_used(b)
+        if not held:
+            del self._held[request_id]
+        if blocks:
+            self._version += 1
+
+    def free_request(self, request_id: int) -> int:
+        """Free every block a request holds here, own or lent; returns how many."""
+        held = self._held.pop(request_id, None)
+        if held is None:
+            return 0
+        for b in reversed(held):
+            self._release_used(b)
+        if held:
+            self._version += 1
+        return len(held)
+
+    def blocks_of(self, request_id: int) -> list[int]:
+        return list(self._held.get(request_id, ()))
+
+    def owner(self, block: int) -> tuple[int, int] | None:
+        """(request id, home instance) of a used block, None for a free or reserved one."""
+        self._check_block(block)
+        if self._state[block] != BLOCK_USED:
+            return None
+        return self._owner_request[block], self._owner_home[block]
+
+    def state(self, block: int) -> int:
+        self._check_block(block)
+        return self._state[block]
+
+    # ---- loans -------------------------------------------------------------------------------
+
+    @property
+    def lendable(self) -> int:
+        """Blocks this pool could lend now: free ones, capped by the lending cap."""
+        room = max(0, self._max_lent - self._lent - self._reserved)
+        return min(room, len(self._free_stack))
+
+    def try_reserve(self, borrower: int, n: int, now: float, ttl: float) -> int | None:
+        """Reserve ``n`` blocks for instance ``borrower`` until ``now + ttl``.
+
+        Returns a reservation id, or None when the blocks are not there (free memory or the
+        lending cap): first come, first served.
+        """
+        if n <= 0:
+            raise ValidationError("n", n, "must be >= 1")
+        if borrower == self._instance_id:
+            raise SchedulerError(f"instance {self._instance_id} cannot lend to itself")
+        if n > len(self._free_stack) or self._lent + self._reserved + n > self._max_lent:
+            return None
+        rid = self._next_reservation
+        self._next_reservation += 1
+        blocks = []
+        for _ in range(n):
+            b = self._free_stack.pop()
+            self._state[b] = BLOCK_RESERVED
+            self._owner_home[b] = borrower
+            blocks.append(b)
+        self._reservations[rid] = _Reservation(borrower, now + ttl, blocks)
+        self._reserved += n
+        self._version += 1
+        return rid
+
+    def commit(self, reservation_id: int, request_id: int, now: float) -> list[int]:
+        """Turn a reservation into blocks of the borrower's request ``request_id``."""
+        r = self._reservations.get(reservation_id)
+        if r is None:
+            raise SchedulerError(f"instance {self._instance_id}: unknown reservation {reservation_id}")
+        if now > r.expires_at:
+            self._release_reservation(reservation_id)
+            self._version += 1
+            raise CapacityError(
+                f"instance {self._instance_id}: reservation {reservation_id} expired at {r.expires_at} (now {now})"
+            )
+        held = self._held.get(request_id)
+        if held and self._owner_home[held[0]] != r.borrower:
+            raise SchedulerError(
+                f"instance {self._instance_id}: request {request_id} is held here for instance "
+                f"{self._owner_home[held[0]]}, not {r.borrower}"
+            )
+        held = self._held.setdefault(request_id, [])
+        for b in r.blocks:
+            self._state[b] = BLOCK_USED
+            self._owner_request[b] = request_id
+            held.append(b)
+        n = len(r.blocks)
+        self._reserved -= n
+        self._used += n
+        self._lent += n
+        del self._reservations[reservation_id]
+        self._version += 1
+        return list(r.blocks)
+
+    def cancel(self, reservation_id: int) -> int:
+        if reservation_id not in self._reservations:
+            raise SchedulerError(f"instance {self._instance_id}: unknown reservation {reservation_id}")
+        n = self._release_reservation(reservation_id)
+        self._version += 1
+        return n
+
+    def expire(self, now: float) -> int:
+        """Give back every reservation that expired before ``now``; returns blocks released."""
+        dead = [rid for rid, r in self._reservations.items() if now > r.expires_at]
+        n = sum(self._release_reservation(rid) for rid in dead)
+        if n:
+            self._version += 1
+        return n
+
+    # ---- this instance's requests held elsewhere ---------------------------------------------
+
+    def add_borrowed(self, request_id: int, home: int, n: int) -> None:
+        if home != self._instance_id:
+            raise SchedulerError(
+                f"instance {self._instance_id} never borrows for request {request_id} of instance {home}"
+            )
+        if n < 0:
+            raise ValidationError("n", n, "must be >= 0")
+        self._borrowed_by_request[request_id] = self._borrowed_by_request.get(request_id, 0) + n
+        self._borrowed += n
+        if n:
+            self._version += 1
+
+    def remove_borrowed(self, request_id: int, n: int) -> None:
+        have = self._borrowed_by_request.get(request_id, 0)
+        if n < 0 or n > have:
+            raise ValidationError("n", n, f"must be in [0, {have}] (blocks request {request_id} borrowed)")
+        if n == 0:
+            return
+        if have == n:
+            del self._borrowed_by_request[request_id]
+        else:
+            self._borrowed_by_request[request_id] = have - n
+        self._borrowed -= n
+        self._version += 1
+
+    def borrowed_by(self, request_id: int) -> int:
+        return self._borrowed_by_request.get(request_id, 0)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _check_block(self, block: int) -> None:
+        if not 0 <= block < self._num_blocks:
+            raise ValidationError("block", block, f"must be in [0, {self._num_blocks - 1}]")
+
+    def _release_used(self, b: int) -> None:
+        if self._owner_home[b] != self._instance_id:
+            self._lent -= 1
+        self._used -= 1
+        self._state[b] = BLOCK_FREE
+        self._owner_request[b] = -1
+        self._owner_home[b] = -1
+        self._free_stack.append(b)
+
+    def _release_reservation(self, rid: int) -> int:
+        r = self._reservations.pop(rid)
+        for b in reversed(r.blocks):
+            self._state[b] = BLOCK_FREE
+            self._owner_home[b] = -1
+            self._free_stack.append(b)
+        self._reserved -= len(r.blocks)
+        return len(r.blocks)
+
+    def __repr__(self) -> str:
+        c = self.counters()
+        return (
+            f"BlockPool(instance={self._instance_id}, capacity={c.capacity}, free={c.free}, used={c.used}, "
+            f"lent={c.lent}, reserved={c.reserved}, borrowed={c.borrowed})"
+        )
+
+
+def _check_args(instance_id: int, num_blocks: int, max_lent_blocks: int | None) -> None:
+    if not 0 <= instance_id < (1 << 31):
+        raise ValidationError("instance_id", instance_id, f"must be in [0, {(1 << 31) - 1}]")
+    if not 1 <= num_blocks < (1 << 31):
+        raise ValidationError("num_blocks", num_blocks, f"must be in [1, {(1 << 31) - 1}]")
+    if max_lent_blocks is not None and not 0 <= max_lent_blocks <= num_blocks:
+        raise ValidationError("max_lent_blocks", max_lent_blocks, f"must be in [0, {num_blocks}] (num_blocks)")
