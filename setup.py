@@ -1,21 +1,34 @@
-"""Build of the compiled scheduler core (``infinillm.core_sched._core``).
+"""Build of the compiled scheduler core (the ``infinillm.core_sched._*`` extension modules).
 
 Everything else about the package is declared in pyproject.toml and setup.cfg; this file
 exists only because C++ extension modules cannot be declared there.
+
+One extension module per structure: ``core_sched/_<name>.pyx`` over ``core_sched/csrc/*.hpp``
+(declared to Cython in ``core_sched/csrc/*.pxd``). ``INFINILLM_BUILD_ONLY=_pool,_ledger``
+builds a subset (handy while working on one of them).
 """
+
+import glob
+import os
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+MODULES = ["_pool", "_block_table", "_ledger", "_batch"]
+CSRC = sorted(glob.glob("core_sched/csrc/*.hpp") + glob.glob("core_sched/csrc/*.pxd"))
+
+only = [m for m in os.environ.get("INFINILLM_BUILD_ONLY", "").split(",") if m]
 extensions = [
     Extension(
-        "infinillm.core_sched._core",
-        sources=["core_sched/_core.pyx"],
+        f"infinillm.core_sched.{name}",
+        sources=[f"core_sched/{name}.pyx"],
         include_dirs=["core_sched/csrc"],
-        depends=["core_sched/csrc/cpp_core.pxd"] + [f"core_sched/csrc/{h}" for h in ("block_pool.hpp",)],
+        depends=CSRC,
         language="c++",
         extra_compile_args=["-std=c++17", "-O3"],
     )
+    for name in MODULES
+    if os.path.exists(f"core_sched/{name}.pyx") and (not only or name in only)
 ]
 
 setup(

@@ -2,7 +2,7 @@
 
 Two implementations with one interface, as msgpack-python does it:
 
-- ``compiled``: Cython over C++ containers (``_core.pyx`` over ``csrc/*.hpp``), the default.
+- ``compiled``: Cython over C++ containers (``_<name>.pyx`` over ``csrc/*.hpp``), the default.
 - ``python``: a readable pure-Python twin of every structure (``pool.py``, ...).
 
 ``INFINILLM_CORE`` chooses: ``compiled`` (the default: fail loudly if the extension is missing),
@@ -12,15 +12,20 @@ one was taken; ``implementation(name)`` returns either, for tests that run again
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import SimpleNamespace
 
 from ..errors import ValidationError
-from . import pool as _twin_pool
 from .types import BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, PoolCounters, PoolDelta
 
+# Each structure: (its class name, the twin's module, the compiled module).
+_STRUCTURES: list[tuple[str, str, str]] = [
+    ("BlockPool", "pool", "_pool"),
+]
+
 __all__ = [
-    "BlockPool",
+    *(name for name, _, _ in _STRUCTURES),
     "PoolCounters",
     "PoolDelta",
     "BLOCK_FREE",
@@ -33,19 +38,23 @@ __all__ = [
 
 _CHOICES = ("compiled", "python", "auto")
 
-twin = SimpleNamespace(name="python", BlockPool=_twin_pool.BlockPool)
 
+def _load(kind: str) -> SimpleNamespace:
+    classes = {}
+    for name, twin_module, compiled_module in _STRUCTURES:
+        module = importlib.import_module(f".{twin_module if kind == 'python' else compiled_module}", __name__)
+        classes[name] = getattr(module, name)
+    return SimpleNamespace(name=kind, **classes)
+
+
+twin = _load("python")
 try:
-    from . import _core as _compiled_module
-except ImportError as exc:  # the extension was not built (e.g. running from a bare checkout)
-    _compiled_module = None
+    compiled: SimpleNamespace | None = _load("compiled")
+except ImportError as exc:  # the extensions were not built (e.g. running from a bare checkout)
+    compiled = None
     _compiled_import_error: ImportError | None = exc
 else:
     _compiled_import_error = None
-
-compiled = (
-    SimpleNamespace(name="compiled", BlockPool=_compiled_module.BlockPool) if _compiled_module is not None else None
-)
 
 
 def compiled_available() -> bool:
@@ -59,8 +68,8 @@ def implementation(name: str) -> SimpleNamespace:
     if name == "compiled":
         if compiled is None:
             raise ImportError(
-                "the compiled scheduler core (infinillm.core_sched._core) is not built: "
-                "run `pip install -e .` (or `make test`)"
+                "the compiled scheduler core (infinillm.core_sched._*) is not built: "
+                "run `make build` (or `pip install -e .`)"
             ) from _compiled_import_error
         return compiled
     raise ValidationError("INFINILLM_CORE", name, f"must be one of {', '.join(_CHOICES)}")
@@ -75,4 +84,4 @@ def _choose() -> SimpleNamespace:
 
 _chosen = _choose()
 IMPLEMENTATION: str = _chosen.name
-BlockPool = _chosen.BlockPool
+globals().update({name: getattr(_chosen, name) for name, _, _ in _STRUCTURES})

@@ -22,10 +22,10 @@ def test_compiled_core_is_a_shared_object_and_is_the_default():
     from infinillm import core_sched
 
     assert core_sched.compiled_available()
-    assert core_sched._core.__file__.endswith(".so")
+    assert core_sched._pool.__file__.endswith(".so")
     if os.environ.get("INFINILLM_CORE", "compiled") == "compiled":
         assert core_sched.IMPLEMENTATION == "compiled"
-        assert core_sched.BlockPool is core_sched._core.BlockPool
+        assert core_sched.BlockPool is core_sched._pool.BlockPool
 
 
 def test_unknown_core_choice_is_refused():

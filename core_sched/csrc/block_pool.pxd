@@ -1,5 +1,5 @@
-# The .pxd interface of the C++ scheduler core (core_sched/csrc/*.hpp).
-# _core.pyx cimports it (`from cpp_core cimport ...`, with core_sched/csrc on the include
+# The .pxd interface of the C++ block pool (core_sched/csrc/block_pool.hpp).
+# _pool.pyx cimports it (`from block_pool cimport ...`, with core_sched/csrc on the include
 # path); any other Cython module may do the same to drive the core without Python overhead.
 
 from libc.stdint cimport int32_t, int64_t, uint8_t

@@ -1,5 +1,5 @@
 # distutils: language = c++
-"""The compiled scheduler core: Cython over the C++ structures in ``core_sched/csrc``.
+"""The compiled block pool: Cython over ``core_sched/csrc/block_pool.hpp``.
 
 Each class here has a pure-Python twin with the same name, behaviour and errors
 (``core_sched/pool.py`` for ``BlockPool``); ``infinillm.core_sched`` picks one by the
@@ -9,7 +9,7 @@ Each class here has a pure-Python twin with the same name, behaviour and errors
 from libc.stdint cimport int32_t, int64_t
 from libcpp.vector cimport vector
 
-from cpp_core cimport (
+from block_pool cimport (
     CppBlockPool, CPoolCounters, POOL_OK, POOL_BAD_REQUEST, POOL_BAD_RESERVATION, POOL_EXPIRED,
 )
 
