@@ -13,6 +13,8 @@ from block_pool cimport (
     CppBlockPool, CPoolCounters, POOL_OK, POOL_BAD_REQUEST, POOL_BAD_RESERVATION, POOL_EXPIRED,
 )
 
+import numpy as np
+
 from infinillm.errors import CapacityError, SchedulerError, ValidationError
 from infinillm.core_sched.types import PoolCounters, PoolDelta, BLOCK_USED
 
@@ -145,6 +147,49 @@ cdef class BlockPool:
     def free_request(self, int64_t request_id):
         """Free every block a request holds here, own or lent; returns how many."""
         return self.c.free_request(request_id)
+
+    def allocate_batch(self, request_ids, counts):
+        """Allocate ``counts[i]`` blocks for ``request_ids[i]`` (home here), all or nothing.
+
+        Returns ``(blocks, offsets)``: int32 ``[sum(counts)]`` and int32 ``[B+1]``; request i's
+        blocks are ``blocks[offsets[i]:offsets[i+1]]`` (CSR layout, no per-request lists).
+        """
+        cdef int64_t[::1] rids = np.ascontiguousarray(request_ids, dtype=np.int64)
+        cdef int64_t[::1] ns = np.ascontiguousarray(counts, dtype=np.int64)
+        cdef Py_ssize_t b, nreq = rids.shape[0]
+        cdef int64_t total = 0
+        if ns.shape[0] != nreq:
+            raise ValidationError("counts", len(counts), f"must have one count per request ({nreq})")
+        for b in range(nreq):
+            if ns[b] < 0:
+                raise ValidationError("counts", ns[b], "must be >= 0")
+            total += ns[b]
+        if total > self.c.num_free():
+            raise CapacityError(
+                f"instance {self.c.instance_id()}: cannot allocate {total} blocks for a batch of {nreq} "
+                f"requests: {self.c.num_free()} of {self.c.num_blocks()} free"
+            )
+        out_arr = np.empty(total, dtype=np.int32)
+        off_arr = np.empty(nreq + 1, dtype=np.int32)
+        cdef int32_t[::1] out = out_arr
+        cdef int32_t[::1] off = off_arr
+        cdef Py_ssize_t pos = 0
+        off[0] = 0
+        for b in range(nreq):
+            if ns[b]:
+                self.c.allocate_into(rids[b], <int32_t>ns[b], &out[pos])
+            pos += ns[b]
+            off[b + 1] = <int32_t>pos
+        return out_arr, off_arr
+
+    def free_requests(self, request_ids):
+        """Free every block of each request; returns the total freed."""
+        cdef int64_t[::1] rids = np.ascontiguousarray(request_ids, dtype=np.int64)
+        cdef Py_ssize_t b
+        cdef int64_t n = 0
+        for b in range(rids.shape[0]):
+            n += self.c.free_request(rids[b])
+        return n
 
     def blocks_of(self, int64_t request_id):
         cdef const vector[int32_t]* held = self.c.blocks_of(request_id)

@@ -6,6 +6,8 @@ both. Read ``block_pool.hpp`` for the design; this file mirrors it line for line
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import CapacityError, SchedulerError, ValidationError
 from .types import BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, PoolCounters, PoolDelta
 
@@ -176,6 +178,36 @@ class BlockPool:
         if held:
             self._version += 1
         return len(held)
+
+    def allocate_batch(self, request_ids, counts) -> tuple[np.ndarray, np.ndarray]:
+        """Allocate ``counts[i]`` blocks for ``request_ids[i]`` (home here), all or nothing.
+
+        Returns ``(blocks, offsets)``: int32 ``[sum(counts)]`` and int32 ``[B+1]``; request i's
+        blocks are ``blocks[offsets[i]:offsets[i+1]]`` (CSR layout, no per-request lists).
+        """
+        request_ids = [int(r) for r in request_ids]
+        counts = [int(n) for n in counts]
+        if len(counts) != len(request_ids):
+            raise ValidationError("counts", len(counts), f"must have one count per request ({len(request_ids)})")
+        for n in counts:
+            if n < 0:
+                raise ValidationError("counts", n, "must be >= 0")
+        total = sum(counts)
+        if total > len(self._free_stack):
+            raise CapacityError(
+                f"instance {self._instance_id}: cannot allocate {total} blocks for a batch of {len(request_ids)} "
+                f"requests: {len(self._free_stack)} of {self._num_blocks} free"
+            )
+        blocks: list[int] = []
+        offsets = [0]
+        for rid, n in zip(request_ids, counts):
+            blocks += self.allocate(rid, n)
+            offsets.append(len(blocks))
+        return np.array(blocks, dtype=np.int32), np.array(offsets, dtype=np.int32)
+
+    def free_requests(self, request_ids) -> int:
+        """Free every block of each request; returns the total freed."""
+        return sum(self.free_request(int(rid)) for rid in request_ids)
 
     def blocks_of(self, request_id: int) -> list[int]:
         return list(self._held.get(request_id, ()))

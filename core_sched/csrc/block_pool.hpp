@@ -98,15 +98,25 @@ class BlockPool {
   int32_t allocate(int64_t request_id, int32_t n, std::vector<int32_t>& out) {
     if (n < 0) return POOL_BAD_COUNT;
     if (n > num_free()) return POOL_NO_SPACE;
+    size_t at = out.size();
+    out.resize(at + static_cast<size_t>(n));
+    return allocate_into(request_id, n, out.data() + at);
+  }
+
+  // Same, writing the ids to out[0..n) (the batch path: straight into a numpy buffer).
+  int32_t allocate_into(int64_t request_id, int32_t n, int32_t* out) {
+    if (n < 0) return POOL_BAD_COUNT;
+    if (n > num_free()) return POOL_NO_SPACE;
     if (n == 0) return POOL_OK;
-    auto& held = held_[request_id];
+    auto& held = held_list(request_id);
+    held.reserve(held.size() + static_cast<size_t>(n));
     for (int32_t i = 0; i < n; ++i) {
       int32_t b = pop_free();
       state_[b] = BLOCK_USED;
       owner_request_[b] = request_id;
       owner_home_[b] = instance_id_;
       held.push_back(b);
-      out.push_back(b);
+      out[i] = b;
     }
     used_ += n;
     ++version_;
@@ -137,7 +147,7 @@ class BlockPool {
       }
       release_used(b);
     }
-    if (held.empty()) held_.erase(it);
+    if (held.empty()) recycle(it);
     if (n) ++version_;
     return POOL_OK;
   }
@@ -149,7 +159,7 @@ class BlockPool {
     int32_t n = static_cast<int32_t>(it->second.size());
     // Free in reverse allocation order so the next allocation reuses them in the same order.
     for (size_t k = it->second.size(); k-- > 0;) release_used(it->second[k]);
-    held_.erase(it);
+    recycle(it);
     if (n) ++version_;
     return n;
   }
@@ -202,7 +212,7 @@ class BlockPool {
     if (hit != held_.end() && !hit->second.empty() &&
         owner_home_[hit->second.front()] != it->second.borrower)
       return POOL_BAD_REQUEST;  // the same request id held for another home
-    auto& held = held_[request_id];
+    auto& held = held_list(request_id);
     int32_t n = static_cast<int32_t>(it->second.blocks.size());
     for (int32_t b : it->second.blocks) {
       state_[b] = BLOCK_USED;
@@ -295,6 +305,27 @@ class BlockPool {
   }
 
  private:
+  using HeldMap = std::unordered_map<int64_t, std::vector<int32_t>>;
+
+  // The block list of a request, created on first use from a recycled vector, so a steady
+  // stream of requests joining and leaving allocates no memory.
+  std::vector<int32_t>& held_list(int64_t request_id) {
+    auto it = held_.find(request_id);
+    if (it != held_.end()) return it->second;
+    std::vector<int32_t> v;
+    if (!spare_.empty()) {
+      v.swap(spare_.back());
+      spare_.pop_back();
+    }
+    return held_.emplace(request_id, std::move(v)).first->second;
+  }
+
+  void recycle(HeldMap::iterator it) {
+    it->second.clear();
+    if (spare_.size() < 1024) spare_.push_back(std::move(it->second));
+    held_.erase(it);
+  }
+
   int32_t pop_free() {
     int32_t b = free_stack_.back();
     free_stack_.pop_back();
@@ -330,7 +361,8 @@ class BlockPool {
   std::vector<int64_t> owner_request_;
   std::vector<int32_t> owner_home_;
   std::vector<int32_t> free_stack_;
-  std::unordered_map<int64_t, std::vector<int32_t>> held_;
+  HeldMap held_;
+  std::vector<std::vector<int32_t>> spare_;
   std::map<int64_t, Reservation> reservations_;  // ordered: expiry frees in reservation order
   std::unordered_map<int64_t, int32_t> borrowed_by_request_;
   int64_t next_reservation_ = 1;

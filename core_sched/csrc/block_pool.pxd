@@ -43,6 +43,7 @@ cdef extern from "block_pool.hpp":
         bool can_allocate(int32_t n)
         int32_t lendable()
         int32_t allocate(int64_t request_id, int32_t n, vector[int32_t]& out) except +
+        int32_t allocate_into(int64_t request_id, int32_t n, int32_t* out) except +
         int32_t free_blocks(int64_t request_id, const int32_t* blocks, int32_t n) except +
         int32_t free_request(int64_t request_id) except +
         const vector[int32_t]* blocks_of(int64_t request_id)

@@ -151,3 +151,19 @@ def test_constructor_checks(core):
         core.BlockPool(-1, 8)
     with pytest.raises(ValidationError, match="block=8"):
         core.BlockPool(0, 8).owner(8)
+
+
+def test_allocate_batch_is_csr_and_all_or_nothing(core):
+    pool = core.BlockPool(0, 10)
+    blocks, offsets = pool.allocate_batch([7, 8, 9], [2, 0, 3])
+    assert blocks.dtype.name == offsets.dtype.name == "int32"
+    assert blocks.tolist() == [0, 1, 2, 3, 4]
+    assert offsets.tolist() == [0, 2, 2, 5]  # request 8 asked for none
+    assert pool.blocks_of(9) == [2, 3, 4]
+    with pytest.raises(CapacityError, match="cannot allocate 6 blocks for a batch of 2 requests: 5 of 10 free"):
+        pool.allocate_batch([1, 2], [3, 3])
+    assert pool.num_free == 5  # nothing was taken
+    with pytest.raises(ValidationError, match="counts=-1"):
+        pool.allocate_batch([1], [-1])
+    assert pool.free_requests([7, 9, 8]) == 5
+    assert pool.num_free == 10

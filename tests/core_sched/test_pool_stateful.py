@@ -1,0 +1,251 @@
+"""Stateful property tests of the block pools of a small cluster, against a plain model.
+
+Hypothesis drives random sequences of allocate / grow / truncate / reserve / commit / cancel /
+expire / abort / heartbeat over three instances. After every step:
+
+- every block is free, reserved for exactly one reservation, or owned by exactly one request
+  (the model says which, and the pool agrees block by block);
+- each pool's counters equal totals recomputed from the model;
+- the global ledger, fed only the heartbeat deltas, equals each pool's counters as of its last
+  heartbeat (and, after a final heartbeat of every pool, their counters now).
+
+The machine runs once per implementation (compiled and twin).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from infinillm import CapacityError
+from infinillm.core_sched import BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, implementation
+
+NUM_INSTANCES = 3
+NUM_BLOCKS = 12
+MAX_LENT = 6
+TTL = 1.0
+
+
+class PoolModel:
+    """What one pool should hold: owners of used blocks and pending reservations."""
+
+    def __init__(self) -> None:
+        self.owner: dict[int, tuple[int, int]] = {}  # block -> (request, home)
+        self.reservations: dict[int, tuple[int, float, list[int]]] = {}  # id -> (borrower, expiry, blocks)
+        self.borrowed: dict[int, int] = {}  # own request -> blocks it holds elsewhere
+
+    def reserved_blocks(self) -> set[int]:
+        return {b for _, _, blocks in self.reservations.values() for b in blocks}
+
+
+class ClusterMachine(RuleBasedStateMachine):
+    impl_name = "compiled"
+
+    @initialize()
+    def start(self) -> None:
+        impl = implementation(self.impl_name)
+        self.pools = [impl.BlockPool(i, NUM_BLOCKS, MAX_LENT) for i in range(NUM_INSTANCES)]
+        self.models = [PoolModel() for _ in range(NUM_INSTANCES)]
+        self.homes: dict[int, int] = {}  # live request -> home instance
+        self.next_request = 1
+        self.now = 0.0
+        # The ledger as the gManager sees it: the sum of the heartbeat deltas.
+        self.ledger = {i: dict(version=0, capacity=NUM_BLOCKS, free=NUM_BLOCKS, used=0, lent=0, reserved=0, borrowed=0)
+                       for i in range(NUM_INSTANCES)}
+        self.reported = {i: p.counters() for i, p in enumerate(self.pools)}
+
+    # ---- rules -----------------------------------------------------------------------------
+
+    def _allocate(self, rid: int, home: int, n: int) -> None:
+        pool, model = self.pools[home], self.models[home]
+        free_before = NUM_BLOCKS - len(model.owner) - len(model.reserved_blocks())
+        if n > free_before:
+            with pytest.raises(CapacityError):
+                pool.allocate(rid, n)
+            return
+        blocks = pool.allocate(rid, n)
+        assert len(blocks) == n
+        for b in blocks:
+            assert b not in model.owner and b not in model.reserved_blocks(), f"block {b} handed out twice"
+            model.owner[b] = (rid, home)
+
+    @rule(home=st.integers(0, NUM_INSTANCES - 1), n=st.integers(0, 5))
+    def new_request(self, home: int, n: int) -> None:
+        rid = self.next_request
+        self.next_request += 1
+        self.homes[rid] = home
+        self._allocate(rid, home, n)
+
+    @precondition(lambda self: self.homes)
+    @rule(data=st.data(), n=st.integers(1, 4))
+    def grow(self, data, n: int) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.homes)))
+        self._allocate(rid, self.homes[rid], n)
+
+    @precondition(lambda self: self.homes)
+    @rule(data=st.data())
+    def truncate(self, data) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.homes)))
+        home = self.homes[rid]
+        held = self.pools[home].blocks_of(rid)
+        assert sorted(held) == sorted(b for b, o in self.models[home].owner.items() if o[0] == rid)
+        k = data.draw(st.integers(0, len(held)))
+        tail = held[len(held) - k:]
+        self.pools[home].free_blocks(rid, tail)
+        for b in tail:
+            del self.models[home].owner[b]
+
+    @precondition(lambda self: self.homes)
+    @rule(data=st.data(), n=st.integers(1, 4))
+    def reserve(self, data, n: int) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.homes)))
+        home = self.homes[rid]
+        creditor = data.draw(st.sampled_from([i for i in range(NUM_INSTANCES) if i != home]))
+        model = self.models[creditor]
+        free = NUM_BLOCKS - len(model.owner) - len(model.reserved_blocks())
+        lent = sum(1 for (_, h) in model.owner.values() if h != creditor)
+        expect_ok = n <= free and lent + len(model.reserved_blocks()) + n <= MAX_LENT
+        res = self.pools[creditor].try_reserve(home, n, self.now, TTL)
+        assert (res is not None) == expect_ok
+        if res is not None:
+            assert res not in model.reservations
+            # Which blocks: the pool says (state RESERVED); check they were free.
+            blocks = [b for b in range(NUM_BLOCKS)
+                      if self.pools[creditor].state(b) == BLOCK_RESERVED and b not in model.reserved_blocks()]
+            assert len(blocks) == n
+            assert not set(blocks) & set(model.owner)
+            model.reservations[res] = (home, self.now + TTL, blocks)
+            self.pending = getattr(self, "pending", {})
+            self.pending[(creditor, res)] = rid
+
+    def _pending(self):
+        return sorted(getattr(self, "pending", {}).items())
+
+    @precondition(lambda self: getattr(self, "pending", None))
+    @rule(data=st.data())
+    def commit(self, data) -> None:
+        (creditor, res), rid = data.draw(st.sampled_from(self._pending()))
+        del self.pending[(creditor, res)]
+        model = self.models[creditor]
+        borrower, expiry, blocks = model.reservations.pop(res)
+        if rid not in self.homes:  # the request was aborted meanwhile: give the blocks back
+            assert self.pools[creditor].cancel(res) == len(blocks)
+            return
+        if self.now > expiry:
+            with pytest.raises(CapacityError):
+                self.pools[creditor].commit(res, rid, self.now)
+            return
+        got = self.pools[creditor].commit(res, rid, self.now)
+        assert sorted(got) == sorted(blocks)
+        for b in got:
+            model.owner[b] = (rid, borrower)
+        self.pools[borrower].add_borrowed(rid, borrower, len(got))
+        hm = self.models[borrower]
+        hm.borrowed[rid] = hm.borrowed.get(rid, 0) + len(got)
+
+    @precondition(lambda self: getattr(self, "pending", None))
+    @rule(data=st.data())
+    def cancel(self, data) -> None:
+        (creditor, res), _ = data.draw(st.sampled_from(self._pending()))
+        del self.pending[(creditor, res)]
+        _, _, blocks = self.models[creditor].reservations.pop(res)
+        assert self.pools[creditor].cancel(res) == len(blocks)
+
+    @rule(dt=st.sampled_from([0.25, 0.5, 1.5]))
+    def advance_and_expire(self, dt: float) -> None:
+        self.now += dt
+        for i, (pool, model) in enumerate(zip(self.pools, self.models)):
+            dead = [r for r, (_, exp, _) in model.reservations.items() if self.now > exp]
+            expected = sum(len(model.reservations[r][2]) for r in dead)
+            assert pool.expire(self.now) == expected
+            for r in dead:
+                del model.reservations[r]
+                getattr(self, "pending", {}).pop((i, r), None)
+
+    @precondition(lambda self: self.homes)
+    @rule(data=st.data())
+    def abort(self, data) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.homes)))
+        home = self.homes.pop(rid)
+        for pool, model in zip(self.pools, self.models):
+            expected = [b for b, o in model.owner.items() if o[0] == rid]
+            assert pool.free_request(rid) == len(expected)
+            for b in expected:
+                del model.owner[b]
+        n = self.models[home].borrowed.pop(rid, 0)
+        self.pools[home].remove_borrowed(rid, n)
+
+    @rule(instance=st.integers(0, NUM_INSTANCES - 1))
+    def heartbeat(self, instance: int) -> None:
+        self._heartbeat(instance)
+
+    def _heartbeat(self, instance: int) -> None:
+        d = self.pools[instance].take_delta()
+        entry = self.ledger[instance]
+        assert d.base_version == entry["version"], "a heartbeat was lost or applied twice"
+        entry["version"] = d.version
+        for key in ("capacity", "free", "used", "lent", "reserved", "borrowed"):
+            entry[key] += getattr(d, key)
+        self.reported[instance] = self.pools[instance].counters()
+
+    # ---- invariants --------------------------------------------------------------------------
+
+    @invariant()
+    def every_block_is_free_or_owned_exactly_once(self) -> None:
+        for i, (pool, model) in enumerate(zip(self.pools, self.models)):
+            reserved = model.reserved_blocks()
+            assert not reserved & set(model.owner)
+            for b in range(NUM_BLOCKS):
+                if b in model.owner:
+                    assert pool.state(b) == BLOCK_USED and pool.owner(b) == model.owner[b], (i, b)
+                elif b in reserved:
+                    assert pool.state(b) == BLOCK_RESERVED and pool.owner(b) is None, (i, b)
+                else:
+                    assert pool.state(b) == BLOCK_FREE and pool.owner(b) is None, (i, b)
+
+    @invariant()
+    def counters_equal_recomputed_totals(self) -> None:
+        for i, (pool, model) in enumerate(zip(self.pools, self.models)):
+            c = pool.counters()
+            used = len(model.owner)
+            reserved = len(model.reserved_blocks())
+            lent = sum(1 for (_, h) in model.owner.values() if h != i)
+            assert (c.capacity, c.free, c.used, c.lent, c.reserved, c.borrowed) == (
+                NUM_BLOCKS, NUM_BLOCKS - used - reserved, used, lent, reserved, sum(model.borrowed.values())
+            )
+            assert c.lent <= MAX_LENT or c.lent + c.reserved <= MAX_LENT
+            assert pool.num_reservations == len(model.reservations)
+
+    @invariant()
+    def ledger_equals_sum_of_deltas(self) -> None:
+        for i in range(NUM_INSTANCES):
+            entry, rep = self.ledger[i], self.reported[i]
+            assert entry == dict(version=rep.version, capacity=rep.capacity, free=rep.free, used=rep.used,
+                                 lent=rep.lent, reserved=rep.reserved, borrowed=rep.borrowed)
+
+    def teardown(self) -> None:
+        if not hasattr(self, "pools"):
+            return
+        for i in range(NUM_INSTANCES):
+            self._heartbeat(i)
+            assert self.ledger[i]["free"] == self.pools[i].num_free
+
+
+SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+class CompiledCluster(ClusterMachine):
+    impl_name = "compiled"
+
+
+class TwinCluster(ClusterMachine):
+    impl_name = "python"
+
+
+TestCompiledCluster = CompiledCluster.TestCase
+TestCompiledCluster.settings = SETTINGS
+TestTwinCluster = TwinCluster.TestCase
+TestTwinCluster.settings = SETTINGS
