@@ -6,6 +6,19 @@ Importing this package never needs Triton: where it is missing the torch path se
 
 from __future__ import annotations
 
+from .attention import append_kv, merge_partials, partial_attention
 from .backend import BACKENDS, Backend, resolve_backend, triton_available
+from .reference import append_kv_ref, merge_partials_ref, partial_attention_ref
 
-__all__ = ["BACKENDS", "Backend", "resolve_backend", "triton_available"]
+__all__ = [
+    "partial_attention",
+    "merge_partials",
+    "append_kv",
+    "partial_attention_ref",
+    "merge_partials_ref",
+    "append_kv_ref",
+    "BACKENDS",
+    "Backend",
+    "resolve_backend",
+    "triton_available",
+]

@@ -1,0 +1,103 @@
+"""Torch reference of each DistAttention kernel; also the CPU path.
+
+Shapes (the contract of ``infinillm.kernels``)::
+
+    k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim]
+    q                 [total_q, num_heads, head_dim]   queries of B requests, packed
+    cu_q              [B+1] int32                      request b owns q[cu_q[b]:cu_q[b+1]]
+    q_pos             [total_q] int32                  absolute position of each query token
+    block_table       [B, max_blocks] int32            blocks of request b held here, -1 padded
+    block_start       [B, max_blocks] int32            absolute position of each block's first token
+    block_len         [B, max_blocks] int32            valid tokens in each block
+
+A query attends to the keys of its request in these blocks whose position is <= its own
+(causal by position). ``out`` is normalised over those keys only; ``lse`` is the natural-log
+log-sum-exp of the scaled scores, so partials over disjoint key sets merge exactly::
+
+    lse = logsumexp_j(lse_j)        out = sum_j exp(lse_j - lse) * out_j
+
+A query that sees no key has ``lse = -inf`` and ``out = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["partial_attention_ref", "merge_partials_ref", "append_kv_ref"]
+
+# Queries of one request are processed in slices of this many, bounding the score matrix.
+_QUERY_SLICE = 1024
+
+
+def partial_attention_ref(
+    q: torch.Tensor,
+    cu_q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    block_start: torch.Tensor,
+    block_len: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    total_q, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    out = torch.zeros(total_q, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    lse = torch.full((total_q, num_heads), -math.inf, dtype=torch.float32, device=q.device)
+    cu = cu_q.tolist()
+    offsets = torch.arange(block_size, device=q.device)
+    for b in range(len(cu) - 1):
+        q0, q1 = cu[b], cu[b + 1]
+        if q0 == q1:
+            continue
+        ids = block_table[b].long()
+        lens = block_len[b].long()
+        held = (ids >= 0) & (lens > 0)
+        if not bool(held.any()):
+            continue
+        ids, lens, starts = ids[held], lens[held], block_start[b].long()[held]
+        k = k_cache[ids].reshape(-1, num_kv_heads, head_dim).float()  # [T, Hkv, D]
+        v = v_cache[ids].reshape(-1, num_kv_heads, head_dim).float()
+        key_pos = (starts[:, None] + offsets[None, :]).reshape(-1)  # [T]
+        key_ok = (offsets[None, :] < lens[:, None]).reshape(-1)  # [T]
+        for s0 in range(q0, q1, _QUERY_SLICE):
+            s1 = min(q1, s0 + _QUERY_SLICE)
+            qs = q[s0:s1].float().view(s1 - s0, num_kv_heads, group, head_dim)  # [n, Hkv, G, D]
+            scores = torch.einsum("nkgd,tkd->nkgt", qs, k) * scale  # [n, Hkv, G, T]
+            mask = key_ok[None, :] & (key_pos[None, :] <= q_pos[s0:s1].long()[:, None])  # [n, T]
+            scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
+            m = torch.logsumexp(scores, dim=-1)  # [n, Hkv, G]; -inf where no key is visible
+            seen = torch.isfinite(m)
+            p = torch.exp(scores - torch.where(seen, m, 0.0)[..., None])  # masked scores give 0
+            o = torch.einsum("nkgt,tkd->nkgd", p, v)
+            out[s0:s1] = o.reshape(s1 - s0, num_heads, head_dim).to(out.dtype)
+            lse[s0:s1] = m.reshape(s1 - s0, num_heads)
+    return out, lse
+
+
+def merge_partials_ref(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact log-sum-exp merge of P partials: outs [P, Tq, H, D], lses [P, Tq, H] (fp32).
+
+    All partials -inf gives out 0 and lse -inf, never NaN.
+    """
+    lse = torch.logsumexp(lses.float(), dim=0)  # [Tq, H]
+    seen = torch.isfinite(lse)
+    w = torch.exp(lses.float() - torch.where(seen, lse, 0.0)[None])  # [P, Tq, H]; 0 for -inf partials
+    w = torch.where(seen[None], w, 0.0)
+    out = (w[..., None] * outs.float()).sum(dim=0)
+    return out.to(outs.dtype), lse
+
+
+def append_kv_ref(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k, v [n, Hkv, D] to flat slots ``block * block_size + offset`` of the caches."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    slots = slot_mapping.long()
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k.to(k_cache.dtype)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v.to(v_cache.dtype)

@@ -1,0 +1,229 @@
+"""Partial attention, merge and KV append: Triton against the torch reference, and the
+DistAttention identity (partials over any partition of the blocks merge to full attention)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infinillm import ValidationError
+from infinillm.kernels import append_kv, merge_partials, partial_attention
+
+from .conftest import DEVICE, needs_triton
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def full_attention(q, q_pos, k, v, scale):
+    """Plain softmax attention of queries q [n, H, D] at q_pos over keys k, v [T, Hkv, D] at
+    positions 0..T-1, causal by position. Returns out [n, H, D], lse [n, H] (fp32)."""
+    n, h, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    s = torch.einsum("nkgd,tkd->nkgt", q.double().view(n, hkv, g, d), k.double()) * scale
+    mask = torch.arange(k.shape[0])[None, :] <= q_pos.long()[:, None]
+    s = s.masked_fill(~mask[:, None, None, :], -math.inf)
+    lse = torch.logsumexp(s, -1)
+    out = torch.einsum("nkgt,tkd->nkgd", torch.softmax(s, -1), v.double())
+    return out.reshape(n, h, d).float(), lse.reshape(n, h).float()
+
+
+class Paged:
+    """One request's context laid out in a paged cache, blocks scattered at random slots."""
+
+    def __init__(self, ctx, block_size, hkv, d, dtype=torch.float32, seed=0, device="cpu"):
+        gen = torch.Generator().manual_seed(seed)
+        self.ctx, self.block_size = ctx, block_size
+        self.num_logical = -(-ctx // block_size)
+        num_blocks = self.num_logical + 3
+        self.k = torch.randn(ctx, hkv, d, generator=gen)
+        self.v = torch.randn(ctx, hkv, d, generator=gen)
+        self.k_cache = torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.ids = torch.randperm(num_blocks, generator=gen)[: self.num_logical]
+        for i, blk in enumerate(self.ids.tolist()):
+            n = min(block_size, ctx - i * block_size)
+            self.k_cache[blk, :n] = self.k[i * block_size : i * block_size + n].to(dtype)
+            self.v_cache[blk, :n] = self.v[i * block_size : i * block_size + n].to(dtype)
+        self.k_cache, self.v_cache = self.k_cache.to(device), self.v_cache.to(device)
+        self.device = device
+
+    def tables(self, logical):
+        """block_table/start/len [1, len(logical)] for the given logical blocks."""
+        logical = list(logical)
+        m = max(1, len(logical))
+        bt = torch.full((1, m), -1, dtype=torch.int32)
+        bs = torch.zeros((1, m), dtype=torch.int32)
+        bl = torch.zeros((1, m), dtype=torch.int32)
+        for j, i in enumerate(logical):
+            bt[0, j] = int(self.ids[i])
+            bs[0, j] = i * self.block_size
+            bl[0, j] = min(self.block_size, self.ctx - i * self.block_size)
+        return bt.to(self.device), bs.to(self.device), bl.to(self.device)
+
+
+def run_partitioned(paged, q, q_pos, parts, backend, scale):
+    cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
+    outs, lses = [], []
+    for part in parts:
+        bt, bs, bl = paged.tables(part)
+        o, l = partial_attention(q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, scale, backend=backend)
+        outs.append(o.float())
+        lses.append(l)
+    return merge_partials(torch.stack(outs), torch.stack(lses), backend=backend)
+
+
+# ---- the DistAttention identity (torch path, hypothesis) -------------------------------------
+
+
+@st.composite
+def partitioned_case(draw):
+    block_size = draw(st.sampled_from([1, 2, 4, 16]))
+    ctx = draw(st.integers(1, 70))
+    hkv = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 3, 8]))
+    nblocks = -(-ctx // block_size)
+    parts_n = draw(st.integers(1, 4))
+    owner = draw(st.lists(st.integers(0, parts_n - 1), min_size=nblocks, max_size=nblocks))
+    parts = [[i for i in range(nblocks) if owner[i] == p] for p in range(parts_n)]  # some may be empty
+    decode = draw(st.booleans())
+    if decode:
+        positions = [ctx - 1]
+    else:  # a prefill chunk: consecutive positions ending at the context's last token
+        n = draw(st.integers(1, ctx))
+        positions = list(range(ctx - n, ctx))
+    return block_size, ctx, hkv, group, parts, positions
+
+
+@settings(max_examples=60, deadline=None)
+@given(partitioned_case(), st.integers(0, 2**16))
+def test_partials_over_any_partition_merge_to_full_attention(case, seed):
+    block_size, ctx, hkv, group, parts, positions = case
+    d = 64
+    paged = Paged(ctx, block_size, hkv, d, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(len(positions), hkv * group, d, generator=gen)
+    q_pos = torch.tensor(positions, dtype=torch.int32)
+    scale = 1 / math.sqrt(d)
+    out, lse = run_partitioned(paged, q, q_pos, parts, "torch", scale)
+    ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, scale)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+# ---- Triton kernels against the reference, irregular shapes ----------------------------------
+
+TRITON_CASES = [
+    # (ctx, block_size, hkv, group, head_dim, dtype, positions: "decode" | "prefill" | "zero")
+    (1, 16, 1, 1, 64, torch.float32, "decode"),  # context of 1
+    (16, 16, 2, 3, 64, torch.float32, "decode"),  # exactly one full block
+    (37, 8, 2, 8, 64, torch.float32, "prefill"),  # partial tail, GQA 8
+    (33, 16, 1, 3, 128, torch.float16, "decode"),  # fp16 cache, head_dim 128
+    (20, 4, 2, 1, 128, torch.bfloat16, "prefill"),  # bf16 cache
+    (9, 4, 1, 1, 64, torch.float32, "zero"),  # a query at position 0
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("ctx,block_size,hkv,group,d,dtype,kind", TRITON_CASES)
+def test_triton_partial_attention_matches_reference(ctx, block_size, hkv, group, d, dtype, kind):
+    paged = Paged(ctx, block_size, hkv, d, dtype=dtype, seed=ctx, device=DEVICE)
+    positions = {"decode": [ctx - 1], "prefill": list(range(max(0, ctx - 5), ctx)), "zero": [0, ctx - 1]}[kind]
+    q = torch.randn(len(positions), hkv * group, d, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+    q_pos = torch.tensor(positions, dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, len(positions)], dtype=torch.int32, device=DEVICE)
+    logical = list(range(paged.num_logical))
+    # Hold every other block here (the rest live "elsewhere"), to exercise gaps in positions.
+    for held in (logical, logical[::2]):
+        bt, bs, bl = paged.tables(held)
+        o_t, l_t = partial_attention(q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, backend="triton")
+        o_r, l_r = partial_attention(q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, backend="torch")
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert o_t.dtype == dtype and l_t.dtype == torch.float32
+        torch.testing.assert_close(o_t.float(), o_r.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(l_t, l_r, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_triton_batch_with_empty_request_and_splits():
+    from infinillm.kernels.triton_attention import partial_attention_triton
+
+    hkv, group, d, bs = 2, 2, 64, 4
+    a = Paged(11, bs, hkv, d, seed=1)
+    # Request 0: 3 blocks here; request 1: no block here (its queries see nothing).
+    bt = torch.full((2, 3), -1, dtype=torch.int32)
+    st_ = torch.zeros((2, 3), dtype=torch.int32)
+    bl = torch.zeros((2, 3), dtype=torch.int32)
+    bt0, bs0, bl0 = a.tables(range(3))
+    bt[0], st_[0], bl[0] = bt0[0], bs0[0], bl0[0]
+    q = torch.randn(3, hkv * group, d)
+    cu = torch.tensor([0, 2, 3], dtype=torch.int32)
+    q_pos = torch.tensor([9, 10, 5], dtype=torch.int32)
+    o_r, l_r = partial_attention(q, cu, q_pos, a.k_cache, a.v_cache, bt, st_, bl, backend="torch")
+    for splits in (1, 2, 3):
+        o_t, l_t = partial_attention_triton(q, cu, q_pos, a.k_cache, a.v_cache, bt, st_, bl, num_splits=splits)
+        torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-5)
+    assert torch.isinf(l_r[2]).all() and (o_r[2] == 0).all()  # request 1 sees no key here
+
+
+@needs_triton
+def test_triton_merge_matches_reference_and_handles_all_empty():
+    gen = torch.Generator().manual_seed(3)
+    outs = torch.randn(3, 5, 6, 64, generator=gen)
+    lses = torch.randn(3, 5, 6, generator=gen)
+    lses[:, 0] = -math.inf  # token 0: every partial empty
+    lses[1, 1] = -math.inf  # token 1: one partial empty
+    o_t, l_t = merge_partials(outs, lses, backend="triton")
+    o_r, l_r = merge_partials(outs, lses, backend="torch")
+    torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l_t, l_r)
+    assert not torch.isnan(o_t).any() and (o_t[0] == 0).all() and torch.isinf(l_t[0]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_append_kv_writes_flat_slots(backend):
+    kc = torch.zeros(4, 4, 2, 64)
+    vc = torch.zeros(4, 4, 2, 64)
+    k = torch.randn(3, 2, 64)
+    v = torch.randn(3, 2, 64)
+    slots = torch.tensor([5, 0, 15], dtype=torch.int64)  # block 1 offset 1, block 0 offset 0, block 3 offset 3
+    append_kv(k, v, kc, vc, slots, backend=backend)
+    assert torch.equal(kc[1, 1], k[0]) and torch.equal(kc[0, 0], k[1]) and torch.equal(kc[3, 3], k[2])
+    assert torch.equal(vc[3, 3], v[2])
+    assert int((kc != 0).any(-1).any(-1).sum()) == 3  # nothing else written
+
+
+# ---- edge cases and validation ---------------------------------------------------------------
+
+
+def test_merge_of_all_empty_partials_is_zero_not_nan():
+    outs = torch.zeros(2, 1, 2, 64)
+    lses = torch.full((2, 1, 2), -math.inf)
+    out, lse = merge_partials(outs, lses, backend="torch")
+    assert not torch.isnan(out).any() and (out == 0).all() and torch.isinf(lse).all()
+
+
+def test_query_sees_only_keys_at_or_before_its_position():
+    p = Paged(8, 4, 1, 64, seed=5)
+    q = torch.randn(1, 1, 64)
+    bt, bs, bl = p.tables([1])  # the block holding positions 4..7
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    out, lse = partial_attention(q, cu, torch.tensor([3], dtype=torch.int32), p.k_cache, p.v_cache, bt, bs, bl)
+    assert torch.isinf(lse).all() and (out == 0).all()  # every key here is in its future
+
+
+def test_bad_shapes_are_refused_with_the_numbers():
+    kc = torch.zeros(4, 4, 2, 64)
+    q = torch.zeros(1, 3, 64)  # 3 heads over 2 KV heads
+    i32 = torch.zeros((1, 1), dtype=torch.int32)
+    with pytest.raises(ValidationError, match="num_heads=3 is invalid: must be a multiple of num_kv_heads=2"):
+        partial_attention(q, torch.tensor([0, 1], dtype=torch.int32), torch.zeros(1, dtype=torch.int32), kc, kc, i32, i32, i32)
+    with pytest.raises(ValidationError, match="block_table.dtype"):
+        partial_attention(torch.zeros(1, 2, 64), torch.tensor([0, 1], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                          kc, kc, i32.long(), i32, i32)
