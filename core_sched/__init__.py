@@ -22,6 +22,11 @@ from .types import BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, PoolCounters, PoolDel
 # Each structure: (its class name, the twin's module, the compiled module).
 _STRUCTURES: list[tuple[str, str, str]] = [
     ("BlockPool", "pool", "_pool"),
+    ("BlockTables", "block_table", "_block_table"),
+    ("BatchPlanner", "batch", "_batch"),
+    ("DebtLedger", "ledger", "_ledger"),
+    ("ThroughputModel", "planner", "_ledger"),
+    ("Planner", "planner", "_ledger"),
 ]
 
 __all__ = [

@@ -6,8 +6,10 @@ expire / abort / heartbeat over three instances. After every step:
 - every block is free, reserved for exactly one reservation, or owned by exactly one request
   (the model says which, and the pool agrees block by block);
 - each pool's counters equal totals recomputed from the model;
-- the global ledger, fed only the heartbeat deltas, equals each pool's counters as of its last
-  heartbeat (and, after a final heartbeat of every pool, their counters now).
+- the global ledger (the real ``DebtLedger`` of the same implementation), fed only the heartbeat
+  deltas, equals each pool's counters as of its last heartbeat (and, after a final heartbeat of
+  every pool, their counters now); its per-request placements equal where the blocks really are,
+  and its debts (creditors_of / debtors_of) equal the lent blocks.
 
 The machine runs once per implementation (compiled and twin).
 """
@@ -52,8 +54,9 @@ class ClusterMachine(RuleBasedStateMachine):
         self.next_request = 1
         self.now = 0.0
         # The ledger as the gManager sees it: the sum of the heartbeat deltas.
-        self.ledger = {i: dict(version=0, capacity=NUM_BLOCKS, free=NUM_BLOCKS, used=0, lent=0, reserved=0, borrowed=0)
-                       for i in range(NUM_INSTANCES)}
+        self.ledger = impl.DebtLedger()
+        for i in range(NUM_INSTANCES):
+            self.ledger.register_instance(i, NUM_BLOCKS, MAX_LENT, host=0)
         self.reported = {i: p.counters() for i, p in enumerate(self.pools)}
 
     # ---- rules -----------------------------------------------------------------------------
@@ -70,6 +73,7 @@ class ClusterMachine(RuleBasedStateMachine):
         for b in blocks:
             assert b not in model.owner and b not in model.reserved_blocks(), f"block {b} handed out twice"
             model.owner[b] = (rid, home)
+        self.ledger.record_blocks(rid, home, home, n)
 
     @rule(home=st.integers(0, NUM_INSTANCES - 1), n=st.integers(0, 5))
     def new_request(self, home: int, n: int) -> None:
@@ -96,6 +100,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.pools[home].free_blocks(rid, tail)
         for b in tail:
             del self.models[home].owner[b]
+        self.ledger.record_blocks(rid, home, home, -k)
 
     @precondition(lambda self: self.homes)
     @rule(data=st.data(), n=st.integers(1, 4))
@@ -141,6 +146,7 @@ class ClusterMachine(RuleBasedStateMachine):
         assert sorted(got) == sorted(blocks)
         for b in got:
             model.owner[b] = (rid, borrower)
+        self.ledger.record_blocks(rid, borrower, creditor, len(got))
         self.pools[borrower].add_borrowed(rid, borrower, len(got))
         hm = self.models[borrower]
         hm.borrowed[rid] = hm.borrowed.get(rid, 0) + len(got)
@@ -176,6 +182,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 del model.owner[b]
         n = self.models[home].borrowed.pop(rid, 0)
         self.pools[home].remove_borrowed(rid, n)
+        self.ledger.forget_request(rid)
 
     @rule(instance=st.integers(0, NUM_INSTANCES - 1))
     def heartbeat(self, instance: int) -> None:
@@ -183,11 +190,19 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def _heartbeat(self, instance: int) -> None:
         d = self.pools[instance].take_delta()
-        entry = self.ledger[instance]
-        assert d.base_version == entry["version"], "a heartbeat was lost or applied twice"
-        entry["version"] = d.version
-        for key in ("capacity", "free", "used", "lent", "reserved", "borrowed"):
-            entry[key] += getattr(d, key)
+        assert self.ledger.apply_delta(d), "a heartbeat was lost or applied twice"
+        self.reported[instance] = self.pools[instance].counters()
+
+    @rule(instance=st.integers(0, NUM_INSTANCES - 1))
+    def lost_heartbeat_then_snapshot(self, instance: int) -> None:
+        """A heartbeat goes missing: the next delta is refused, a snapshot repairs the view."""
+        lost = self.pools[instance].take_delta()
+        if lost.empty:
+            return
+        refused = self.pools[instance].take_delta()  # based on the lost one's version
+        assert not self.ledger.apply_delta(refused)
+        self.ledger.apply_snapshot(instance, self.pools[instance].counters())
+        self.pools[instance].take_delta()  # the snapshot is the new base
         self.reported[instance] = self.pools[instance].counters()
 
     # ---- invariants --------------------------------------------------------------------------
@@ -221,16 +236,37 @@ class ClusterMachine(RuleBasedStateMachine):
     @invariant()
     def ledger_equals_sum_of_deltas(self) -> None:
         for i in range(NUM_INSTANCES):
-            entry, rep = self.ledger[i], self.reported[i]
-            assert entry == dict(version=rep.version, capacity=rep.capacity, free=rep.free, used=rep.used,
-                                 lent=rep.lent, reserved=rep.reserved, borrowed=rep.borrowed)
+            view, rep = self.ledger.instance(i), self.reported[i]
+            assert (view.version, view.capacity, view.free, view.used, view.lent, view.reserved, view.borrowed) == (
+                rep.version, rep.capacity, rep.free, rep.used, rep.lent, rep.reserved, rep.borrowed
+            )
+
+    @invariant()
+    def ledger_placements_and_debts_match_the_pools(self) -> None:
+        debts: dict[tuple[int, int], int] = {}
+        for rid, home in self.homes.items():
+            where = {}
+            for i, model in enumerate(self.models):
+                n = sum(1 for o in model.owner.values() if o[0] == rid)
+                if n:
+                    where[i] = n
+                    if i != home:
+                        debts[(home, i)] = debts.get((home, i), 0) + n
+            if self.ledger.has_request(rid):
+                assert self.ledger.placement(rid) == where
+            else:
+                assert not where
+        for i in range(NUM_INSTANCES):
+            assert self.ledger.creditors_of(i) == {c: n for (d, c), n in sorted(debts.items()) if d == i}
+            assert self.ledger.debtors_of(i) == {d: n for (d, c), n in sorted(debts.items()) if c == i}
 
     def teardown(self) -> None:
         if not hasattr(self, "pools"):
             return
         for i in range(NUM_INSTANCES):
             self._heartbeat(i)
-            assert self.ledger[i]["free"] == self.pools[i].num_free
+            view = self.ledger.instance(i)
+            assert view.free == self.pools[i].num_free and view.version == self.pools[i].version
 
 
 SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None,
