@@ -61,22 +61,27 @@ def partial_attention_ref(
         if not bool(held.any()):
             continue
         ids, lens, starts = ids[held], lens[held], block_start[b].long()[held]
-        k = k_cache[ids].reshape(-1, num_kv_heads, head_dim).float()  # [T, Hkv, D]
-        v = v_cache[ids].reshape(-1, num_kv_heads, head_dim).float()
+        # One gather per cache (index_select: several times faster than advanced indexing);
+        # the products below read the [T, Hkv, D] result through strided views, without copies.
+        k = k_cache.index_select(0, ids).view(-1, num_kv_heads, head_dim).float().permute(1, 0, 2)  # [Hkv, T, D]
+        v = v_cache.index_select(0, ids).view(-1, num_kv_heads, head_dim).float().permute(1, 0, 2)
         key_pos = (starts[:, None] + offsets[None, :]).reshape(-1)  # [T]
         key_ok = (offsets[None, :] < lens[:, None]).reshape(-1)  # [T]
         for s0 in range(q0, q1, _QUERY_SLICE):
             s1 = min(q1, s0 + _QUERY_SLICE)
-            qs = q[s0:s1].float().view(s1 - s0, num_kv_heads, group, head_dim)  # [n, Hkv, G, D]
-            scores = torch.einsum("nkgd,tkd->nkgt", qs, k) * scale  # [n, Hkv, G, T]
+            n = s1 - s0
+            # [n, H, D] -> [Hkv, n*G, D]: the G query heads of a KV group share its keys.
+            qs = q[s0:s1].float().view(n, num_kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(num_kv_heads, n * group, head_dim)
+            scores = torch.matmul(qs, k.transpose(1, 2)).mul_(scale)  # [Hkv, n*G, T]
             mask = key_ok[None, :] & (key_pos[None, :] <= q_pos[s0:s1].long()[:, None])  # [n, T]
-            scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
-            m = torch.logsumexp(scores, dim=-1)  # [n, Hkv, G]; -inf where no key is visible
+            if not bool(mask.all()):
+                scores.masked_fill_(~mask.repeat_interleave(group, dim=0)[None], -math.inf)
+            m = torch.logsumexp(scores, dim=-1, keepdim=True)  # [Hkv, n*G, 1]; -inf where no key is visible
             seen = torch.isfinite(m)
-            p = torch.exp(scores - torch.where(seen, m, 0.0)[..., None])  # masked scores give 0
-            o = torch.einsum("nkgt,tkd->nkgd", p, v)
-            out[s0:s1] = o.reshape(s1 - s0, num_heads, head_dim).to(out.dtype)
-            lse[s0:s1] = m.reshape(s1 - s0, num_heads)
+            p = torch.exp_(scores.sub_(torch.where(seen, m, 0.0)))  # masked scores give 0
+            o = torch.matmul(p, v)  # [Hkv, n*G, D]
+            out[s0:s1] = o.view(num_kv_heads, n, group, head_dim).permute(1, 0, 2, 3).reshape(n, num_heads, head_dim).to(out.dtype)
+            lse[s0:s1] = m.view(num_kv_heads, n, group).permute(1, 0, 2).reshape(n, num_heads)
     return out, lse
 
 

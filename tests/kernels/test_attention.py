@@ -116,6 +116,23 @@ def test_partials_over_any_partition_merge_to_full_attention(case, seed):
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
+@needs_triton
+@settings(max_examples=12, deadline=None)
+@given(partitioned_case(), st.integers(0, 2**16))
+def test_triton_partials_over_any_partition_merge_to_full_attention(case, seed):
+    block_size, ctx, hkv, group, parts, positions = case
+    d = 64
+    paged = Paged(ctx, block_size, hkv, d, seed=seed, device=DEVICE)
+    gen = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(len(positions), hkv * group, d, generator=gen)
+    q_pos = torch.tensor(positions, dtype=torch.int32)
+    scale = 1 / math.sqrt(d)
+    out, lse = run_partitioned(paged, q.to(DEVICE), q_pos.to(DEVICE), parts, "triton", scale)
+    ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, scale)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
 # ---- Triton kernels against the reference, irregular shapes ----------------------------------
 
 TRITON_CASES = [
