@@ -1,0 +1,149 @@
+"""How much KV memory an instance gets, and the GPU memory monitor (NVML).
+
+When ``kv_capacity_tokens`` is not given, an instance's KV capacity is derived at start:
+
+- on CUDA from NVML: ``free memory x gpu_memory_utilization``, minus what the weights and a
+  working margin take (the weights are already resident when this runs);
+- on CPU from the host's available memory x ``cpu_kv_fraction``, divided by the instances.
+
+``MemoryMonitor`` reads device memory through a ``MemoryProbe``: ``NvmlProbe`` on GPUs;
+on machines without a GPU the tests use ``FakeNvmlProbe``, a test double standing in for the
+absent hardware, named as such.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .config import CacheConfig
+from .errors import CapacityError, ValidationError
+
+__all__ = [
+    "MemoryInfo",
+    "MemoryProbe",
+    "NvmlProbe",
+    "FakeNvmlProbe",
+    "MemoryMonitor",
+    "kv_bytes_per_token",
+    "derive_num_blocks",
+    "host_available_bytes",
+]
+
+# Kept free on a GPU beyond the KV cache: activations, the sampler, allocator slack.
+_GPU_WORKSPACE_BYTES = 512 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryInfo:
+    """One reading of a device's memory, in bytes."""
+
+    device_index: int
+    total: int
+    free: int
+    used: int
+
+    @property
+    def used_fraction(self) -> float:
+        return self.used / self.total if self.total else 0.0
+
+
+class MemoryProbe(Protocol):
+    def read(self, device_index: int) -> MemoryInfo: ...
+
+    def device_count(self) -> int: ...
+
+
+class NvmlProbe:
+    """Reads GPU memory through NVML (``nvidia-ml-py``)."""
+
+    def __init__(self) -> None:
+        import pynvml  # from nvidia-ml-py
+
+        self._nvml = pynvml
+        pynvml.nvmlInit()
+
+    def device_count(self) -> int:
+        return int(self._nvml.nvmlDeviceGetCount())
+
+    def read(self, device_index: int) -> MemoryInfo:
+        handle = self._nvml.nvmlDeviceGetHandleByIndex(device_index)
+        info = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+        return MemoryInfo(device_index, int(info.total), int(info.free), int(info.used))
+
+    def close(self) -> None:
+        self._nvml.nvmlShutdown()
+
+
+class FakeNvmlProbe:
+    """Test double for NVML on machines without a GPU: reports the memory it is told to."""
+
+    def __init__(self, total: int, free: int, count: int = 1) -> None:
+        self.total, self.free, self.count = total, free, count
+
+    def device_count(self) -> int:
+        return self.count
+
+    def read(self, device_index: int) -> MemoryInfo:
+        if not 0 <= device_index < self.count:
+            raise ValidationError("device_index", device_index, f"must be in [0, {self.count - 1}]")
+        return MemoryInfo(device_index, self.total, self.free, self.total - self.free)
+
+
+class MemoryMonitor:
+    """Keeps the latest memory reading of each device; ``poll`` refreshes them."""
+
+    def __init__(self, probe: MemoryProbe) -> None:
+        self.probe = probe
+        self.readings: dict[int, MemoryInfo] = {}
+
+    def poll(self) -> dict[int, MemoryInfo]:
+        self.readings = {i: self.probe.read(i) for i in range(self.probe.device_count())}
+        return dict(self.readings)
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K and V of one token over all layers."""
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def host_available_bytes() -> int:
+    """Memory the host can still give (MemAvailable), in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def derive_num_blocks(
+    cache: CacheConfig,
+    bytes_per_token: int,
+    device: torch.device,
+    *,
+    num_instances: int = 1,
+    probe: MemoryProbe | None = None,
+) -> int:
+    """KV blocks per instance: given by ``kv_capacity_tokens``, else derived from memory."""
+    if cache.kv_capacity_tokens is not None:
+        return cache.kv_capacity_tokens // cache.block_size
+    bytes_per_block = bytes_per_token * cache.block_size
+    if device.type == "cuda":
+        probe = probe or NvmlProbe()
+        info = probe.read(device.index or 0)
+        budget = int(info.free * cache.gpu_memory_utilization) - _GPU_WORKSPACE_BYTES
+    else:
+        budget = int(host_available_bytes() * cache.cpu_kv_fraction) // num_instances
+    blocks = budget // bytes_per_block
+    if blocks < 1:
+        raise CapacityError(
+            f"no room for a KV cache on {device}: {budget} bytes available for KV, one block of "
+            f"{cache.block_size} tokens needs {bytes_per_block} bytes; give kv_capacity_tokens or more memory"
+        )
+    return int(blocks)

@@ -1,0 +1,51 @@
+"""KV capacity derivation and the memory monitor (NVML through a test double on this CPU-only machine)."""
+
+import pytest
+import torch
+
+from infinillm import CacheConfig, CapacityError, ValidationError
+from infinillm.memory import FakeNvmlProbe, MemoryMonitor, derive_num_blocks, host_available_bytes, kv_bytes_per_token
+
+
+def test_kv_bytes_per_token_counts_k_and_v_of_every_layer():
+    # SmolLM2-135M: 30 layers, 3 KV heads x 64 dims; fp32 -> 2 * 30 * 3 * 64 * 4 bytes
+    assert kv_bytes_per_token(30, 3, 64, torch.float32) == 46080
+    assert kv_bytes_per_token(30, 3, 64, torch.bfloat16) == 23040
+
+
+def test_given_capacity_wins_and_rounds_down_to_blocks():
+    cache = CacheConfig(block_size=16, kv_capacity_tokens=1000)
+    assert derive_num_blocks(cache, 46080, torch.device("cpu")) == 62  # 1000 // 16
+
+
+def test_gpu_capacity_comes_from_nvml_free_memory():
+    gib = 1 << 30
+    probe = FakeNvmlProbe(total=80 * gib, free=40 * gib)  # test double: no GPU on this machine
+    cache = CacheConfig(block_size=16, gpu_memory_utilization=0.5)
+    per_token = 46080
+    blocks = derive_num_blocks(cache, per_token, torch.device("cuda:0"), probe=probe)
+    # (40 GiB * 0.5 - 512 MiB workspace) // (46080 * 16 bytes per block)
+    assert blocks == (20 * gib - (512 << 20)) // (per_token * 16)
+
+
+def test_no_room_is_a_capacity_error_with_the_numbers():
+    probe = FakeNvmlProbe(total=1 << 30, free=100 << 20)
+    with pytest.raises(CapacityError, match="no room for a KV cache on cuda:0"):
+        derive_num_blocks(CacheConfig(gpu_memory_utilization=0.5), 46080, torch.device("cuda:0"), probe=probe)
+
+
+def test_cpu_capacity_is_a_fraction_of_available_memory_split_over_instances():
+    cache = CacheConfig(block_size=16, cpu_kv_fraction=0.1)
+    one = derive_num_blocks(cache, 46080, torch.device("cpu"))
+    four = derive_num_blocks(cache, 46080, torch.device("cpu"), num_instances=4)
+    assert one > 0 and abs(four - one / 4) <= 2  # available memory moves a little between reads
+    assert host_available_bytes() > 0
+
+
+def test_monitor_polls_every_device():
+    probe = FakeNvmlProbe(total=100, free=25, count=2)
+    readings = MemoryMonitor(probe).poll()
+    assert sorted(readings) == [0, 1]
+    assert readings[1].used == 75 and readings[1].used_fraction == 0.75
+    with pytest.raises(ValidationError, match="device_index=2"):
+        probe.read(2)
