@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ValidationError
 from .backend import resolve_backend
-from .reference import append_kv_ref, merge_partials_ref, partial_attention_ref
+from .reference import append_kv_ref, merge_partials_ref, partial_attention_torch
 
 __all__ = ["partial_attention", "merge_partials", "append_kv"]
 
@@ -82,7 +82,7 @@ def partial_attention(
             q.contiguous() if q.stride(2) != 1 else q, cu_q, q_pos, k_cache, v_cache,
             block_table.contiguous(), block_start.contiguous(), block_len.contiguous(), scale,
         )
-    return partial_attention_ref(q, cu_q, q_pos, k_cache, v_cache, block_table, block_start, block_len, scale)
+    return partial_attention_torch(q, cu_q, q_pos, k_cache, v_cache, block_table, block_start, block_len, scale)
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor, *, backend: str | None = None):

@@ -18,17 +18,27 @@ from .errors import (
     TransportError,
     ValidationError,
 )
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .runtime import Runtime, RuntimeStats, open_runtime
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "open_runtime",
+    "Runtime",
+    "RuntimeStats",
     "RuntimeConfig",
     "ModelConfig",
     "CacheConfig",
     "SchedulerConfig",
     "ParallelConfig",
     "TransportConfig",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
     "InfiniLLMError",
     "ValidationError",
     "CapacityError",

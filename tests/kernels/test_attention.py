@@ -244,3 +244,20 @@ def test_bad_shapes_are_refused_with_the_numbers():
     with pytest.raises(ValidationError, match="block_table.dtype"):
         partial_attention(torch.zeros(1, 2, 64), torch.tensor([0, 1], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
                           kc, kc, i32.long(), i32, i32)
+
+
+def test_fused_cpu_path_matches_the_reference_on_prefill_with_blind_queries():
+    from infinillm.kernels.reference import partial_attention_ref, partial_attention_torch
+
+    p = Paged(70, 8, 2, 64, seed=11)
+    logical = [4, 5, 6, 8]  # positions 32..55 and 64..69 held here
+    bt, bs, bl = p.tables(logical)
+    positions = list(range(10, 70))  # 60 queries: those before 32 see nothing here
+    q = torch.randn(len(positions), 6, 64, generator=torch.Generator().manual_seed(2))
+    cu = torch.tensor([0, len(positions)], dtype=torch.int32)
+    q_pos = torch.tensor(positions, dtype=torch.int32)
+    o_r, l_r = partial_attention_ref(q, cu, q_pos, p.k_cache, p.v_cache, bt, bs, bl)
+    o_t, l_t = partial_attention_torch(q, cu, q_pos, p.k_cache, p.v_cache, bt, bs, bl)
+    torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-5)
+    assert torch.isinf(l_t[:22]).all() and (o_t[:22] == 0).all()  # positions 10..31

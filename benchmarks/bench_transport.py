@@ -1,0 +1,244 @@
+"""Transport round trip against raw blocking pyzmq, between two processes.
+
+The payload is a decode-sized attention query (one request, 32 heads x 128 dims fp16, its
+block tables) answered with an attention result (out fp16 + lse fp32), over ipc and over tcp.
+"raw" sends the very frames our codec produces from a blocking DEALER to a blocking ROUTER
+server that answers with pre-encoded reply frames, so the difference is what our layer costs:
+trio waiting, encoding, decoding and dispatch on both sides.
+
+Each run times ``--round-trips`` sequential round trips of raw and of ours, alternately (so
+both see the same machine load); ``<t>_rtt_ratio`` is the median over ``--runs`` of ours / raw.
+Messages/s is measured with ``--window`` requests in flight.
+
+    python benchmarks/bench_transport.py [--runs 5] [--round-trips 2000] [--window 16]
+
+Prints JSON lines {"metric", "value", "unit"}. A server process is started per transport
+and flavour (``--serve``, internal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import trio
+import zmq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import emit, median_seconds  # noqa: E402
+
+from infinillm.config import TransportConfig  # noqa: E402
+from infinillm.transport import AttentionQuery, AttentionResult, Codec, open_transport  # noqa: E402
+
+NUM_HEADS, HEAD_DIM, NUM_BLOCKS = 32, 128, 8
+
+
+def make_query() -> AttentionQuery:
+    g = torch.Generator().manual_seed(0)
+    table = torch.arange(NUM_BLOCKS, dtype=torch.int32).view(1, NUM_BLOCKS)
+    return AttentionQuery.build(
+        layer=0,
+        request_ids=(7,),
+        q=torch.randn(1, NUM_HEADS, HEAD_DIM, generator=g).half(),
+        cu_q=torch.tensor([0, 1], dtype=torch.int32),
+        q_pos=torch.tensor([NUM_BLOCKS * 16 - 1], dtype=torch.int32),
+        block_table=table,
+        block_start=table * 16,
+        block_len=torch.full((1, NUM_BLOCKS), 16, dtype=torch.int32),
+    )
+
+
+def make_result() -> AttentionResult:
+    g = torch.Generator().manual_seed(1)
+    return AttentionResult(0, torch.randn(1, NUM_HEADS, HEAD_DIM, generator=g).half(), torch.randn(1, NUM_HEADS, generator=g))
+
+
+def wire_frames(msg, seq: int = 1) -> list[bytes]:
+    return [bytes(memoryview(f).cast("B")) if not isinstance(f, bytes) else f for f in Codec().encode(msg, seq)]
+
+
+# ---- servers (child processes) -----------------------------------------------------------------
+
+
+def serve_raw(address: str) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(address)
+    print(sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+    reply = wire_frames(make_result())
+    try:
+        while True:
+            frames = sock.recv_multipart(copy=False)
+            sock.send_multipart([frames[0], *reply], copy=False)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def serve_ours(address: str, transport: str) -> None:
+    result = make_result()
+
+    async def handler(msg):
+        return AttentionResult(msg.layer, result.out, result.lse)
+
+    async def main():
+        async with open_transport(TransportConfig(transport=transport)) as tp:
+            async with tp.open_server(handler, address) as server:
+                print(server.address, flush=True)
+                await trio.sleep_forever()
+
+    trio.run(main)
+
+
+def start_server(flavour: str, address: str, transport: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--serve", flavour, address, transport],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    bound = proc.stdout.readline().strip()
+    if not bound:
+        proc.kill()
+        raise RuntimeError(f"the {flavour} server did not start")
+    return proc, bound
+
+
+# ---- clients -----------------------------------------------------------------------------------
+
+
+class RawClient:
+    def __init__(self, address: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.connect(address)
+        self.frames = wire_frames(make_query())
+
+    def round_trip(self) -> None:
+        self.sock.send_multipart(self.frames, copy=False)
+        self.sock.recv_multipart(copy=False)
+
+    def rtt_block(self, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.sock.send_multipart(self.frames, copy=False)
+            self.sock.recv_multipart(copy=False)
+        return (time.perf_counter() - t0) / n
+
+    def throughput(self, n: int, window: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(window):
+            self.sock.send_multipart(self.frames, copy=False)
+        for i in range(n):
+            self.sock.recv_multipart(copy=False)
+            if i + window < n:
+                self.sock.send_multipart(self.frames, copy=False)
+        return n / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+async def ours_rtt_block(client, query, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await client.request(query)
+    return (time.perf_counter() - t0) / n
+
+
+async def ours_throughput(client, query, n: int, window: int) -> float:
+    per_task = n // window
+
+    async def worker():
+        for _ in range(per_task):
+            await client.request(query)
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(window):
+            nursery.start_soon(worker)
+    return per_task * window / (time.perf_counter() - t0)
+
+
+def bench_transport(transport: str, tmp: str, args) -> float:
+    address = f"ipc://{tmp}/{{}}" if transport == "ipc" else "tcp://127.0.0.1:*"
+    raw_proc, raw_addr = start_server("raw", address.format("raw"), transport)
+    ours_proc, ours_addr = start_server("ours", address.format("ours"), transport)
+    try:
+        raw = RawClient(raw_addr)
+        query = make_query()
+        ratios, ours_rtts, raw_rtts, ours_rates, raw_rates = [], [], [], [], []
+
+        async def main():
+            async with open_transport(TransportConfig(transport=transport)) as tp:
+                async with tp.open_client(ours_addr) as client:
+                    await client.wait_connected()
+                    for _ in range(200):  # warm up both
+                        await client.request(query)
+                        raw.round_trip()
+                    for _ in range(args.runs):
+                        r = raw.rtt_block(args.round_trips)
+                        o = await ours_rtt_block(client, query, args.round_trips)
+                        raw_rtts.append(r)
+                        ours_rtts.append(o)
+                        ratios.append(o / r)
+                    for _ in range(args.runs):
+                        raw_rates.append(raw.throughput(args.round_trips, args.window))
+                        ours_rates.append(await ours_throughput(client, query, args.round_trips, args.window))
+
+        trio.run(main)
+        raw.close()
+    finally:
+        for proc in (raw_proc, ours_proc):
+            proc.kill()
+            proc.wait()
+    t = transport
+    emit(f"{t}_rtt_us", statistics.median(ours_rtts) * 1e6, "us")
+    emit(f"{t}_raw_rtt_us", statistics.median(raw_rtts) * 1e6, "us")
+    emit(f"{t}_rtt_ratio", statistics.median(ratios), "x", runs=[round(r, 3) for r in ratios])
+    emit(f"{t}_msgs_per_s", statistics.median(ours_rates), "msg/s", window=args.window)
+    emit(f"{t}_raw_msgs_per_s", statistics.median(raw_rates), "msg/s", window=args.window)
+    emit(f"{t}_msgs_ratio", statistics.median(o / r for o, r in zip(ours_rates, raw_rates)), "x")
+    return statistics.median(ratios)
+
+
+def bench_codec() -> None:
+    codec = Codec()
+    query, result = make_query(), make_result()
+    q_frames = [zmq.Frame(f) for f in wire_frames(query)]
+    r_frames = [zmq.Frame(f) for f in wire_frames(result)]
+    emit("codec_encode_query_us", median_seconds(lambda: codec.encode(query, 1)) * 1e6, "us")
+    emit("codec_decode_query_us", median_seconds(lambda: codec.decode(q_frames)) * 1e6, "us")
+    emit("codec_encode_result_us", median_seconds(lambda: codec.encode(result, 1)) * 1e6, "us")
+    emit("codec_decode_result_us", median_seconds(lambda: codec.decode(r_frames)) * 1e6, "us")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--round-trips", type=int, default=2000)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--transports", default="ipc,tcp")
+    parser.add_argument("--serve", nargs=3, metavar=("FLAVOUR", "ADDRESS", "TRANSPORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        flavour, address, transport = args.serve
+        try:
+            serve_raw(address) if flavour == "raw" else serve_ours(address, transport)
+        except KeyboardInterrupt:
+            pass
+        return
+    bench_codec()
+    with tempfile.TemporaryDirectory(prefix="infinillm-bench-") as tmp:
+        for transport in args.transports.split(","):
+            bench_transport(transport, tmp, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The DistAttention backend the model calls once per layer, and the paged KV cache.
+
+The model never computes attention itself: each layer hands ``(q, k, v)`` of the step's packed
+tokens to ``backend.forward(layer, q, k, v)``. The backend
+
+1. writes the new k, v into the paged cache at the slots the block tables give
+   (``append_kv``);
+2. computes this instance's *partial* attention over the blocks it holds of each request
+   (``partial_attention``: out and log-sum-exp);
+3. merges the partials of every instance that holds blocks of the step's requests
+   (``merge_partials``). With one instance there is one partial; the step's
+   ``remote`` attention peers (many instances) each contribute theirs::
+
+       request r: blocks on A (home) and B
+       A: q,k,v ──► append_kv(A) ──► partial(A) ─┐
+                └─ q ──(transport)──► partial(B) ─┴─► merge ──► out
+
+``AttentionMetadata`` is what the engine builds once per step from the scheduler core's block
+tables; it is the boundary between scheduling and the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from .kernels import append_kv, merge_partials, partial_attention
+
+__all__ = ["KVCache", "AttentionMetadata", "DistAttentionBackend", "RemotePartial"]
+
+
+class KVCache:
+    """The paged KV cache of one instance: per layer ``[num_blocks, block_size, Hkv, D]``."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """One step's attention inputs for the local instance (tensors on the model's device).
+
+    ``cu_q`` [B+1] int32 offsets of each request's tokens in the packed batch; ``q_pos`` [T]
+    int32 absolute positions; ``block_table``/``block_start``/``block_len`` [B, M] int32: each
+    request's blocks *on this instance*; ``slot_mapping`` [T] int64: where each token's new k, v
+    go in this instance's cache.
+    """
+
+    cu_q: torch.Tensor
+    q_pos: torch.Tensor
+    block_table: torch.Tensor
+    block_start: torch.Tensor
+    block_len: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+class RemotePartial(Protocol):
+    """Partial attention of the step's queries over blocks another instance holds."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+
+class DistAttentionBackend:
+    """Per-step attention: local paged partial attention, merged with remote partials."""
+
+    def __init__(
+        self,
+        cache: KVCache,
+        metadata: AttentionMetadata,
+        scale: float | None = None,
+        remote: list[RemotePartial] | None = None,
+        backend: str | None = None,
+    ) -> None:
+        self.cache = cache
+        self.meta = metadata
+        self.scale = scale
+        self.remote = remote or []
+        self.backend = backend
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] (after RoPE) -> attention output [T, H, D]."""
+        m = self.meta
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        append_kv(k, v, kc, vc, m.slot_mapping, backend=self.backend)
+        out, lse = partial_attention(
+            q, m.cu_q, m.q_pos, kc, vc, m.block_table, m.block_start, m.block_len, self.scale, backend=self.backend
+        )
+        if not self.remote:
+            return out
+        outs, lses = [out], [lse]
+        for peer in self.remote:
+            o, s = peer(layer, q, k, v)
+            outs.append(o.to(out.dtype))
+            lses.append(s)
+        merged, _ = merge_partials(torch.stack(outs), torch.stack(lses), backend=self.backend)
+        return merged
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+RemoteFactory = Callable[[int], RemotePartial]

@@ -1,0 +1,354 @@
+"""One instance: the model, its paged KV cache, and the scheduler core that feeds it.
+
+``Engine.step()`` is the whole loop of an instance, in nano-vllm's shape::
+
+    plan = batch_planner.schedule()        # which tokens of which requests; blocks allocated
+    batch = self._prepare(plan)            # packed input ids, positions, attention metadata
+    hidden = model(batch)                  # dense layers here; attention via DistAttention
+    tokens = sampler(logits of sampled rows)
+    return self._postprocess(plan, tokens) # detokenize, stop checks, free finished requests
+
+The engine is synchronous and owns no event loop: the runtime (``runtime.py``) calls ``step``
+from its trio loop (in a worker thread, so the application's loop stays responsive) and hands
+requests in and aborts out between steps. Request ids inside the engine are ints (the scheduler
+core's); the runtime maps the public string ids onto them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import core_sched
+from .attention import AttentionMetadata, DistAttentionBackend, KVCache
+from .config import CacheConfig, SchedulerConfig
+from .detokenizer import IncrementalDetokenizer
+from .errors import RequestTooLongError, ValidationError
+from .model import LlamaModel, ModelArgs
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput, make_logprobs_dict
+from .sampling import Sampler, SamplingParams, make_generator
+
+__all__ = ["Engine", "EngineRequest", "EngineStats"]
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """A request as the engine tracks it: its tokens, sampling state and outputs so far."""
+
+    request_id: str
+    rid: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)  # prompt + outputs
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    arrival: float = 0.0
+    first_scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    num_preemptions: int = 0
+
+    def snapshot(self, finished: bool, error: str | None = None) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=self.detok.output_text,
+            token_ids=list(self.output_token_ids),
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+        metrics = RequestMetrics(
+            arrival_time=self.arrival,
+            first_scheduled_time=self.first_scheduled_at,
+            first_token_time=self.first_token_at,
+            last_token_time=self.last_token_at,
+            finished_time=self.last_token_at if finished else None,
+            num_prompt_tokens=len(self.prompt_token_ids),
+            num_generated_tokens=len(self.output_token_ids),
+            num_preemptions=self.num_preemptions,
+        )
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[completion],
+            finished=finished,
+            metrics=metrics,
+            error=error,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of one instance."""
+
+    instance_id: int
+    num_running: int
+    num_waiting: int
+    kv_capacity_blocks: int
+    kv_free_blocks: int
+    kv_used_blocks: int
+    kv_lent_blocks: int
+    kv_borrowed_blocks: int
+    kv_reserved_blocks: int
+    block_size: int
+    num_steps: int
+    num_preemptions: int
+    generated_tokens: int
+    prompt_tokens: int
+
+
+class Engine:
+    """One instance serving requests end to end (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        args: ModelArgs,
+        tokenizer,
+        *,
+        cache: CacheConfig,
+        scheduler: SchedulerConfig,
+        num_blocks: int,
+        max_model_len: int,
+        instance_id: int = 0,
+        cluster_blocks: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        kernel_backend: str | None = None,
+    ) -> None:
+        self.model = model
+        self.args = args
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.block_size = cache.block_size
+        self.max_model_len = max_model_len
+        self.kernel_backend = kernel_backend
+        self.pool = core_sched.BlockPool(instance_id, num_blocks, cache.max_lent_blocks(num_blocks))
+        self.tables = core_sched.BlockTables(cache.block_size)
+        self.planner = core_sched.BatchPlanner(
+            self.pool,
+            self.tables,
+            scheduler.max_num_seqs,
+            scheduler.max_num_batched_tokens,
+            cluster_blocks if cluster_blocks is not None else num_blocks,
+        )
+        self.kv = KVCache(
+            args.num_layers, num_blocks, cache.block_size, args.num_kv_heads, args.head_dim, dtype, self.device
+        )
+        self.sampler = Sampler()
+        self.requests: dict[int, EngineRequest] = {}
+        self._next_rid = 1
+        self.num_steps = 0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+
+    # ---- requests in and out ----------------------------------------------------------------
+
+    @property
+    def instance_id(self) -> int:
+        return self.pool.instance_id
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Validate a request; returns its max new tokens. Raises before anything is queued."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValidationError("prompt", "", "must hold at least one token")
+        if n >= self.max_model_len:
+            raise ValidationError(
+                "prompt", f"<{n} tokens>", f"must be shorter than max_model_len={self.max_model_len} tokens"
+            )
+        vocab = self.args.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValidationError("prompt_token_ids", bad[0], f"must be token ids in [0, {vocab - 1}]")
+        room = self.max_model_len - n
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        need = -(-(n + max_new) // self.block_size)
+        cluster = self.planner.cluster_blocks
+        if need > cluster:
+            raise RequestTooLongError(
+                f"request of {n} prompt tokens + {max_new} new tokens needs {need} KV blocks "
+                f"({need * self.block_size} tokens) but the cluster has {cluster} blocks "
+                f"({cluster * self.block_size} tokens)"
+            )
+        return max_new
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> int:
+        max_new = self.check_request(prompt_token_ids, params)
+        rid = self._next_rid
+        self._next_rid += 1
+        req = EngineRequest(
+            request_id=request_id,
+            rid=rid,
+            prompt=prompt,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            max_new_tokens=max_new,
+            generator=make_generator(params.seed) if params.seed is not None else None,
+            detok=IncrementalDetokenizer(self.tokenizer, list(prompt_token_ids), params, max_model_len=self.max_model_len),
+            token_ids=list(prompt_token_ids),
+            logprobs=[] if params.logprobs is not None else None,
+            arrival=time.monotonic(),
+        )
+        self.planner.add_request(rid, len(prompt_token_ids), max_new)
+        self.requests[rid] = req
+        self.prompt_tokens += len(prompt_token_ids)
+        return rid
+
+    def abort(self, rid: int) -> RequestOutput | None:
+        """Abort a request: free every block it holds; returns its final output."""
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return None
+        self.planner.abort(rid)
+        req.detok.finish("abort")
+        req.finish_reason, req.stop_reason = "abort", None
+        return req.snapshot(finished=True)
+
+    def fail(self, rid: int, error: str) -> RequestOutput | None:
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return None
+        self.planner.abort(rid)
+        req.detok.finish("error")
+        req.finish_reason, req.stop_reason = "error", None
+        return req.snapshot(finished=True, error=error)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        plan = self.planner.schedule(0)
+        outputs: list[RequestOutput] = []
+        for p in plan.preempted:  # recompute: back in the planner's waiting queue, tokens kept here
+            self.requests[p.request_id].num_preemptions += 1
+        if not plan.chunks:
+            return outputs
+        self.num_steps += 1
+        now = time.monotonic()
+        for c in plan.chunks:
+            req = self.requests[c.request_id]
+            if req.first_scheduled_at is None:
+                req.first_scheduled_at = now
+        input_ids, positions, meta, sample_rows, sampled = self._prepare(plan)
+        attn = DistAttentionBackend(self.kv, meta, backend=self.kernel_backend)
+        hidden = self.model(input_ids, positions, attn)
+        if not sampled:
+            return outputs
+        logits = self.model.compute_logits(hidden[sample_rows])
+        reqs = [self.requests[rid] for rid in sampled]
+        penalties = any(r.params.has_penalties for r in reqs)
+        result = self.sampler.sample(
+            logits,
+            [r.params for r in reqs],
+            [r.generator for r in reqs],
+            mask_ids=[r.detok.mask_ids() for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs] if penalties else None,
+            output_token_ids=[r.output_token_ids for r in reqs] if penalties else None,
+        )
+        rows = result.tolist([r.params.logprobs for r in reqs])
+        now = time.monotonic()
+        for req, row in zip(reqs, rows):
+            tok = row.token_id
+            req.token_ids.append(tok)
+            req.output_token_ids.append(tok)
+            self.generated_tokens += 1
+            if req.first_token_at is None:
+                req.first_token_at = now
+            req.last_token_at = now
+            if req.logprobs is not None:
+                req.cumulative_logprob += row.logprob
+                req.logprobs.append(
+                    make_logprobs_dict(tok, row.logprob, row.rank, row.top_token_ids, row.top_logprobs,
+                                       req.detok.decode_token)
+                )
+            # The detokenizer decides every finish: EOS, stop ids and strings, max_tokens and
+            # max_model_len (max_new_tokens is the smaller of the two, so the planner agrees).
+            stop = req.detok.append(tok)
+            if stop is not None:
+                req.finish_reason, req.stop_reason = stop.finish_reason, stop.stop_reason
+                self.planner.finish(req.rid)
+                del self.requests[req.rid]
+                outputs.append(req.snapshot(finished=True))
+            else:
+                self.planner.append_output(req.rid)
+                outputs.append(req.snapshot(finished=False))
+        return outputs
+
+    def _prepare(self, plan):
+        """Pack the plan's chunks into model inputs and attention metadata."""
+        rids, counts, starts = [], [], []
+        for c in plan.chunks:
+            rids.append(c.request_id)
+            counts.append(c.num_tokens)
+            starts.append(c.start)
+        ids_parts, pos_parts = [], []
+        sample_rows: list[int] = []
+        sampled: list[int] = []
+        offset = 0
+        for c in plan.chunks:
+            req = self.requests[c.request_id]
+            ids_parts.append(req.token_ids[c.start : c.start + c.num_tokens])
+            pos_parts.append(np.arange(c.start, c.start + c.num_tokens, dtype=np.int64))
+            offset += c.num_tokens
+            if c.samples:
+                sample_rows.append(offset - 1)
+                sampled.append(c.request_id)
+        dev = self.device
+        input_ids = torch.tensor([t for part in ids_parts for t in part], dtype=torch.int64, device=dev)
+        positions_np = np.concatenate(pos_parts)
+        positions = torch.from_numpy(positions_np).to(dev)
+        cu = np.zeros(len(counts) + 1, dtype=np.int32)
+        np.cumsum(counts, out=cu[1:])
+        bt, bstart, blen = self.tables.batch_tables(rids, self.instance_id)
+        _instances, slots = self.tables.slot_mapping(rids, counts)
+        meta = AttentionMetadata(
+            cu_q=torch.from_numpy(cu).to(dev),
+            q_pos=torch.from_numpy(positions_np.astype(np.int32)).to(dev),
+            block_table=torch.from_numpy(bt).to(dev),
+            block_start=torch.from_numpy(bstart).to(dev),
+            block_len=torch.from_numpy(blen).to(dev),
+            slot_mapping=torch.from_numpy(slots).to(dev),
+        )
+        return input_ids, positions, meta, torch.tensor(sample_rows, dtype=torch.int64, device=dev), sampled
+
+    # ---- statistics --------------------------------------------------------------------------
+
+    def statistics(self) -> EngineStats:
+        c = self.pool.counters()
+        s = self.planner.statistics()
+        return EngineStats(
+            instance_id=self.instance_id,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_capacity_blocks=c.capacity,
+            kv_free_blocks=c.free,
+            kv_used_blocks=c.used,
+            kv_lent_blocks=c.lent,
+            kv_borrowed_blocks=c.borrowed,
+            kv_reserved_blocks=c.reserved,
+            block_size=self.block_size,
+            num_steps=self.num_steps,
+            num_preemptions=s.num_preemptions,
+            generated_tokens=self.generated_tokens,
+            prompt_tokens=self.prompt_tokens,
+        )

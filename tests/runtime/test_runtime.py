@@ -1,0 +1,189 @@
+"""The public API end to end on a tiny random-weight model: generate, abort, statistics, bad input.
+
+Each test opens its own runtime (the tiny model loads in milliseconds). Assertions are exact:
+token counts, finish reasons, and every KV block free once the requests are done.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+
+import infinillm
+from infinillm import RequestTooLongError, SamplingParams, ValidationError
+from infinillm.testing import make_tiny_model
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny_model(folder)
+    return str(folder)
+
+
+def open_tiny(model: str, **options):
+    options.setdefault("kv_capacity_tokens", 64 * BLOCK)
+    options.setdefault("block_size", BLOCK)
+    options.setdefault("device", "cpu")
+    options.setdefault("max_model_len", 512)
+    return infinillm.open_runtime(model=model, **options)
+
+
+async def collect(stream):
+    outs = [out async for out in stream]
+    return outs
+
+
+def assert_all_blocks_free(rt) -> None:
+    inst = rt.statistics().instances[0]
+    assert inst.kv_used_blocks == 0 and inst.kv_reserved_blocks == 0
+    assert inst.kv_free_blocks == inst.kv_capacity_blocks
+    assert rt.engine.tables.num_requests == 0
+
+
+async def test_generate_streams_cumulative_outputs_and_finishes_once(tiny_model):
+    async with open_tiny(tiny_model) as rt:
+        outs = await collect(rt.generate("hello there", SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)))
+        assert len(outs) == 7  # one snapshot per generated token
+        assert [o.finished for o in outs] == [False] * 6 + [True]
+        final = outs[-1].outputs[0]
+        assert final.finish_reason == "length" and len(final.token_ids) == 7
+        for a, b in zip(outs, outs[1:]):  # cumulative: each snapshot extends the previous
+            assert b.outputs[0].text.startswith(a.outputs[0].text)
+            assert tuple(b.outputs[0].token_ids[: len(a.outputs[0].token_ids)]) == tuple(a.outputs[0].token_ids)
+        assert outs[-1].prompt == "hello there"
+        assert_all_blocks_free(rt)
+        s = rt.statistics()
+        assert s.num_finished == 1 and s.instances[0].generated_tokens == 7
+
+
+async def test_prompt_forms_and_logprobs(tiny_model):
+    async with open_tiny(tiny_model) as rt:
+        ids = rt.tokenizer.encode("one two three")
+        by_text = await collect(rt.generate("one two three", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))
+        by_ids = await collect(rt.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))
+        assert by_ids[-1].outputs[0].token_ids == by_text[-1].outputs[0].token_ids
+        assert by_ids[-1].prompt is None and tuple(by_ids[-1].prompt_token_ids) == tuple(ids)
+        chat = [{"role": "user", "content": "hi"}]
+        out = (await collect(rt.generate(chat, SamplingParams(max_tokens=3, temperature=0, logprobs=2, ignore_eos=True))))[-1]
+        c = out.outputs[0]
+        assert len(c.logprobs) == 3
+        for tok, entry in zip(c.token_ids, c.logprobs):
+            assert tok in entry and entry[tok].rank == 1  # greedy picks the most likely token
+            assert 2 <= len(entry) <= 3
+        assert math.isclose(c.cumulative_logprob, sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)), rel_tol=1e-6)
+
+
+async def test_seeded_sampling_is_reproducible(tiny_model):
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    async with open_tiny(tiny_model) as rt:
+        a = (await collect(rt.generate("seeded", params)))[-1].outputs[0].token_ids
+        async with trio.open_nursery() as nursery:  # the same request again, inside a busy batch
+            results = {}
+
+            async def run(i, p):
+                results[i] = (await collect(rt.generate("seeded" if i == 0 else f"other {i}", p)))[-1]
+
+            nursery.start_soon(run, 0, params)
+            for i in range(1, 5):
+                nursery.start_soon(run, i, SamplingParams(max_tokens=5, temperature=1.0, ignore_eos=True))
+        assert results[0].outputs[0].token_ids == a
+
+
+async def test_fifty_streams_ten_aborted_midway_the_rest_complete_and_blocks_are_free(tiny_model):
+    async with open_tiny(tiny_model, kv_capacity_tokens=2048) as rt:
+        finals: dict[int, infinillm.RequestOutput] = {}
+
+        async def consume(i: int) -> None:
+            params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+            n = 0
+            async for out in rt.generate(f"stream number {i}", params, request_id=f"r{i}"):
+                n += 1
+                finals[i] = out
+                if i % 5 == 0 and n == 4:
+                    if i % 10 == 0:
+                        rt.abort(f"r{i}")  # abort by id: the stream ends with finish_reason abort
+                    else:
+                        break  # leave the loop early: the request is aborted too
+
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(consume, i)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(50):
+            c = finals[i].outputs[0]
+            if i % 10 == 0:
+                assert finals[i].finished and c.finish_reason == "abort"
+            elif i % 5 == 0:
+                assert not finals[i].finished and len(c.token_ids) == 4  # left after the 4th
+            else:
+                assert finals[i].finished and c.finish_reason == "length" and len(c.token_ids) == 12
+        with trio.fail_after(30):
+            while rt.statistics().num_running or rt.statistics().num_aborted < 10:
+                await trio.sleep(0.01)  # the early leavers' aborts land between two steps
+        s = rt.statistics()
+        assert s.num_finished == 40 and s.num_aborted == 10
+        assert_all_blocks_free(rt)
+
+
+async def test_bad_input_is_refused_at_the_call_and_the_runtime_keeps_serving(tiny_model):
+    async with open_tiny(tiny_model, max_model_len=64) as rt:
+        with pytest.raises(ValidationError, match="prompt=''"):
+            rt.generate("")
+        with pytest.raises(ValidationError, match="must be shorter than max_model_len=64 tokens"):
+            rt.generate({"prompt_token_ids": [5] * 64})
+        vocab = rt.engine.args.vocab_size
+        with pytest.raises(ValidationError, match=rf"prompt_token_ids={vocab} is invalid: must be token ids in \[0, {vocab - 1}\]"):
+            rt.generate({"prompt_token_ids": [1, vocab]})
+        with pytest.raises(ValidationError, match="prompt_token_ids"):
+            rt.generate({"prompt_token_ids": ["a"]})
+        with pytest.raises(ValidationError, match="temperature=-1"):
+            SamplingParams(temperature=-1)
+        with pytest.raises(ValidationError, match="chat message"):
+            rt.generate([{"role": "user"}])
+        with pytest.raises(ValidationError, match="sampling_params"):
+            rt.generate("x", {"max_tokens": 3})
+        out = (await collect(rt.generate("still serving", SamplingParams(max_tokens=3, ignore_eos=True))))[-1]
+        assert out.outputs[0].finish_reason == "length"
+        assert_all_blocks_free(rt)
+
+
+async def test_a_request_that_can_never_fit_is_rejected_with_the_numbers(tiny_model):
+    async with open_tiny(tiny_model, kv_capacity_tokens=8 * BLOCK, max_model_len=4096) as rt:
+        with pytest.raises(RequestTooLongError, match=r"needs 11 KV blocks \(176 tokens\) but the cluster has 8 blocks \(128 tokens\)"):
+            rt.generate({"prompt_token_ids": [3] * 100}, SamplingParams(max_tokens=70))  # ceil(170/16) = 11
+        out = (await collect(rt.generate({"prompt_token_ids": [3] * 100}, SamplingParams(max_tokens=20, ignore_eos=True))))[-1]
+        assert len(out.outputs[0].token_ids) == 20  # ceil(120/16) = 8 blocks: fits exactly
+
+
+async def test_memory_pressure_preempts_and_recomputes_without_changing_greedy_tokens(tiny_model):
+    prompts = [f"pressure test {i} " * 3 for i in range(6)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    async with open_tiny(tiny_model, kv_capacity_tokens=4096) as rt:
+        alone = [(await collect(rt.generate(p, params)))[-1].outputs[0].token_ids for p in prompts]
+    # 12 blocks for 6 requests that each grow to ~4 blocks: some must be preempted and recomputed.
+    async with open_tiny(tiny_model, kv_capacity_tokens=12 * BLOCK) as rt:
+        results = {}
+
+        async def run(i):
+            results[i] = (await collect(rt.generate(prompts[i], params)))[-1].outputs[0].token_ids
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(prompts)):
+                nursery.start_soon(run, i)
+        assert rt.statistics().instances[0].num_preemptions > 0
+        assert [results[i] for i in range(len(prompts))] == alone
+        assert_all_blocks_free(rt)
+
+
+async def test_unknown_option_and_bad_config_fail_before_loading(tiny_model):
+    with pytest.raises(ValidationError, match="block_sizes=16 is invalid: unknown option"):
+        async with infinillm.open_runtime(model=tiny_model, block_sizes=16):
+            pass  # pragma: no cover
+    with pytest.raises(ValidationError, match="model='/no/such/model' is invalid: does not exist"):
+        async with infinillm.open_runtime(model="/no/such/model", device="cpu"):
+            pass  # pragma: no cover

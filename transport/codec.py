@@ -1,0 +1,551 @@
+"""The one encoder and decoder of every message in ``messages.py``: never pickle.
+
+A message travels as one ZeroMQ multipart message::
+
+    frame 0      header, msgpack: [PROTOCOL_VERSION, type_id, seq, field_0, field_1, ...]
+    frame 1      the small tensors, packed at 16-byte aligned offsets  (when there are any)
+    frame 2...   one frame per large tensor (>= 64 KiB), sent zero-copy
+
+Fields appear in the dataclass's order. A tensor field is ``[dtype, dim_0, dim_1, ...]`` in the
+header (``None`` when absent) and its bytes (C order) sit in the frames; which frame and offset
+follow from the dtypes and shapes alone, so the decoder recomputes the layout and refuses any
+frame whose length does not match it exactly. A record (``tuple[RequestDelta, ...]``) is a
+list of its field lists. ``seq`` (0: one-way) pairs a reply with its request.
+
+The decoder refuses, with ``DecodeError`` (a ``TransportError``) naming the value and the
+limit: input over ``max_message_bytes`` or a header over ``max_header_bytes``, malformed
+msgpack, another protocol version, an unknown type id, a wrong field count, a field of the
+wrong type or out of range, an unknown dtype, more than 8 dims, frames missing, extra or of
+the wrong length, and anything the message's own ``__post_init__`` rejects.
+
+Received tensors are views of the received frames (``torch.frombuffer`` on the frame's
+writable buffer, no copy) unless the frame's memory is not 16-byte aligned, when the frame is
+copied once. Sent tensors are viewed through numpy, not copied, except that small tensors are
+packed into one frame (ZeroMQ copies frames under 64 KiB anyway).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Callable, Sequence
+
+import msgpack
+import numpy as np
+import torch
+import zmq
+
+from ..errors import TransportError, ValidationError
+from .messages import MESSAGE_TYPES, Message
+
+__all__ = ["Codec", "DecodeError", "PROTOCOL_VERSION", "SMALL_TENSOR_BYTES", "MAX_DIMS"]
+
+PROTOCOL_VERSION = 1
+SMALL_TENSOR_BYTES = 1 << 16  # tensors below this share one frame
+MAX_DIMS = 8
+_ALIGN = 16
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+# Wire names of the dtypes a message may carry (no bool: arbitrary bytes are not valid bools).
+_DTYPES: dict[str, torch.dtype] = {
+    "f16": torch.float16,
+    "bf16": torch.bfloat16,
+    "f32": torch.float32,
+    "f64": torch.float64,
+    "i8": torch.int8,
+    "u8": torch.uint8,
+    "i16": torch.int16,
+    "i32": torch.int32,
+    "i64": torch.int64,
+}
+_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE: dict[str, int] = {k: torch.empty(0, dtype=v).element_size() for k, v in _DTYPES.items()}
+# Received bytes go through numpy (cheaper than torch.frombuffer + views); bf16 rides as int16.
+_NP_DTYPES: dict[str, tuple[np.dtype, torch.dtype | None]] = {
+    k: (np.dtype(np.int16), torch.bfloat16) if v == torch.bfloat16 else (torch.empty(0, dtype=v).numpy().dtype, None)
+    for k, v in _DTYPES.items()
+}
+
+
+class DecodeError(TransportError):
+    """Input the decoder refused. ``seq`` is the request's sequence number when the header
+    was readable that far (so the receiver can answer with an error), else None."""
+
+    def __init__(self, message: str, *, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---- field kinds: one check per kind, used by both directions --------------------------------
+# A check returns the value to put in the message (decode) or on the wire (encode) and raises
+# _Bad(reason) for anything else.
+
+
+class _Bad(Exception):
+    pass
+
+
+def _check_int(v: Any) -> int:
+    if type(v) is not int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _Bad("must be an integer")
+        v = int(v)
+    if v < _INT64_MIN or v > _INT64_MAX:
+        raise _Bad("must fit in int64")
+    return v
+
+
+def _check_float(v: Any) -> float:
+    if type(v) is float:
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Bad("must be a number")
+    return float(v)
+
+
+def _check_str(v: Any) -> str:
+    if type(v) is not str:
+        raise _Bad("must be a string")
+    return v
+
+
+def _check_bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise _Bad("must be a bool")
+    return v
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def check_optional(v: Any) -> Any:
+        return None if v is None else check(v)
+
+    return check_optional
+
+
+def _tuple_of(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def check_tuple(v: Any) -> tuple:
+        if type(v) is not tuple:
+            if not isinstance(v, (tuple, list)):
+                raise _Bad("must be a tuple")
+        return tuple([check(x) for x in v])
+
+    return check_tuple
+
+
+_SCALAR_TYPES = (int, float, str, bool, type(None))
+
+
+def _check_params(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _Bad("must be a map of option names to values")
+    out = {}
+    for key, value in v.items():
+        if type(key) is not str:
+            raise _Bad(f"has a key {_short(key)} that is not a string")
+        if isinstance(value, (tuple, list)):
+            if not all(type(x) in _SCALAR_TYPES for x in value):
+                raise _Bad(f"[{key!r}] must hold only scalars")
+            value = tuple(value)
+        elif type(value) not in _SCALAR_TYPES:
+            raise _Bad(f"[{key!r}]={_short(value)} must be a scalar or a tuple of scalars")
+        out[key] = value
+    return out
+
+
+_SCALAR_CHECKS: dict[Any, Callable[[Any], Any]] = {int: _check_int, float: _check_float, str: _check_str, bool: _check_bool}
+
+_TENSOR = "tensor"
+_OPT_TENSOR = "tensor?"
+
+
+def _record_check(cls: type) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """(encode, decode) checks for ``tuple[cls, ...]`` of a record dataclass of scalar kinds."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    checks = []
+    for name in names:
+        kind = _kind_of(hints[name], f"{cls.__name__}.{name}")
+        if isinstance(kind, str) or kind is _check_params:
+            raise TypeError(f"{cls.__name__}.{name}: records carry only scalars and tuples of scalars")
+        checks.append(kind)
+    n = len(names)
+
+    def encode(v: Any) -> list:
+        if not isinstance(v, (tuple, list)):
+            raise _Bad(f"must be a tuple of {cls.__name__}")
+        out = []
+        for item in v:
+            if type(item) is not cls:
+                raise _Bad(f"must hold only {cls.__name__}, not {type(item).__name__}")
+            out.append([check(getattr(item, name)) for check, name in zip(checks, names)])
+        return out
+
+    def decode(v: Any) -> tuple:
+        if type(v) is not tuple:
+            raise _Bad(f"must be a list of {cls.__name__} records")
+        out = []
+        for item in v:
+            if type(item) is not tuple or len(item) != n:
+                raise _Bad(f"must hold {cls.__name__} records of {n} fields")
+            try:
+                out.append(cls(*[check(x) for check, x in zip(checks, item)]))
+            except (ValidationError, TypeError, ValueError) as e:
+                raise _Bad(f"holds a bad {cls.__name__}: {e}") from None
+        return tuple(out)
+
+    return encode, decode
+
+
+def _kind_of(hint: Any, where: str) -> Any:
+    """The check for a field type (or _TENSOR / _OPT_TENSOR / a (encode, decode) pair)."""
+    if hint is torch.Tensor:
+        return _TENSOR
+    if hint in _SCALAR_CHECKS:
+        return _SCALAR_CHECKS[hint]
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = args[0] if args[1] is type(None) else args[1]
+        if inner is torch.Tensor:
+            return _OPT_TENSOR
+        if inner in _SCALAR_CHECKS:
+            return _optional(_SCALAR_CHECKS[inner])
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if args[0] in _SCALAR_CHECKS:
+            return _tuple_of(_SCALAR_CHECKS[args[0]])
+        if dataclasses.is_dataclass(args[0]):
+            return _record_check(args[0])
+    if origin is dict and args and args[0] is str:
+        return _check_params
+    raise TypeError(f"{where}: the codec cannot carry a field of type {hint!r}")
+
+
+class _Plan:
+    """How one message class goes on the wire (built once per class)."""
+
+    __slots__ = ("cls", "name", "type_id", "names", "encoders", "decoders", "tensor_fields", "num_fields")
+
+    def __init__(self, cls: type[Message]) -> None:
+        self.cls = cls
+        self.name = cls.__name__
+        self.type_id: int = cls.TYPE_ID  # type: ignore[attr-defined]
+        hints = typing.get_type_hints(cls)
+        self.names = tuple(f.name for f in dataclasses.fields(cls))
+        self.encoders: list[Any] = []
+        self.decoders: list[Any] = []
+        for name in self.names:
+            kind = _kind_of(hints[name], f"{self.name}.{name}")
+            if isinstance(kind, tuple):
+                self.encoders.append(kind[0])
+                self.decoders.append(kind[1])
+            else:
+                self.encoders.append(kind)
+                self.decoders.append(kind)
+        self.tensor_fields = tuple(i for i, k in enumerate(self.encoders) if k in (_TENSOR, _OPT_TENSOR))
+        self.num_fields = len(self.names)
+
+
+_PLANS_BY_ID: dict[int, _Plan] = {}
+_PLANS_BY_CLASS: dict[type, _Plan] = {}
+
+
+def _plans() -> None:
+    for type_id, cls in MESSAGE_TYPES.items():
+        if type_id not in _PLANS_BY_ID:
+            plan = _Plan(cls)
+            _PLANS_BY_ID[type_id] = plan
+            _PLANS_BY_CLASS[cls] = plan
+
+
+_plans()
+
+
+def _padded(n: int) -> int:
+    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
+
+
+def _buffer(frame: Any) -> memoryview:
+    """A writable memoryview of a received frame (zmq.Frame, bytes, bytearray, memoryview)."""
+    if isinstance(frame, zmq.Frame):
+        buf = frame.buffer
+    else:
+        buf = memoryview(frame)
+    if buf.readonly:  # bytes: torch wants writable memory
+        buf = memoryview(bytearray(buf))
+    if buf.ndim != 1 or buf.itemsize != 1:
+        buf = buf.cast("B")
+    return buf
+
+
+class Codec:
+    """Encodes messages to frames and decodes frames to messages, within limits.
+
+    ``max_message_bytes`` bounds the sum of a message's frames (``TransportConfig``'s field of
+    that name), ``max_header_bytes`` its msgpack header.
+    """
+
+    __slots__ = ("max_message_bytes", "max_header_bytes", "_packb")
+
+    def __init__(self, *, max_message_bytes: int = 1 << 30, max_header_bytes: int = 1 << 20) -> None:
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
+            raise ValidationError("max_message_bytes", max_message_bytes, "must be an integer >= 1024", owner="Codec")
+        if isinstance(max_header_bytes, bool) or not isinstance(max_header_bytes, int) or max_header_bytes < 64:
+            raise ValidationError("max_header_bytes", max_header_bytes, "must be an integer >= 64", owner="Codec")
+        self.max_message_bytes = max_message_bytes
+        self.max_header_bytes = min(max_header_bytes, max_message_bytes)
+        self._packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+    @classmethod
+    def from_config(cls, config: Any) -> Codec:
+        return cls(max_message_bytes=config.max_message_bytes)
+
+    # ---- encode -------------------------------------------------------------------------------
+
+    def encode(self, msg: Message, seq: int = 0) -> list[Any]:
+        """The frames of ``msg`` (``seq``: 0 for one-way, else the request's number)."""
+        plan = _PLANS_BY_CLASS.get(type(msg))
+        if plan is None:
+            raise TransportError(f"cannot encode {type(msg).__name__}: not a registered message type")
+        header: list[Any] = [PROTOCOL_VERSION, plan.type_id, seq]
+        views: list[memoryview] = []  # the tensors' bytes, in field order
+        for name, enc in zip(plan.names, plan.encoders):
+            value = getattr(msg, name)
+            if enc is _TENSOR or enc is _OPT_TENSOR:
+                if value is None:
+                    if enc is _TENSOR:
+                        raise TransportError(f"cannot encode {plan.name}.{name}=None: must be a tensor")
+                    header.append(None)
+                    continue
+                try:  # fast path: a contiguous CPU tensor that numpy can view
+                    code = _DTYPE_NAMES[value.dtype]
+                    if code == "bf16":  # numpy has no bfloat16: the same bytes as int16
+                        view = memoryview(value.view(torch.int16).numpy()).cast("B")
+                    else:
+                        view = memoryview(value.numpy()).cast("B")
+                except (KeyError, AttributeError, TypeError, RuntimeError):
+                    code, value = _normalize(plan, name, value)
+                    view = _bytes_of(value)
+                shape = value.shape
+                if len(shape) > MAX_DIMS:
+                    raise TransportError(f"cannot encode {plan.name}.{name}: {len(shape)} dims exceed MAX_DIMS={MAX_DIMS}")
+                header.append([code, *shape])
+                views.append(view)
+                continue
+            try:
+                header.append(enc(value))
+            except _Bad as e:
+                raise TransportError(f"cannot encode {plan.name}.{name}={_short(value)}: {e}") from None
+        try:
+            head = self._packb(header)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise TransportError(f"cannot encode {plan.name}: {e}") from None
+        if len(head) > self.max_header_bytes:
+            raise TransportError(
+                f"cannot encode {plan.name}: header of {len(head)} bytes exceeds max_header_bytes={self.max_header_bytes}"
+            )
+        if not views:
+            return [head]
+        total = len(head)
+        small_end = 0
+        num_small = 0
+        for view in views:
+            nbytes = view.nbytes
+            total += nbytes
+            if nbytes < SMALL_TENSOR_BYTES:
+                small_end = _padded(small_end) + nbytes
+                num_small += 1
+        if total > self.max_message_bytes:
+            raise TransportError(f"cannot encode {plan.name}: {total} bytes exceed max_message_bytes={self.max_message_bytes}")
+        frames: list[Any] = [head]
+        if num_small:
+            pack = bytearray(small_end)
+            off = 0
+            for view in views:
+                nbytes = view.nbytes
+                if nbytes < SMALL_TENSOR_BYTES:
+                    off = _padded(off)
+                    pack[off : off + nbytes] = view
+                    off += nbytes
+            frames.append(pack)
+        if num_small < len(views):
+            for view in views:
+                if view.nbytes >= SMALL_TENSOR_BYTES:
+                    frames.append(view)
+        return frames
+
+    # ---- decode -------------------------------------------------------------------------------
+
+    def decode(self, frames: Sequence[Any]) -> tuple[int, Message]:
+        """``(seq, message)`` from received frames, or ``DecodeError``."""
+        n_frames = len(frames)
+        if n_frames == 0:
+            raise DecodeError("empty message: no header frame")
+        total = 0
+        for f in frames:
+            total += len(f)
+        if total > self.max_message_bytes:
+            raise DecodeError(f"message of {total} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        head = frames[0]
+        if len(head) > self.max_header_bytes:
+            raise DecodeError(f"header of {len(head)} bytes exceeds max_header_bytes={self.max_header_bytes}")
+        try:
+            header = msgpack.unpackb(
+                head.buffer if isinstance(head, zmq.Frame) else head, use_list=False, raw=False, strict_map_key=True
+            )
+        except Exception as e:  # msgpack raises several kinds (ValueError, ExtraData, TypeError...)
+            raise DecodeError(f"malformed header: not msgpack ({type(e).__name__}: {e})") from None
+        if type(header) is not tuple or len(header) < 3:
+            raise DecodeError(f"malformed header: must be a list [version, type, seq, fields...], got {_short(header)}")
+        version, type_id, seq = header[0], header[1], header[2]
+        if version != PROTOCOL_VERSION or type(version) is not int:
+            raise DecodeError(f"protocol version {_short(version)} is not supported: this side speaks {PROTOCOL_VERSION}")
+        if type(seq) is not int or not 0 <= seq <= _INT64_MAX:
+            raise DecodeError(f"malformed header: seq={_short(seq)} must be an integer in [0, 2**63)")
+        plan = _PLANS_BY_ID.get(type_id) if type(type_id) is int else None
+        if plan is None:
+            raise DecodeError(f"unknown message type {_short(type_id)}", seq=seq)
+        if len(header) - 3 != plan.num_fields:
+            raise DecodeError(
+                f"malformed {plan.name}: {len(header) - 3} fields, expected {plan.num_fields} ({', '.join(plan.names)})",
+                seq=seq,
+            )
+        values: list[Any] = []
+        specs: list[tuple[int, str, str, tuple[int, ...], int]] = []  # (field, name, dtype, shape, nbytes)
+        for i, (name, dec) in enumerate(zip(plan.names, plan.decoders)):
+            v = header[3 + i]
+            if dec is _TENSOR or dec is _OPT_TENSOR:
+                if v is None and dec is _OPT_TENSOR:
+                    values.append(None)
+                    continue
+                code, shape, nbytes = self._parse_spec(plan, name, v, seq)
+                specs.append((i, name, code, shape, nbytes))
+                values.append(None)  # filled in below
+                continue
+            try:
+                values.append(dec(v))
+            except _Bad as e:
+                raise DecodeError(f"malformed {plan.name}: {name}={_short(v)} {e}", seq=seq) from None
+        if specs:
+            self._attach_tensors(plan, frames, specs, values, seq)
+        elif n_frames != 1:
+            raise DecodeError(f"malformed {plan.name}: {n_frames} frames, expected 1 (it carries no tensors)", seq=seq)
+        try:
+            msg = plan.cls(*values)
+        except (ValidationError, TypeError, ValueError) as e:
+            raise DecodeError(f"malformed {plan.name}: {e}", seq=seq) from None
+        return seq, msg
+
+    def _parse_spec(self, plan: _Plan, name: str, v: Any, seq: int) -> tuple[str, tuple[int, ...], int]:
+        if type(v) is not tuple or not v or type(v[0]) is not str:
+            raise DecodeError(f"malformed {plan.name}: {name}={_short(v)} must be a tensor spec [dtype, dims...]", seq=seq)
+        code = v[0]
+        if code not in _DTYPES:
+            raise DecodeError(f"malformed {plan.name}: {name} has dtype {_short(code)}, not one of {', '.join(_DTYPES)}", seq=seq)
+        shape = v[1:]
+        if len(shape) > MAX_DIMS:
+            raise DecodeError(f"malformed {plan.name}: {name} has {len(shape)} dims, more than MAX_DIMS={MAX_DIMS}", seq=seq)
+        numel = 1
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise DecodeError(f"malformed {plan.name}: {name} shape {_short(shape)} must hold integers >= 0", seq=seq)
+            numel *= d
+        nbytes = numel * _ITEMSIZE[code]
+        if nbytes > self.max_message_bytes:
+            raise DecodeError(
+                f"malformed {plan.name}: {name} {code}{list(shape)} is {nbytes} bytes, over max_message_bytes={self.max_message_bytes}",
+                seq=seq,
+            )
+        return code, shape, nbytes
+
+    @staticmethod
+    def _attach_tensors(plan: _Plan, frames: Sequence[Any], specs: list, values: list, seq: int) -> None:
+        small_end = 0
+        small = []
+        large = []
+        for spec in specs:
+            nbytes = spec[4]
+            if nbytes < SMALL_TENSOR_BYTES:
+                off = _padded(small_end)
+                small.append((off, spec))
+                small_end = off + nbytes
+            else:
+                large.append(spec)
+        expected = 1 + (1 if small else 0) + len(large)
+        if len(frames) != expected:
+            what = "truncated" if len(frames) < expected else "malformed"
+            raise DecodeError(
+                f"{what} {plan.name}: {len(frames)} frames, its tensors "
+                f"({', '.join(s[1] for s in specs)}) need {expected}",
+                seq=seq,
+            )
+        k = 1
+        if small:
+            buf = _buffer(frames[1])
+            if len(buf) != small_end:
+                raise DecodeError(
+                    f"{'truncated' if len(buf) < small_end else 'malformed'} {plan.name}: the small-tensor frame holds "
+                    f"{len(buf)} bytes, its tensors ({', '.join(s[1] for _, s in small)}) need {small_end}",
+                    seq=seq,
+                )
+            for off, (i, _name, code, shape, nbytes) in small:
+                values[i] = _tensor_at(buf, code, shape, nbytes, off)
+            k = 2
+        for i, name, code, shape, nbytes in large:
+            buf = _buffer(frames[k])
+            if len(buf) != nbytes:
+                raise DecodeError(
+                    f"{'truncated' if len(buf) < nbytes else 'malformed'} {plan.name}: frame {k} holds {len(buf)} "
+                    f"bytes, {name} needs {nbytes}",
+                    seq=seq,
+                )
+            values[i] = _tensor_at(buf, code, shape, nbytes, 0)
+            k += 1
+
+
+def _normalize(plan: _Plan, name: str, t: Any) -> tuple[str, torch.Tensor]:
+    """The slow path of encoding a tensor field: check it, and make it contiguous on the CPU."""
+    if not isinstance(t, torch.Tensor):
+        raise TransportError(f"cannot encode {plan.name}.{name}={_short(t)}: must be a torch.Tensor")
+    code = _DTYPE_NAMES.get(t.dtype)
+    if code is None:
+        raise TransportError(
+            f"cannot encode {plan.name}.{name}: dtype {t.dtype} is not one of {', '.join(map(str, _DTYPES.values()))}"
+        )
+    if t.layout != torch.strided:
+        raise TransportError(f"cannot encode {plan.name}.{name}: layout {t.layout} is not strided")
+    if not t.is_cpu:
+        t = t.cpu()
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return code, t
+
+
+def _tensor_at(buf: memoryview, code: str, shape: tuple[int, ...], nbytes: int, offset: int) -> torch.Tensor:
+    """A tensor viewing ``nbytes`` of ``buf`` from ``offset`` (copied if misaligned)."""
+    np_dtype, torch_view = _NP_DTYPES[code]
+    itemsize = np_dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=_DTYPES[code])
+    t = torch.from_numpy(np.frombuffer(buf, np_dtype, nbytes // itemsize, offset).reshape(shape))
+    if t.data_ptr() % itemsize:  # libzmq may hand us frames at any address
+        t = t.clone()
+    if torch_view is not None:
+        t = t.view(torch_view)
+    return t
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bytes as int16
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")

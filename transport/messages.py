@@ -1,0 +1,468 @@
+"""Every message the system sends, as a typed, frozen dataclass (the wire's contract).
+
+One class per message; ``codec.py`` is the one encoder and decoder for all of them. The wire
+type id of each class is fixed here (``@message(n)``) and never reused. Field types are what
+the codec knows how to carry::
+
+    int, float, str, bool          and ``X | None`` of each
+    tuple[int, ...]                (also float, str)
+    torch.Tensor                   raw frames: dtype and shape in the header, bytes zero-copy
+    torch.Tensor | None
+    dict[str, Any]                 small maps of scalars or tuples of scalars (sampling options)
+    tuple[<record>, ...]           records: plain frozen dataclasses of the scalar kinds above
+
+Messages check their own shapes and ranges in ``__post_init__`` (a ``ValidationError``), so a
+malformed message is refused where it is built and where it is decoded.
+
+Peer traffic (one decode step, DESIGN.md §4)::
+
+    home A                                      creditor B
+      | AttentionQuery(layer, q, blocks, k/v) ---> |  append k/v, partial attention
+      | <--------------------- AttentionResult(out, lse)
+
+Runtime <-> instance: ``AddRequest`` / ``AbortRequest`` in, ``StepOutputs`` and
+``HeartbeatDelta`` out. Lending: ``ReserveBlocks`` -> ``Reservation``; ``CommitReservation`` ->
+``Committed``; ``CancelReservation``; ``ReleaseBlocks``. Migration: ``MoveBlocks`` (a plan
+step, to the source) and ``BlockTransfer`` (the KV itself, to the destination). Any request may
+be answered with ``ErrorReply``; requests with nothing to say are answered with ``Ack``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from ..errors import ValidationError
+
+__all__ = [
+    "Message",
+    "MESSAGE_TYPES",
+    "message",
+    "AttentionQuery",
+    "AttentionResult",
+    "HeartbeatDelta",
+    "ReserveBlocks",
+    "Reservation",
+    "CommitReservation",
+    "Committed",
+    "CancelReservation",
+    "ReleaseBlocks",
+    "MoveBlocks",
+    "BlockTransfer",
+    "AddRequest",
+    "AbortRequest",
+    "RequestDelta",
+    "StepOutputs",
+    "ErrorReply",
+    "Ack",
+]
+
+
+class Message:
+    """Base of every wire message (a marker: the fields live in the dataclass subclasses)."""
+
+    __slots__ = ()
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {}  # wire type id -> class
+
+_M = TypeVar("_M", bound=type)
+
+
+def message(type_id: int) -> Callable[[_M], _M]:
+    """Register a message dataclass under its wire type id (1..65535, never reused)."""
+
+    def register(cls: _M) -> _M:
+        if not 1 <= type_id <= 0xFFFF:
+            raise ValueError(f"type_id={type_id} must be in [1, 65535]")
+        if type_id in MESSAGE_TYPES:
+            raise ValueError(f"type_id={type_id} is taken by {MESSAGE_TYPES[type_id].__name__}")
+        cls.TYPE_ID = type_id
+        MESSAGE_TYPES[type_id] = cls
+        return cls
+
+    return register
+
+
+# ---- checks shared by __post_init__ ---------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
+    raise ValidationError(name, value, allowed, owner=owner)
+
+
+def _nonneg(owner: str, **values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 0:
+            _fail(owner, name, value, "must be >= 0")
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+# ---- attention (the hot path: one per creditor per layer per step) -------------------------
+
+
+@message(1)
+@dataclass(frozen=True, slots=True)
+class AttentionQuery(Message):
+    """A home instance's queries for one layer, to one creditor, batched over its requests.
+
+    Request b (``request_ids[b]``) owns query rows ``cu_q[b]:cu_q[b+1]`` of ``q``; row i sits
+    at position ``q_pos[i]`` and sees keys at positions ``<= q_pos[i]`` (causal). Its keys on
+    the creditor are in the blocks ``block_table[b, j]``, block j holding positions
+    ``block_start[b, j] .. block_start[b, j] + block_len[b, j] - 1`` (``block_len`` 0 pads);
+    the three tables travel stacked as ``blocks`` (one frame instead of three). When the
+    request's tail block is on the creditor, the new tokens' ``k`` and ``v`` ride along, to be
+    written to flat ``slot_mapping`` slots (``block * block_size + offset``) before attention.
+    These are ``kernels.partial_attention`` / ``append_kv``'s inputs::
+
+        q            [total_q, num_heads, head_dim]      fp16 / bf16 / fp32
+        cu_q         [B + 1]                             int32
+        q_pos        [total_q]                           int32
+        blocks       [3, B, max_blocks]                  int32: block_table, block_start, block_len
+        k, v         [n, num_kv_heads, head_dim]         q's dtype, or None
+        slot_mapping [n]                                 int32 / int64, or None
+    """
+
+    layer: int
+    request_ids: tuple[int, ...]
+    q: torch.Tensor
+    cu_q: torch.Tensor
+    q_pos: torch.Tensor
+    blocks: torch.Tensor
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        o = "AttentionQuery"
+        q = self.q
+        if self.layer < 0:
+            _fail(o, "layer", self.layer, "must be >= 0")
+        if q.dim() != 3 or q.dtype not in _FLOAT_DTYPES:
+            _fail(o, "q", f"{q.dtype}{_shape(q)}", "must be [total_q, num_heads, head_dim] fp16/bf16/fp32")
+        batch = len(self.request_ids)
+        cu_q, q_pos, blocks = self.cu_q, self.q_pos, self.blocks
+        if cu_q.dtype != torch.int32 or cu_q.shape != (batch + 1,):
+            _fail(o, "cu_q", f"{cu_q.dtype}{_shape(cu_q)}", f"must be int32 [B + 1 = {batch + 1}]")
+        if q_pos.dtype != torch.int32 or q_pos.shape != q.shape[:1]:
+            _fail(o, "q_pos", f"{q_pos.dtype}{_shape(q_pos)}", f"must be int32 [total_q = {q.shape[0]}]")
+        if blocks.dtype != torch.int32 or blocks.dim() != 3 or blocks.shape[:2] != (3, batch):
+            _fail(o, "blocks", f"{blocks.dtype}{_shape(blocks)}", f"must be int32 [3, B = {batch}, max_blocks]")
+        k = self.k
+        if k is None:
+            if self.v is not None or self.slot_mapping is not None:
+                _fail(o, "k", None, "must be given with v and slot_mapping")
+            return
+        v, slots = self.v, self.slot_mapping
+        if v is None or slots is None:
+            _fail(o, "v" if v is None else "slot_mapping", None, "must be given with k")
+        if k.dim() != 3 or k.shape[2] != q.shape[2] or k.dtype != q.dtype:
+            _fail(o, "k", f"{k.dtype}{_shape(k)}", f"must be {q.dtype} [n, num_kv_heads, head_dim = {q.shape[2]}]")
+        if v.shape != k.shape or v.dtype != k.dtype:
+            _fail(o, "v", f"{v.dtype}{_shape(v)}", f"must be {k.dtype}{_shape(k)} like k")
+        if slots.shape != k.shape[:1] or slots.dtype not in _INDEX_DTYPES:
+            _fail(o, "slot_mapping", f"{slots.dtype}{_shape(slots)}", f"must be int32/int64 [n = {k.shape[0]}]")
+
+    @classmethod
+    def build(
+        cls,
+        layer: int,
+        request_ids: tuple[int, ...] | list[int],
+        q: torch.Tensor,
+        cu_q: torch.Tensor,
+        q_pos: torch.Tensor,
+        block_table: torch.Tensor,
+        block_start: torch.Tensor,
+        block_len: torch.Tensor,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        slot_mapping: torch.Tensor | None = None,
+    ) -> AttentionQuery:
+        """From the three block tables as ``BlockTables.batch_tables`` gives them (arrays or
+        tensors, [B, max_blocks] each)."""
+        tables = [torch.as_tensor(t, dtype=torch.int32) for t in (block_table, block_start, block_len)]
+        if not tables[0].dim() == 2 or tables[1].shape != tables[0].shape or tables[2].shape != tables[0].shape:
+            _fail("AttentionQuery", "block_table", tuple(tables[0].shape), "must be [B, max_blocks] like block_start and block_len")
+        return cls(layer, tuple(request_ids), q, cu_q, q_pos, torch.stack(tables), k, v, slot_mapping)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """[B, max_blocks] int32: the creditor's block ids (a view of ``blocks``)."""
+        return self.blocks[0]
+
+    @property
+    def block_start(self) -> torch.Tensor:
+        """[B, max_blocks] int32: the first position each block holds."""
+        return self.blocks[1]
+
+    @property
+    def block_len(self) -> torch.Tensor:
+        """[B, max_blocks] int32: how many positions each block holds (0: padding)."""
+        return self.blocks[2]
+
+
+@message(2)
+@dataclass(frozen=True, slots=True)
+class AttentionResult(Message):
+    """The creditor's partial attention for an ``AttentionQuery``: ``out`` [total_q,
+    num_heads, head_dim] (q's dtype) and ``lse`` [total_q, num_heads] fp32 (natural log;
+    -inf where no key was visible). The home merges it with ``kernels.merge_partials``."""
+
+    layer: int
+    out: torch.Tensor
+    lse: torch.Tensor
+
+    def __post_init__(self) -> None:
+        o = "AttentionResult"
+        if self.out.dim() != 3 or self.out.dtype not in _FLOAT_DTYPES:
+            _fail(o, "out", f"{self.out.dtype}{_shape(self.out)}", "must be [total_q, num_heads, head_dim] fp16/bf16/fp32")
+        if self.lse.dtype != torch.float32 or self.lse.shape != self.out.shape[:2]:
+            _fail(o, "lse", f"{self.lse.dtype}{_shape(self.lse)}", f"must be float32 {_shape(self.out)[:2]}")
+
+
+# ---- heartbeats, lending, migration ---------------------------------------------------------
+
+
+@message(3)
+@dataclass(frozen=True, slots=True)
+class HeartbeatDelta(Message):
+    """An instance's pool counters (``core_sched.PoolDelta``) and load, to the gManager.
+
+    The receiver applies it only if ``base_version`` is the version it last saw from this
+    instance; otherwise it asks for a snapshot (a delta with ``base_version == 0`` is one).
+    """
+
+    instance_id: int
+    base_version: int
+    version: int
+    capacity: int
+    free: int
+    used: int
+    lent: int
+    reserved: int
+    borrowed: int
+    batch_size: int = 0
+    num_waiting: int = 0
+    waiting_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        _nonneg("HeartbeatDelta", instance_id=self.instance_id, base_version=self.base_version,
+                version=self.version, capacity=self.capacity, free=self.free, used=self.used,
+                lent=self.lent, reserved=self.reserved, borrowed=self.borrowed,
+                batch_size=self.batch_size, num_waiting=self.num_waiting, waiting_blocks=self.waiting_blocks)
+
+    @classmethod
+    def from_pool_delta(cls, delta: Any, *, batch_size: int = 0, num_waiting: int = 0,
+                        waiting_blocks: int = 0) -> HeartbeatDelta:
+        """From a ``core_sched.PoolDelta`` and the batch planner's load."""
+        return cls(delta.instance_id, delta.base_version, delta.version, delta.capacity, delta.free,
+                   delta.used, delta.lent, delta.reserved, delta.borrowed, batch_size, num_waiting,
+                   waiting_blocks)
+
+
+@message(4)
+@dataclass(frozen=True, slots=True)
+class ReserveBlocks(Message):
+    """Borrower ``borrower`` asks a creditor to hold ``num_blocks`` blocks (``try_reserve``).
+    Answered with ``Reservation``."""
+
+    borrower: int
+    num_blocks: int
+
+    def __post_init__(self) -> None:
+        _nonneg("ReserveBlocks", borrower=self.borrower)
+        if self.num_blocks < 1:
+            _fail("ReserveBlocks", "num_blocks", self.num_blocks, "must be >= 1")
+
+
+@message(5)
+@dataclass(frozen=True, slots=True)
+class Reservation(Message):
+    """The answer to ``ReserveBlocks``: ``reservation_id`` None when the creditor cannot lend
+    that many now (its view was fresher than the ledger's); otherwise it holds the blocks for
+    ``ttl_s`` seconds, until ``CommitReservation`` or ``CancelReservation``."""
+
+    reservation_id: int | None
+    num_blocks: int
+    ttl_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        _nonneg("Reservation", reservation_id=self.reservation_id, num_blocks=self.num_blocks)
+
+
+@message(6)
+@dataclass(frozen=True, slots=True)
+class CommitReservation(Message):
+    """Turn a reservation into blocks of ``request_id`` (whose home is the borrower).
+    Answered with ``Committed``."""
+
+    reservation_id: int
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _nonneg("CommitReservation", reservation_id=self.reservation_id, request_id=self.request_id)
+
+
+@message(7)
+@dataclass(frozen=True, slots=True)
+class Committed(Message):
+    """The creditor's block ids now holding ``request_id``'s tokens, in logical order."""
+
+    reservation_id: int
+    request_id: int
+    block_ids: tuple[int, ...]
+
+
+@message(8)
+@dataclass(frozen=True, slots=True)
+class CancelReservation(Message):
+    """Give back an uncommitted reservation. Answered with ``Ack``."""
+
+    reservation_id: int
+
+
+@message(9)
+@dataclass(frozen=True, slots=True)
+class ReleaseBlocks(Message):
+    """Free blocks a creditor holds for ``request_id`` (finished, aborted, truncated or moved
+    away): the listed ``block_ids``, or all of them when the tuple is empty. Answered with
+    ``Ack``."""
+
+    request_id: int
+    block_ids: tuple[int, ...] = ()
+
+
+@message(10)
+@dataclass(frozen=True, slots=True)
+class MoveBlocks(Message):
+    """A planner step (``core_sched.Move``) sent to the source instance ``src``: move
+    ``num_blocks`` blocks of ``request_id`` to ``dst``. ``kind`` is ``"spread"`` (from the
+    home to a creditor) or ``"home"`` (back to the request's home)."""
+
+    request_id: int
+    num_blocks: int
+    src: int
+    dst: int
+    kind: str = "spread"
+
+    def __post_init__(self) -> None:
+        o = "MoveBlocks"
+        _nonneg(o, request_id=self.request_id, src=self.src, dst=self.dst)
+        if self.num_blocks < 1:
+            _fail(o, "num_blocks", self.num_blocks, "must be >= 1")
+        if self.kind not in ("spread", "home"):
+            _fail(o, "kind", self.kind, "must be 'spread' or 'home'")
+
+    @classmethod
+    def from_move(cls, move: Any) -> MoveBlocks:
+        return cls(move.request_id, move.num_blocks, move.src, move.dst, move.kind)
+
+
+@message(11)
+@dataclass(frozen=True, slots=True)
+class BlockTransfer(Message):
+    """The KV of some blocks of ``request_id``, to be written into the receiver's blocks
+    ``block_ids`` (reserved and committed there beforehand)::
+
+        kv  [num_layers, 2 (k, v), len(block_ids), block_size, num_kv_heads, head_dim]
+    """
+
+    request_id: int
+    block_ids: tuple[int, ...]
+    kv: torch.Tensor
+
+    def __post_init__(self) -> None:
+        s = _shape(self.kv)
+        if len(s) != 6 or s[1] != 2 or s[2] != len(self.block_ids):
+            _fail("BlockTransfer", "kv", s,
+                  f"must be [num_layers, 2, {len(self.block_ids)} blocks, block_size, num_kv_heads, head_dim]")
+
+
+# ---- requests and their outputs (runtime <-> instance) ---------------------------------------
+
+
+@message(12)
+@dataclass(frozen=True, slots=True)
+class AddRequest(Message):
+    """Admit a request: its prompt's token ids (int32/int64 [n]) and its sampling options by
+    vLLM ``SamplingParams`` field name (``{"max_tokens": 64, "temperature": 0.0}``)."""
+
+    request_id: int
+    prompt_token_ids: torch.Tensor
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        o = "AddRequest"
+        _nonneg(o, request_id=self.request_id)
+        t = self.prompt_token_ids
+        if t.dim() != 1 or t.dtype not in _INDEX_DTYPES or t.shape[0] < 1:
+            _fail(o, "prompt_token_ids", f"{t.dtype}{_shape(t)}", "must be int32/int64 [n >= 1]")
+
+
+@message(13)
+@dataclass(frozen=True, slots=True)
+class AbortRequest(Message):
+    """Stop ``request_id`` and free every block it holds. Answered with ``Ack``."""
+
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDelta:
+    """One request's progress in one step (a record inside ``StepOutputs``): the tokens it
+    produced, their logprobs (empty unless asked for), and ``finish_reason`` (``"stop"``,
+    ``"length"``, ``"abort"``, ``"error"``) on its last step, else None."""
+
+    request_id: int
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@message(14)
+@dataclass(frozen=True, slots=True)
+class StepOutputs(Message):
+    """What instance ``instance_id``'s step ``step`` produced, one delta per request."""
+
+    instance_id: int
+    step: int
+    outputs: tuple[RequestDelta, ...]
+
+
+# ---- replies ---------------------------------------------------------------------------------
+
+
+@message(15)
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Message):
+    """A request failed on the peer: ``code`` is the exception's class name (an
+    ``infinillm.errors`` class where it was one), ``message`` its text."""
+
+    code: str
+    message: str
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorReply:
+        return cls(type(exc).__name__, str(exc))
+
+
+@message(16)
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """Done; nothing to report."""
