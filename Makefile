@@ -23,7 +23,7 @@ CORE_SOURCES := $(wildcard core_sched/_*.pyx) $(wildcard core_sched/csrc/*.hpp c
 .PHONY: test chat install build bench clean distclean
 
 test: build
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 chat: build
 	@test -f examples/long_context_chat.py || { echo "make chat: the long-context chat is not there yet: it comes with issue #6 (one instance end to end)"; exit 1; }

@@ -46,7 +46,7 @@ def make_query() -> AttentionQuery:
         layer=0,
         request_ids=(7,),
         q=torch.randn(1, NUM_HEADS, HEAD_DIM, generator=g).half(),
-        cu_q=torch.tensor([0, 1], dtype=torch.int32),
+        cu_q=None,  # one query row per request: decode
         q_pos=torch.tensor([NUM_BLOCKS * 16 - 1], dtype=torch.int32),
         block_table=table,
         block_start=table * 16,

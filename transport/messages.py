@@ -114,8 +114,9 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 class AttentionQuery(Message):
     """A home instance's queries for one layer, to one creditor, batched over its requests.
 
-    Request b (``request_ids[b]``) owns query rows ``cu_q[b]:cu_q[b+1]`` of ``q``; row i sits
-    at position ``q_pos[i]`` and sees keys at positions ``<= q_pos[i]`` (causal). Its keys on
+    Request b (``request_ids[b]``) owns query rows ``cu_q[b]:cu_q[b+1]`` of ``q`` (``cu_q``
+    None: one row each, the decode case, which saves a frame on the hot path); row i sits at
+    position ``q_pos[i]`` and sees keys at positions ``<= q_pos[i]`` (causal). Its keys on
     the creditor are in the blocks ``block_table[b, j]``, block j holding positions
     ``block_start[b, j] .. block_start[b, j] + block_len[b, j] - 1`` (``block_len`` 0 pads);
     the three tables travel stacked as ``blocks`` (one frame instead of three). When the
@@ -124,7 +125,7 @@ class AttentionQuery(Message):
     These are ``kernels.partial_attention`` / ``append_kv``'s inputs::
 
         q            [total_q, num_heads, head_dim]      fp16 / bf16 / fp32
-        cu_q         [B + 1]                             int32
+        cu_q         [B + 1]                             int32, or None (total_q == B)
         q_pos        [total_q]                           int32
         blocks       [3, B, max_blocks]                  int32: block_table, block_start, block_len
         k, v         [n, num_kv_heads, head_dim]         q's dtype, or None
@@ -134,7 +135,7 @@ class AttentionQuery(Message):
     layer: int
     request_ids: tuple[int, ...]
     q: torch.Tensor
-    cu_q: torch.Tensor
+    cu_q: torch.Tensor | None
     q_pos: torch.Tensor
     blocks: torch.Tensor
     k: torch.Tensor | None = None
@@ -150,7 +151,10 @@ class AttentionQuery(Message):
             _fail(o, "q", f"{q.dtype}{_shape(q)}", "must be [total_q, num_heads, head_dim] fp16/bf16/fp32")
         batch = len(self.request_ids)
         cu_q, q_pos, blocks = self.cu_q, self.q_pos, self.blocks
-        if cu_q.dtype != torch.int32 or cu_q.shape != (batch + 1,):
+        if cu_q is None:
+            if q.shape[0] != batch:
+                _fail(o, "cu_q", None, f"may be None only with one query row per request (total_q={q.shape[0]}, B={batch})")
+        elif cu_q.dtype != torch.int32 or cu_q.shape != (batch + 1,):
             _fail(o, "cu_q", f"{cu_q.dtype}{_shape(cu_q)}", f"must be int32 [B + 1 = {batch + 1}]")
         if q_pos.dtype != torch.int32 or q_pos.shape != q.shape[:1]:
             _fail(o, "q_pos", f"{q_pos.dtype}{_shape(q_pos)}", f"must be int32 [total_q = {q.shape[0]}]")
@@ -177,7 +181,7 @@ class AttentionQuery(Message):
         layer: int,
         request_ids: tuple[int, ...] | list[int],
         q: torch.Tensor,
-        cu_q: torch.Tensor,
+        cu_q: torch.Tensor | None,
         q_pos: torch.Tensor,
         block_table: torch.Tensor,
         block_start: torch.Tensor,
@@ -187,7 +191,7 @@ class AttentionQuery(Message):
         slot_mapping: torch.Tensor | None = None,
     ) -> AttentionQuery:
         """From the three block tables as ``BlockTables.batch_tables`` gives them (arrays or
-        tensors, [B, max_blocks] each)."""
+        tensors, [B, max_blocks] each). ``cu_q`` may be None for one query row per request."""
         tables = [torch.as_tensor(t, dtype=torch.int32) for t in (block_table, block_start, block_len)]
         if not tables[0].dim() == 2 or tables[1].shape != tables[0].shape or tables[2].shape != tables[0].shape:
             _fail("AttentionQuery", "block_table", tuple(tables[0].shape), "must be [B, max_blocks] like block_start and block_len")
@@ -196,6 +200,12 @@ class AttentionQuery(Message):
     @property
     def num_requests(self) -> int:
         return len(self.request_ids)
+
+    def query_offsets(self) -> torch.Tensor:
+        """``cu_q``, made when it was None ([B + 1] int32: 0, 1, ..., B)."""
+        if self.cu_q is not None:
+            return self.cu_q
+        return torch.arange(len(self.request_ids) + 1, dtype=torch.int32)
 
     @property
     def block_table(self) -> torch.Tensor:
