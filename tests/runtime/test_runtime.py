@@ -187,3 +187,26 @@ async def test_unknown_option_and_bad_config_fail_before_loading(tiny_model):
     with pytest.raises(ValidationError, match="model='/no/such/model' is invalid: does not exist"):
         async with infinillm.open_runtime(model="/no/such/model", device="cpu"):
             pass  # pragma: no cover
+
+
+async def test_a_failing_step_ends_its_requests_with_error_and_serving_goes_on(tiny_model):
+    async with open_tiny(tiny_model) as rt:
+        real_forward = rt.engine.model.forward
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third step blows up mid-generation
+                raise RuntimeError("simulated device fault")
+            return real_forward(*args, **kwargs)
+
+        rt.engine.model.forward = flaky
+        outs = await collect(rt.generate("doomed", SamplingParams(max_tokens=10, ignore_eos=True)))
+        final = outs[-1]
+        assert final.finished and final.outputs[0].finish_reason == "error"
+        assert "simulated device fault" in final.error
+        assert len(final.outputs[0].token_ids) == 2  # steps 1 and 2 produced a token each
+        assert_all_blocks_free(rt)
+        out = (await collect(rt.generate("survivor", SamplingParams(max_tokens=5, ignore_eos=True))))[-1]
+        assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 5
+        assert rt.statistics().num_errors == 1
