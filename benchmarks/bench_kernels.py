@@ -19,7 +19,6 @@ Usage: python benchmarks/bench_kernels.py [--quick]
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -83,20 +82,21 @@ def bench_cuda(repeat: int) -> None:
     t = cuda_time(lambda: dst.copy_(src), repeat)
     copy_bw = 2 * n * src.element_size() / t
     emit("copy_bw", copy_bw / 1e9, "GB/s", device=torch.cuda.get_device_name())
-    del src, dst
+    src = dst = None  # free before the attention cases
+    torch.cuda.empty_cache()
     bw = {}
     for label, ctx, batch in (("4k", 4096, 32), ("32k", 32768, 8), ("128k", 131072, 2)):
         args, kv_bytes = make_decode_case(batch, ctx, dtype, device)
         t = cuda_time(lambda: partial_attention(*args, backend="triton"), repeat)
         bw[label] = kv_bytes / t
         emit(f"decode_bw_{label}", bw[label] / 1e9, "GB/s", batch=batch, context=ctx, ms=t * 1e3)
-        del args
+        args = None
         q, k, v = sdpa_case(batch, ctx, dtype, device)
         t_s = cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True), repeat)
         emit(f"sdpa_bw_{label}", kv_bytes / t_s / 1e9, "GB/s", batch=batch, context=ctx, ms=t_s * 1e3)
         if label == "32k":
             emit("decode_vs_sdpa_32k", t_s / t, "x")
-        del q, k, v
+        q = k = v = None
         torch.cuda.empty_cache()
     emit("decode_bw_fraction_32k", bw["32k"] / copy_bw, "ratio")
 

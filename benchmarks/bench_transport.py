@@ -2,15 +2,21 @@
 
 The payload is a decode-sized attention query (one request, 32 heads x 128 dims fp16, its
 block tables) answered with an attention result (out fp16 + lse fp32), over ipc and over tcp.
-"raw" sends the very frames our codec produces from a blocking DEALER to a blocking ROUTER
-server that answers with pre-encoded reply frames, so the difference is what our layer costs:
-trio waiting, encoding, decoding and dispatch on both sides.
+Three flavours, each a client here and a server in another process:
 
-Each run times ``--round-trips`` sequential round trips of raw and of ours, alternately (so
-both see the same machine load); ``<t>_rtt_ratio`` is the median over ``--runs`` of ours / raw.
-Messages/s is measured with ``--window`` requests in flight.
+- ``raw``: blocking pyzmq, a DEALER sending the very frames our codec produces to a ROUTER that
+  answers with pre-encoded reply frames (the baseline);
+- ``socket``: our trio socket layer alone on both ends (``DealerSocket`` / ``RouterSocket``),
+  the same pre-encoded frames: what trio's waiting costs;
+- ``ours``: the whole stack, ``Client.request`` to a ``Server``: encoding, decoding and
+  dispatch on both ends on top of the socket layer.
 
-    python benchmarks/bench_transport.py [--runs 5] [--round-trips 2000] [--window 16]
+Each run times ``--round-trips`` sequential round trips of each flavour in turn (so all see
+the same machine load); ``<t>_rtt_ratio`` is the median over ``--runs`` of ours / raw, and
+``<t>_socket_rtt_ratio`` of socket / raw. Messages/s is measured with ``--window`` requests
+in flight.
+
+    python benchmarks/bench_transport.py [--runs 11] [--round-trips 500] [--window 16]
 
 Prints JSON lines {"metric", "value", "unit"}. A server process is started per transport
 and flavour (``--serve``, internal).
@@ -81,6 +87,25 @@ def serve_raw(address: str) -> None:
         ctx.term()
 
 
+def serve_socket(address: str) -> None:
+    from infinillm.transport import RouterSocket
+
+    async def main():
+        ctx = zmq.Context()
+        sock = RouterSocket.create(ctx)
+        try:
+            print(sock.bind(address), flush=True)
+            reply = wire_frames(make_result())
+            while True:
+                peer, _ = await sock.receive()
+                sock.send_nowait(peer, reply)
+        finally:
+            sock.close()
+            ctx.term()
+
+    trio.run(main)
+
+
 def serve_ours(address: str, transport: str) -> None:
     result = make_result()
 
@@ -145,6 +170,14 @@ class RawClient:
         self.ctx.term()
 
 
+async def socket_rtt_block(sock, frames, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await sock.send(frames)
+        await sock.receive()
+    return (time.perf_counter() - t0) / n
+
+
 async def ours_rtt_block(client, query, n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -167,44 +200,51 @@ async def ours_throughput(client, query, n: int, window: int) -> float:
 
 
 def bench_transport(transport: str, tmp: str, args) -> float:
+    from infinillm.transport import DealerSocket
+
     address = f"ipc://{tmp}/{{}}" if transport == "ipc" else "tcp://127.0.0.1:*"
-    raw_proc, raw_addr = start_server("raw", address.format("raw"), transport)
-    ours_proc, ours_addr = start_server("ours", address.format("ours"), transport)
+    servers = {flavour: start_server(flavour, address.format(flavour), transport) for flavour in ("raw", "socket", "ours")}
+    rtts: dict[str, list[float]] = {"raw": [], "socket": [], "ours": []}
+    rates: dict[str, list[float]] = {"raw": [], "ours": []}
     try:
-        raw = RawClient(raw_addr)
+        raw = RawClient(servers["raw"][1])
         query = make_query()
-        ratios, ours_rtts, raw_rtts, ours_rates, raw_rates = [], [], [], [], []
+        frames = wire_frames(query)
 
         async def main():
             async with open_transport(TransportConfig(transport=transport)) as tp:
-                async with tp.open_client(ours_addr) as client:
+                sock = tp.socket(DealerSocket)
+                tp.connect(sock, servers["socket"][1])
+                async with sock, tp.open_client(servers["ours"][1]) as client:
                     await client.wait_connected()
-                    for _ in range(200):  # warm up both
-                        await client.request(query)
+                    for _ in range(200):  # warm up all three
                         raw.round_trip()
+                        await socket_rtt_block(sock, frames, 1)
+                        await client.request(query)
                     for _ in range(args.runs):
-                        r = raw.rtt_block(args.round_trips)
-                        o = await ours_rtt_block(client, query, args.round_trips)
-                        raw_rtts.append(r)
-                        ours_rtts.append(o)
-                        ratios.append(o / r)
+                        rtts["raw"].append(raw.rtt_block(args.round_trips))
+                        rtts["socket"].append(await socket_rtt_block(sock, frames, args.round_trips))
+                        rtts["ours"].append(await ours_rtt_block(client, query, args.round_trips))
                     for _ in range(args.runs):
-                        raw_rates.append(raw.throughput(args.round_trips, args.window))
-                        ours_rates.append(await ours_throughput(client, query, args.round_trips, args.window))
+                        rates["raw"].append(raw.throughput(args.round_trips, args.window))
+                        rates["ours"].append(await ours_throughput(client, query, args.round_trips, args.window))
 
         trio.run(main)
         raw.close()
     finally:
-        for proc in (raw_proc, ours_proc):
+        for proc, _ in servers.values():
             proc.kill()
             proc.wait()
     t = transport
-    emit(f"{t}_rtt_us", statistics.median(ours_rtts) * 1e6, "us")
-    emit(f"{t}_raw_rtt_us", statistics.median(raw_rtts) * 1e6, "us")
+    ratios = [o / r for o, r in zip(rtts["ours"], rtts["raw"])]
+    emit(f"{t}_rtt_us", statistics.median(rtts["ours"]) * 1e6, "us")
+    emit(f"{t}_raw_rtt_us", statistics.median(rtts["raw"]) * 1e6, "us")
+    emit(f"{t}_socket_rtt_us", statistics.median(rtts["socket"]) * 1e6, "us")
+    emit(f"{t}_socket_rtt_ratio", statistics.median(s / r for s, r in zip(rtts["socket"], rtts["raw"])), "x")
     emit(f"{t}_rtt_ratio", statistics.median(ratios), "x", runs=[round(r, 3) for r in ratios])
-    emit(f"{t}_msgs_per_s", statistics.median(ours_rates), "msg/s", window=args.window)
-    emit(f"{t}_raw_msgs_per_s", statistics.median(raw_rates), "msg/s", window=args.window)
-    emit(f"{t}_msgs_ratio", statistics.median(o / r for o, r in zip(ours_rates, raw_rates)), "x")
+    emit(f"{t}_msgs_per_s", statistics.median(rates["ours"]), "msg/s", window=args.window)
+    emit(f"{t}_raw_msgs_per_s", statistics.median(rates["raw"]), "msg/s", window=args.window)
+    emit(f"{t}_msgs_ratio", statistics.median(o / r for o, r in zip(rates["ours"], rates["raw"])), "x")
     return statistics.median(ratios)
 
 
@@ -221,8 +261,8 @@ def bench_codec() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--round-trips", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=11)
+    parser.add_argument("--round-trips", type=int, default=500)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--transports", default="ipc,tcp")
     parser.add_argument("--serve", nargs=3, metavar=("FLAVOUR", "ADDRESS", "TRANSPORT"), help=argparse.SUPPRESS)
@@ -230,7 +270,12 @@ def main() -> None:
     if args.serve:
         flavour, address, transport = args.serve
         try:
-            serve_raw(address) if flavour == "raw" else serve_ours(address, transport)
+            if flavour == "raw":
+                serve_raw(address)
+            elif flavour == "socket":
+                serve_socket(address)
+            else:
+                serve_ours(address, transport)
         except KeyboardInterrupt:
             pass
         return

@@ -28,7 +28,7 @@ from .config import CacheConfig, SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import RequestTooLongError, ValidationError
 from .model import LlamaModel, ModelArgs
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput, make_logprobs_dict
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, make_logprobs_dict
 from .sampling import Sampler, SamplingParams, make_generator
 
 __all__ = ["Engine", "EngineRequest", "EngineStats"]

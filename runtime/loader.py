@@ -50,6 +50,7 @@ __all__ = [
     "load_model_args",
     "resolve_model_path",
     "read_gguf_metadata",
+    "unpermute_llama_qk",
     "SMOLLM2_NAME",
     "SMOLLM2_PACKAGE",
     "SMOLLM2_FILE",

@@ -510,7 +510,8 @@ class LlamaModel(nn.Module):
 
 class ContiguousAttention:
     """The simplest attention backend: each sequence keeps its keys and values per layer in
-    contiguous tensors that grow as it goes; attention is a plain fp32 softmax over them.
+    contiguous tensors that grow as it goes; attention is torch's fp32 scaled-dot-product
+    attention over them, masked by position.
 
     A forward's packed batch is described first with :meth:`prepare`: which sequence owns each
     run of tokens, in order, and every token's position::
@@ -526,7 +527,7 @@ class ContiguousAttention:
     ``infinillm.testing.greedy_reference``.
     """
 
-    _QUERY_SLICE = 1024  # bounds the [H, n, L] score matrix of a long prefill
+    _QUERY_SLICE = 1024  # bounds the [n, L] mask (and any [H, n, L] scores) of a long prefill
 
     def __init__(self, args: ModelArgs) -> None:
         self.num_layers = args.num_layers
@@ -576,17 +577,15 @@ class ContiguousAttention:
         return out
 
     def _attend(self, q: Tensor, q_pos: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor) -> Tensor:
-        """q [n, H, Dh] over keys/values [L, Hkv, Dh] at key_pos [L] -> [n, H, Dh]."""
-        k = keys.float().repeat_interleave(self.group, dim=1)  # [L, H, Dh]: each KV head serves G query heads
-        v = values.float().repeat_interleave(self.group, dim=1)
+        """q [n, H, Dh] over keys/values [L, Hkv, Dh] at key_pos [L] -> [n, H, Dh], in fp32."""
+        k = keys.float().repeat_interleave(self.group, dim=1).transpose(0, 1)  # [H, L, Dh]: KV head j serves query heads jG..jG+G-1
+        v = values.float().repeat_interleave(self.group, dim=1).transpose(0, 1)
         out = torch.empty_like(q)
         for s0 in range(0, q.shape[0], self._QUERY_SLICE):
-            qs, ps = q[s0 : s0 + self._QUERY_SLICE].float(), q_pos[s0 : s0 + self._QUERY_SLICE]
-            scores = torch.einsum("nhd,lhd->hnl", qs, k) * self.scale  # [H, n, L]
-            visible = key_pos[None, :] <= ps[:, None]  # [n, L]
+            qs, ps = q[s0 : s0 + self._QUERY_SLICE].float().transpose(0, 1), q_pos[s0 : s0 + self._QUERY_SLICE]  # [H, n, Dh]
+            visible = key_pos[None, :] <= ps[:, None]  # [n, L]; every query sees at least itself
             if self.sliding_window is not None:
                 visible &= key_pos[None, :] > ps[:, None] - self.sliding_window
-            scores.masked_fill_(~visible[None], -math.inf)
-            probs = torch.softmax(scores, dim=-1)
-            out[s0 : s0 + self._QUERY_SLICE] = torch.einsum("hnl,lhd->nhd", probs, v).to(q.dtype)
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, scale=self.scale)  # [H, n, Dh]
+            out[s0 : s0 + self._QUERY_SLICE] = o.transpose(0, 1).to(q.dtype)
         return out

@@ -16,12 +16,15 @@ The decoder refuses, with ``DecodeError`` (a ``TransportError``) naming the valu
 limit: input over ``max_message_bytes`` or a header over ``max_header_bytes``, malformed
 msgpack, another protocol version, an unknown type id, a wrong field count, a field of the
 wrong type or out of range, an unknown dtype, more than 8 dims, frames missing, extra or of
-the wrong length, and anything the message's own ``__post_init__`` rejects.
+the wrong length, and anything the message's own ``_check`` rejects.
 
-Received tensors are views of the received frames (``torch.frombuffer`` on the frame's
-writable buffer, no copy) unless the frame's memory is not 16-byte aligned, when the frame is
-copied once. Sent tensors are viewed through numpy, not copied, except that small tensors are
-packed into one frame (ZeroMQ copies frames under 64 KiB anyway).
+The message is checked (``Message._check``) on the header's tensor specs before any tensor is
+built. Received tensors are views of the received frames (through numpy, on the frame's
+writable buffer: no copy) unless libzmq placed a tensor at an address not aligned to its
+element size, when that tensor is copied. Sent tensors are viewed through numpy, not copied,
+except that small tensors are packed into one frame (ZeroMQ copies frames under 64 KiB anyway);
+a large tensor's memory is handed to ZeroMQ as it is, so it must not be written to after the
+send (messages are immutable).
 """
 
 from __future__ import annotations
@@ -229,7 +232,8 @@ def _kind_of(hint: Any, where: str) -> Any:
 class _Plan:
     """How one message class goes on the wire (built once per class)."""
 
-    __slots__ = ("cls", "name", "type_id", "names", "encoders", "decoders", "tensor_fields", "num_fields")
+    __slots__ = ("cls", "name", "type_id", "names", "encoders", "decoders", "tensor_fields", "num_fields",
+                 "fast_encode", "fast_decode")
 
     def __init__(self, cls: type[Message]) -> None:
         self.cls = cls
@@ -249,6 +253,132 @@ class _Plan:
                 self.decoders.append(kind)
         self.tensor_fields = tuple(i for i, k in enumerate(self.encoders) if k in (_TENSOR, _OPT_TENSOR))
         self.num_fields = len(self.names)
+        kinds = [_fast_kind(hints[name]) for name in self.names]
+        self.fast_encode = _compile_encoder(self, kinds)
+        self.fast_decode = _compile_decoder(self, kinds)
+
+
+# ---- fast paths: straight-line code per message type ---------------------------------------------
+# The generic encoder and decoder above walk a message's fields in a loop and dispatch on each
+# field's kind. On the hot path (an attention query per creditor per layer) that dispatch is a
+# good share of the cost, so each plan also gets an encoder and a decoder compiled from its
+# fields (as dataclasses compile __init__). They accept only what the generic path accepts and
+# produce the same result; on anything unusual they raise, and the caller runs the generic path,
+# which gives the exact error (or handles the case: a bf16, strided or CUDA tensor...).
+
+
+class _Slow(Exception):
+    """The fast path declines: let the generic path decide."""
+
+
+_LO, _HI = _INT64_MIN, _INT64_MAX
+_FAST_SCALARS = {int: "int", float: "float", str: "str", bool: "bool"}
+
+
+def _fast_kind(hint: Any) -> str:
+    if hint is torch.Tensor:
+        return "tensor"
+    if hint in _FAST_SCALARS:
+        return _FAST_SCALARS[hint]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = args[0] if args[1] is type(None) else args[1]
+        if inner is torch.Tensor:
+            return "tensor?"
+        if inner in _FAST_SCALARS:
+            return _FAST_SCALARS[inner] + "?"
+    if typing.get_origin(hint) is tuple and args == (int, Ellipsis):
+        return "ints"
+    return "other"  # the generic check, called from the compiled code
+
+
+def _check_lines(kind: str, v: str, indent: str) -> list[str]:
+    """Lines that raise _Slow unless ``v`` is a valid value of a scalar ``kind``."""
+    base = kind.rstrip("?")
+    if base == "int":
+        test = f"type({v}) is not int or {v} < _LO or {v} > _HI"
+    elif base == "ints":
+        return [f"{indent}if type({v}) is not tuple: raise _Slow",
+                f"{indent}for _x in {v}:",
+                f"{indent}    if type(_x) is not int or _x < _LO or _x > _HI: raise _Slow"]
+    else:
+        test = f"type({v}) is not {base}"
+    if kind.endswith("?"):
+        test = f"{v} is not None and ({test})"
+    return [f"{indent}if {test}: raise _Slow"]
+
+
+def _compile(source: str, name: str, namespace: dict[str, Any]) -> Callable[..., Any]:
+    exec(compile(source, f"<codec {name}>", "exec"), namespace)
+    return namespace[name]
+
+
+def _compile_encoder(plan: _Plan, kinds: list[str]) -> Callable[..., Any]:
+    """``fast(msg, seq) -> (header list, tensor byte views)``, or raises."""
+    lines = ["def fast_encode(msg, seq):", f"    h = [{PROTOCOL_VERSION}, {plan.type_id}, seq]", "    views = []"]
+    for i, (name, kind) in enumerate(zip(plan.names, kinds)):
+        v = f"f{i}"
+        lines.append(f"    {v} = msg.{name}")
+        if kind in ("tensor", "tensor?"):
+            ind = "    "
+            if kind == "tensor?":
+                lines.append(f"    if {v} is None: h.append(None)")
+                lines.append("    else:")
+                ind = "        "
+            lines += [
+                f"{ind}if type({v}) is not _Tensor: raise _Slow",
+                f"{ind}_c = _DTYPE_NAMES[{v}.dtype]",
+                f"{ind}views.append(_mv(({v}.view(_int16) if _c == 'bf16' else {v}).numpy()).cast('B'))",
+                f"{ind}_s = {v}.shape",
+                f"{ind}if len(_s) > {MAX_DIMS}: raise _Slow",
+                f"{ind}h.append([_c, *_s])",
+            ]
+        elif kind == "other":
+            lines.append(f"    h.append(enc{i}({v}))")
+        else:
+            lines += _check_lines(kind, v, "    ")
+            lines.append(f"    h.append({v})")
+    lines.append("    return h, views")
+    namespace: dict[str, Any] = {
+        "_Slow": _Slow, "_LO": _LO, "_HI": _HI, "_Tensor": torch.Tensor, "_DTYPE_NAMES": _DTYPE_NAMES,
+        "_mv": memoryview, "_int16": torch.int16,
+        **{f"enc{i}": enc for i, enc in enumerate(plan.encoders)},
+    }
+    return _compile("\n".join(lines), "fast_encode", namespace)
+
+
+def _compile_decoder(plan: _Plan, kinds: list[str]) -> Callable[..., Any]:
+    """``fast(codec, header, frames, seq) -> message``, or raises (header length checked)."""
+    n = len(kinds)
+    unpack = ", ".join(f"f{i}" for i in range(n))
+    lines = ["def fast_decode(codec, h, frames, seq):", f"    _, _, _, {unpack}{',' if n == 1 else ''} = h" if n else "    pass",
+             "    specs = []"]
+    for i, kind in enumerate(kinds):
+        v = f"f{i}"
+        if kind in ("tensor", "tensor?"):
+            ind = "    "
+            if kind == "tensor?":
+                lines.append(f"    if {v} is not None:")
+                ind = "        "
+            lines += [f"{ind}{v} = codec._parse_spec(plan, {i}, {v}, seq)", f"{ind}specs.append({v})"]
+        elif kind == "other":
+            lines.append(f"    {v} = dec{i}({v})")
+        else:
+            lines += _check_lines(kind, v, "    ")
+    lines.append("    if specs: buffers = codec._layout(plan, frames, specs, seq)")
+    lines.append("    elif len(frames) != 1: raise _Slow")
+    lines.append("    msg = _new(cls)")
+    lines += [f"    _setattr(msg, {name!r}, f{i})" for i, name in enumerate(plan.names)]
+    lines.append("    msg._check()")
+    lines.append("    if specs:")
+    lines.append("        for spec, buf in zip(specs, buffers): _setattr(msg, spec.name, _tensor_at(buf, spec))")
+    lines.append("    return msg")
+    namespace: dict[str, Any] = {
+        "_Slow": _Slow, "_LO": _LO, "_HI": _HI, "plan": plan, "cls": plan.cls, "_new": plan.cls.__new__,
+        "_setattr": object.__setattr__, "_tensor_at": _tensor_at,
+        **{f"dec{i}": dec for i, dec in enumerate(plan.decoders)},
+    }
+    return _compile("\n".join(lines), "fast_decode", namespace)
 
 
 _PLANS_BY_ID: dict[int, _Plan] = {}
@@ -262,12 +392,6 @@ def _plans() -> None:
             _PLANS_BY_ID[type_id] = plan
             _PLANS_BY_CLASS[cls] = plan
 
-
-_plans()
-
-
-def _padded(n: int) -> int:
-    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -287,7 +411,8 @@ class Codec:
     """Encodes messages to frames and decodes frames to messages, within limits.
 
     ``max_message_bytes`` bounds the sum of a message's frames (``TransportConfig``'s field of
-    that name), ``max_header_bytes`` its msgpack header.
+    that name), ``max_header_bytes`` its msgpack header. One codec per trio loop (it keeps a
+    msgpack packer).
     """
 
     __slots__ = ("max_message_bytes", "max_header_bytes", "_packb")
@@ -312,6 +437,13 @@ class Codec:
         plan = _PLANS_BY_CLASS.get(type(msg))
         if plan is None:
             raise TransportError(f"cannot encode {type(msg).__name__}: not a registered message type")
+        try:
+            header, views = plan.fast_encode(msg, seq)
+        except Exception:  # the fast path declined: the generic one decides (and explains)
+            header, views = self._encode_fields(plan, msg, seq)
+        return self._frames(plan, header, views)
+
+    def _encode_fields(self, plan: _Plan, msg: Message, seq: int) -> tuple[list[Any], list[memoryview]]:
         header: list[Any] = [PROTOCOL_VERSION, plan.type_id, seq]
         views: list[memoryview] = []  # the tensors' bytes, in field order
         for name, enc in zip(plan.names, plan.encoders):
@@ -341,6 +473,9 @@ class Codec:
                 header.append(enc(value))
             except _Bad as e:
                 raise TransportError(f"cannot encode {plan.name}.{name}={_short(value)}: {e}") from None
+        return header, views
+
+    def _frames(self, plan: _Plan, header: list[Any], views: list[memoryview]) -> list[Any]:
         try:
             head = self._packb(header)
         except (TypeError, ValueError, OverflowError) as e:
@@ -358,7 +493,7 @@ class Codec:
             nbytes = view.nbytes
             total += nbytes
             if nbytes < SMALL_TENSOR_BYTES:
-                small_end = _padded(small_end) + nbytes
+                small_end = ((small_end + _ALIGN - 1) & -_ALIGN) + nbytes
                 num_small += 1
         if total > self.max_message_bytes:
             raise TransportError(f"cannot encode {plan.name}: {total} bytes exceed max_message_bytes={self.max_message_bytes}")
@@ -369,7 +504,7 @@ class Codec:
             for view in views:
                 nbytes = view.nbytes
                 if nbytes < SMALL_TENSOR_BYTES:
-                    off = _padded(off)
+                    off = (off + _ALIGN - 1) & -_ALIGN
                     pack[off : off + nbytes] = view
                     off += nbytes
             frames.append(pack)
@@ -415,33 +550,49 @@ class Codec:
                 f"malformed {plan.name}: {len(header) - 3} fields, expected {plan.num_fields} ({', '.join(plan.names)})",
                 seq=seq,
             )
+        try:
+            return seq, plan.fast_decode(self, header, frames, seq)
+        except Exception:  # the fast path declined: the generic one decides (and explains)
+            pass
+        return seq, self._decode_fields(plan, header, frames, seq)
+
+    def _decode_fields(self, plan: _Plan, header: tuple, frames: Sequence[Any], seq: int) -> Message:
+        n_frames = len(frames)
         values: list[Any] = []
-        specs: list[tuple[int, str, str, tuple[int, ...], int]] = []  # (field, name, dtype, shape, nbytes)
+        specs: list[_Spec] = []
         for i, (name, dec) in enumerate(zip(plan.names, plan.decoders)):
             v = header[3 + i]
             if dec is _TENSOR or dec is _OPT_TENSOR:
                 if v is None and dec is _OPT_TENSOR:
                     values.append(None)
                     continue
-                code, shape, nbytes = self._parse_spec(plan, name, v, seq)
-                specs.append((i, name, code, shape, nbytes))
-                values.append(None)  # filled in below
+                spec = self._parse_spec(plan, i, v, seq)
+                specs.append(spec)
+                values.append(spec)  # stands in for the tensor until the message is checked
                 continue
             try:
                 values.append(dec(v))
             except _Bad as e:
                 raise DecodeError(f"malformed {plan.name}: {name}={_short(v)} {e}", seq=seq) from None
+        buffers: list[memoryview] = []
         if specs:
-            self._attach_tensors(plan, frames, specs, values, seq)
+            buffers = self._layout(plan, frames, specs, seq)
         elif n_frames != 1:
             raise DecodeError(f"malformed {plan.name}: {n_frames} frames, expected 1 (it carries no tensors)", seq=seq)
+        # Build the message around the specs and check it, then put the tensors in.
+        msg = plan.cls.__new__(plan.cls)
+        for name, v in zip(plan.names, values):
+            _setattr(msg, name, v)
         try:
-            msg = plan.cls(*values)
+            msg._check()
         except (ValidationError, TypeError, ValueError) as e:
             raise DecodeError(f"malformed {plan.name}: {e}", seq=seq) from None
-        return seq, msg
+        for spec, buf in zip(specs, buffers):
+            _setattr(msg, spec.name, _tensor_at(buf, spec))
+        return msg
 
-    def _parse_spec(self, plan: _Plan, name: str, v: Any, seq: int) -> tuple[str, tuple[int, ...], int]:
+    def _parse_spec(self, plan: _Plan, field: int, v: Any, seq: int) -> _Spec:
+        name = plan.names[field]
         if type(v) is not tuple or not v or type(v[0]) is not str:
             raise DecodeError(f"malformed {plan.name}: {name}={_short(v)} must be a tensor spec [dtype, dims...]", seq=seq)
         code = v[0]
@@ -461,51 +612,74 @@ class Codec:
                 f"malformed {plan.name}: {name} {code}{list(shape)} is {nbytes} bytes, over max_message_bytes={self.max_message_bytes}",
                 seq=seq,
             )
-        return code, shape, nbytes
+        return _Spec(name, code, shape, nbytes)
 
     @staticmethod
-    def _attach_tensors(plan: _Plan, frames: Sequence[Any], specs: list, values: list, seq: int) -> None:
+    def _layout(plan: _Plan, frames: Sequence[Any], specs: list[_Spec], seq: int) -> list[memoryview]:
+        """Check the frames against the layout the specs imply; set each spec's offset and
+        return the buffer each tensor lies in."""
         small_end = 0
-        small = []
-        large = []
+        num_small = 0
         for spec in specs:
-            nbytes = spec[4]
-            if nbytes < SMALL_TENSOR_BYTES:
-                off = _padded(small_end)
-                small.append((off, spec))
-                small_end = off + nbytes
-            else:
-                large.append(spec)
-        expected = 1 + (1 if small else 0) + len(large)
+            if spec.nbytes < SMALL_TENSOR_BYTES:
+                spec.offset = off = (small_end + _ALIGN - 1) & -_ALIGN
+                small_end = off + spec.nbytes
+                num_small += 1
+        expected = 1 + (1 if num_small else 0) + len(specs) - num_small
         if len(frames) != expected:
             what = "truncated" if len(frames) < expected else "malformed"
             raise DecodeError(
-                f"{what} {plan.name}: {len(frames)} frames, its tensors "
-                f"({', '.join(s[1] for s in specs)}) need {expected}",
+                f"{what} {plan.name}: {len(frames)} frames, its tensors ({', '.join(s.name for s in specs)}) need {expected}",
                 seq=seq,
             )
-        k = 1
-        if small:
-            buf = _buffer(frames[1])
-            if len(buf) != small_end:
+        buffers: list[memoryview] = []
+        small_buf = None
+        if num_small:
+            small_buf = _buffer(frames[1])
+            if len(small_buf) != small_end:
                 raise DecodeError(
-                    f"{'truncated' if len(buf) < small_end else 'malformed'} {plan.name}: the small-tensor frame holds "
-                    f"{len(buf)} bytes, its tensors ({', '.join(s[1] for _, s in small)}) need {small_end}",
+                    f"{'truncated' if len(small_buf) < small_end else 'malformed'} {plan.name}: the small-tensor frame "
+                    f"holds {len(small_buf)} bytes, its tensors "
+                    f"({', '.join(s.name for s in specs if s.nbytes < SMALL_TENSOR_BYTES)}) need {small_end}",
                     seq=seq,
                 )
-            for off, (i, _name, code, shape, nbytes) in small:
-                values[i] = _tensor_at(buf, code, shape, nbytes, off)
-            k = 2
-        for i, name, code, shape, nbytes in large:
+        k = 2 if num_small else 1
+        for spec in specs:
+            if spec.nbytes < SMALL_TENSOR_BYTES:
+                buffers.append(small_buf)
+                continue
             buf = _buffer(frames[k])
-            if len(buf) != nbytes:
+            if len(buf) != spec.nbytes:
                 raise DecodeError(
-                    f"{'truncated' if len(buf) < nbytes else 'malformed'} {plan.name}: frame {k} holds {len(buf)} "
-                    f"bytes, {name} needs {nbytes}",
+                    f"{'truncated' if len(buf) < spec.nbytes else 'malformed'} {plan.name}: frame {k} holds {len(buf)} "
+                    f"bytes, {spec.name} needs {spec.nbytes}",
                     seq=seq,
                 )
-            values[i] = _tensor_at(buf, code, shape, nbytes, 0)
+            buffers.append(buf)
             k += 1
+        return buffers
+
+
+class _Spec:
+    """A tensor as the header describes it: what ``Message._check`` reads (``dtype``,
+    ``shape``, ``ndim``) before the tensor itself is built."""
+
+    __slots__ = ("name", "code", "dtype", "shape", "ndim", "nbytes", "offset")
+
+    def __init__(self, name: str, code: str, shape: tuple[int, ...], nbytes: int) -> None:
+        self.name = name
+        self.code = code
+        self.dtype = _DTYPES[code]
+        self.shape = shape
+        self.ndim = len(shape)
+        self.nbytes = nbytes
+        self.offset = 0
+
+    def __repr__(self) -> str:
+        return f"{self.dtype}{self.shape}"
+
+
+_setattr = object.__setattr__
 
 
 def _normalize(plan: _Plan, name: str, t: Any) -> tuple[str, torch.Tensor]:
@@ -519,22 +693,25 @@ def _normalize(plan: _Plan, name: str, t: Any) -> tuple[str, torch.Tensor]:
         )
     if t.layout != torch.strided:
         raise TransportError(f"cannot encode {plan.name}.{name}: layout {t.layout} is not strided")
-    if not t.is_cpu:
-        t = t.cpu()
-    if t.requires_grad:
-        t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
+    try:
+        if not t.is_cpu:
+            t = t.cpu()
+        if t.requires_grad:
+            t = t.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+    except (RuntimeError, NotImplementedError) as e:  # a meta tensor, ...
+        raise TransportError(f"cannot encode {plan.name}.{name}: {e}") from None
     return code, t
 
 
-def _tensor_at(buf: memoryview, code: str, shape: tuple[int, ...], nbytes: int, offset: int) -> torch.Tensor:
-    """A tensor viewing ``nbytes`` of ``buf`` from ``offset`` (copied if misaligned)."""
-    np_dtype, torch_view = _NP_DTYPES[code]
+def _tensor_at(buf: memoryview, spec: _Spec) -> torch.Tensor:
+    """The tensor ``spec`` describes, viewing ``buf`` (copied only if misaligned)."""
+    if spec.nbytes == 0:
+        return torch.empty(spec.shape, dtype=spec.dtype)
+    np_dtype, torch_view = _NP_DTYPES[spec.code]
     itemsize = np_dtype.itemsize
-    if nbytes == 0:
-        return torch.empty(shape, dtype=_DTYPES[code])
-    t = torch.from_numpy(np.frombuffer(buf, np_dtype, nbytes // itemsize, offset).reshape(shape))
+    t = torch.from_numpy(np.frombuffer(buf, np_dtype, spec.nbytes // itemsize, spec.offset).reshape(spec.shape))
     if t.data_ptr() % itemsize:  # libzmq may hand us frames at any address
         t = t.clone()
     if torch_view is not None:
@@ -549,3 +726,6 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bytes as int16
         t = t.view(torch.int16)
     return memoryview(t.numpy()).cast("B")
+
+
+_plans()  # after everything the compiled fast paths refer to

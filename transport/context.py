@@ -26,7 +26,7 @@ import re
 import shutil
 import tempfile
 import weakref
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, TypeVar
 
 import trio
@@ -36,7 +36,7 @@ from ..config import TransportConfig
 from ..errors import TransportError
 from .auth import CurveKeys, ZapHandler, ZapStats
 from .codec import Codec
-from .socket import DealerSocket, PullSocket, PushSocket, RouterSocket, ZmqSocket
+from .socket import ZmqSocket
 
 if TYPE_CHECKING:
     from .endpoint import Client, Handler, Puller, Pusher, Server
@@ -170,25 +170,25 @@ class Transport:
     # ---- endpoints (see endpoint.py) ---------------------------------------------------------
 
     def open_server(self, handler: Handler, address: str | None = None, *, name: str = "server",
-                    concurrency: int = 1) -> Any:
+                    concurrency: int = 1) -> AbstractAsyncContextManager[Server]:
         """``async with``: a ``Server`` answering requests with ``handler``."""
         from .endpoint import open_server
 
         return open_server(self, handler, address, name=name, concurrency=concurrency)
 
-    def open_client(self, address: str, *, timeout: float | None = None) -> Any:
+    def open_client(self, address: str, *, timeout: float | None = None) -> AbstractAsyncContextManager[Client]:
         """``async with``: a ``Client`` of the server at ``address``."""
         from .endpoint import open_client
 
         return open_client(self, address, timeout=timeout)
 
-    def open_pusher(self, address: str) -> Any:
+    def open_pusher(self, address: str) -> AbstractAsyncContextManager[Pusher]:
         """``async with``: a ``Pusher`` sending one-way messages to the puller at ``address``."""
         from .endpoint import open_pusher
 
         return open_pusher(self, address)
 
-    def open_puller(self, address: str | None = None, *, name: str = "puller") -> Any:
+    def open_puller(self, address: str | None = None, *, name: str = "puller") -> AbstractAsyncContextManager[Puller]:
         """``async with``: a ``Puller`` bound to ``address`` (default: ``default_address(name)``)."""
         from .endpoint import open_puller
 

@@ -23,17 +23,21 @@ Requests and replies (frames after the codec, DESIGN.md §4)::
 
 Who receives. A client has no receive task: the first request waiting for a reply receives
 for all (and hands other requests their replies); when it has its own it hands the role to
-another waiting request. This saves a task switch per round trip. A background task only
-watches the socket's monitor, so that a peer that goes away (its connection drops: the process
-died, the host is unreachable past ZeroMQ's heartbeats) fails every pending request at once
-with ``TransportError``, and later requests fail fast until it is back. Over inproc there
-are no monitor events: a silent peer is found by the request timeout.
+another waiting request. This saves a task switch per round trip. Two background tasks stay
+off the hot path: one sleeps until the earliest request deadline and times out what is due
+(one timer for all requests, not a cancel scope each), and one watches the socket's monitor,
+so that a peer that goes away (its connection drops: the process died, the host is
+unreachable past ZeroMQ's heartbeats) fails every pending request at once with
+``TransportError``, and later requests fail fast until it is back; a peer that refuses our
+CURVE key fails them the same way. Over inproc there are no monitor events: a silent peer is
+found by the request timeout.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import struct
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -128,7 +132,12 @@ class ServerStats:
 
 
 class Server:
-    """Answers requests on a ROUTER socket (see the module docstring)."""
+    """Answers requests on a ROUTER socket (see the module docstring).
+
+    ``concurrency`` loops receive and handle requests; with one (the default) a handler that
+    waits holds up the requests behind it, so handlers should not wait on anything slow
+    (DESIGN.md §4: handlers never wait on the engine), or the server needs more loops.
+    """
 
     def __init__(self, sock: RouterSocket, handler: Handler, codec: Codec, address: str, *, concurrency: int = 1) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -174,8 +183,10 @@ class Server:
                 reply = await self._handler(msg)
             except Exception as e:  # the handler's failure is the request's, not the server's
                 self._num_handler_errors += 1
-                log.warning("%s: handler failed on %s: %r", self.address, type(msg).__name__, e,
-                            exc_info=not isinstance(e, errors.InfiniLLMError))
+                if isinstance(e, errors.InfiniLLMError):  # refused on purpose (no room, ...)
+                    log.info("%s: %s refused: %s", self.address, type(msg).__name__, e)
+                else:
+                    log.warning("%s: handler failed on %s", self.address, type(msg).__name__, exc_info=True)
                 reply = ErrorReply.from_exception(e)
             if seq:
                 self._reply(peer, seq, _ACK if reply is None else reply)
@@ -238,7 +249,7 @@ class ClientStats:
 
 
 class _Pending:
-    __slots__ = ("deadline", "reply", "error", "expired", "event")
+    __slots__ = ("deadline", "reply", "error", "expired", "event", "send_scope")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
@@ -246,6 +257,7 @@ class _Pending:
         self.error: TransportError | None = None
         self.expired = False
         self.event: trio.Event | None = None  # set while this request waits for another to receive
+        self.send_scope: trio.CancelScope | None = None  # set while its send waits for the peer
 
 
 class Client:
@@ -316,9 +328,10 @@ class Client:
             try:
                 sock._send_nowait(frames)
             except trio.WouldBlock:  # no peer connected yet, or its queue is full
-                with trio.move_on_at(p.deadline) as scope:
+                with trio.CancelScope(deadline=p.deadline) as p.send_scope:
                     await sock._send(frames, schedule=False)
-                if scope.cancelled_caught:
+                p.send_scope = None
+                if p.error is None and p.reply is None and trio.current_time() >= p.deadline:
                     p.expired = True
             # Wait for the reply: one request receives for all (see the module docstring).
             while p.reply is None and p.error is None and not p.expired:
@@ -368,8 +381,10 @@ class Client:
                 return
 
     def _wake(self, p: _Pending) -> None:
-        if p is self._leader:
-            self._sock.interrupt_receive()
+        if p.send_scope is not None:
+            p.send_scope.cancel()
+        elif p is self._leader:
+            self._sock._interrupt_receive()
         elif p.event is not None:
             p.event.set()
 
@@ -433,7 +448,7 @@ class Client:
                 what = {
                     zmq.EVENT_HANDSHAKE_FAILED_AUTH: f"the server refused our key (status {value})",
                     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: f"protocol error {value:#x}",
-                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: f"error {value}",
+                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: f"{os.strerror(value)} (errno {value})",
                 }[event]
                 self._failure = f"handshake with {self.address} failed: {what}; check the CURVE keys"
                 self._fail_all(self._failure)

@@ -11,8 +11,8 @@ the codec knows how to carry::
     dict[str, Any]                 small maps of scalars or tuples of scalars (sampling options)
     tuple[<record>, ...]           records: plain frozen dataclasses of the scalar kinds above
 
-Messages check their own shapes and ranges in ``__post_init__`` (a ``ValidationError``), so a
-malformed message is refused where it is built and where it is decoded.
+Messages check their own shapes and ranges when built (``_check``, raising ``ValidationError``),
+so a malformed message is refused where it is built and where it is decoded.
 
 Peer traffic (one decode step, DESIGN.md §4)::
 
@@ -61,9 +61,20 @@ __all__ = [
 
 
 class Message:
-    """Base of every wire message (a marker: the fields live in the dataclass subclasses)."""
+    """Base of every wire message (the fields live in the dataclass subclasses).
+
+    ``_check`` validates the fields when a message is built. It reads tensor fields only
+    through ``.dtype``, ``.shape`` and ``.ndim``, so the decoder runs it on the header's
+    tensor specs and refuses a malformed message before it builds any tensor.
+    """
 
     __slots__ = ()
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        pass
 
 
 MESSAGE_TYPES: dict[int, type[Message]] = {}  # wire type id -> class
@@ -86,7 +97,7 @@ def message(type_id: int) -> Callable[[_M], _M]:
     return register
 
 
-# ---- checks shared by __post_init__ ---------------------------------------------------------
+# ---- checks shared by the _check methods ---------------------------------------------------------
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -142,12 +153,12 @@ class AttentionQuery(Message):
     v: torch.Tensor | None = None
     slot_mapping: torch.Tensor | None = None
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         o = "AttentionQuery"
         q = self.q
         if self.layer < 0:
             _fail(o, "layer", self.layer, "must be >= 0")
-        if q.dim() != 3 or q.dtype not in _FLOAT_DTYPES:
+        if q.ndim != 3 or q.dtype not in _FLOAT_DTYPES:
             _fail(o, "q", f"{q.dtype}{_shape(q)}", "must be [total_q, num_heads, head_dim] fp16/bf16/fp32")
         batch = len(self.request_ids)
         cu_q, q_pos, blocks = self.cu_q, self.q_pos, self.blocks
@@ -158,7 +169,7 @@ class AttentionQuery(Message):
             _fail(o, "cu_q", f"{cu_q.dtype}{_shape(cu_q)}", f"must be int32 [B + 1 = {batch + 1}]")
         if q_pos.dtype != torch.int32 or q_pos.shape != q.shape[:1]:
             _fail(o, "q_pos", f"{q_pos.dtype}{_shape(q_pos)}", f"must be int32 [total_q = {q.shape[0]}]")
-        if blocks.dtype != torch.int32 or blocks.dim() != 3 or blocks.shape[:2] != (3, batch):
+        if blocks.dtype != torch.int32 or blocks.ndim != 3 or blocks.shape[:2] != (3, batch):
             _fail(o, "blocks", f"{blocks.dtype}{_shape(blocks)}", f"must be int32 [3, B = {batch}, max_blocks]")
         k = self.k
         if k is None:
@@ -168,7 +179,7 @@ class AttentionQuery(Message):
         v, slots = self.v, self.slot_mapping
         if v is None or slots is None:
             _fail(o, "v" if v is None else "slot_mapping", None, "must be given with k")
-        if k.dim() != 3 or k.shape[2] != q.shape[2] or k.dtype != q.dtype:
+        if k.ndim != 3 or k.shape[2] != q.shape[2] or k.dtype != q.dtype:
             _fail(o, "k", f"{k.dtype}{_shape(k)}", f"must be {q.dtype} [n, num_kv_heads, head_dim = {q.shape[2]}]")
         if v.shape != k.shape or v.dtype != k.dtype:
             _fail(o, "v", f"{v.dtype}{_shape(v)}", f"must be {k.dtype}{_shape(k)} like k")
@@ -234,9 +245,9 @@ class AttentionResult(Message):
     out: torch.Tensor
     lse: torch.Tensor
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         o = "AttentionResult"
-        if self.out.dim() != 3 or self.out.dtype not in _FLOAT_DTYPES:
+        if self.out.ndim != 3 or self.out.dtype not in _FLOAT_DTYPES:
             _fail(o, "out", f"{self.out.dtype}{_shape(self.out)}", "must be [total_q, num_heads, head_dim] fp16/bf16/fp32")
         if self.lse.dtype != torch.float32 or self.lse.shape != self.out.shape[:2]:
             _fail(o, "lse", f"{self.lse.dtype}{_shape(self.lse)}", f"must be float32 {_shape(self.out)[:2]}")
@@ -267,7 +278,7 @@ class HeartbeatDelta(Message):
     num_waiting: int = 0
     waiting_blocks: int = 0
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _nonneg("HeartbeatDelta", instance_id=self.instance_id, base_version=self.base_version,
                 version=self.version, capacity=self.capacity, free=self.free, used=self.used,
                 lent=self.lent, reserved=self.reserved, borrowed=self.borrowed,
@@ -291,7 +302,7 @@ class ReserveBlocks(Message):
     borrower: int
     num_blocks: int
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _nonneg("ReserveBlocks", borrower=self.borrower)
         if self.num_blocks < 1:
             _fail("ReserveBlocks", "num_blocks", self.num_blocks, "must be >= 1")
@@ -308,7 +319,7 @@ class Reservation(Message):
     num_blocks: int
     ttl_s: float = 0.0
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _nonneg("Reservation", reservation_id=self.reservation_id, num_blocks=self.num_blocks)
 
 
@@ -321,7 +332,7 @@ class CommitReservation(Message):
     reservation_id: int
     request_id: int
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         _nonneg("CommitReservation", reservation_id=self.reservation_id, request_id=self.request_id)
 
 
@@ -334,6 +345,9 @@ class Committed(Message):
     request_id: int
     block_ids: tuple[int, ...]
 
+    def _check(self) -> None:
+        _nonneg("Committed", reservation_id=self.reservation_id, request_id=self.request_id)
+
 
 @message(8)
 @dataclass(frozen=True, slots=True)
@@ -341,6 +355,9 @@ class CancelReservation(Message):
     """Give back an uncommitted reservation. Answered with ``Ack``."""
 
     reservation_id: int
+
+    def _check(self) -> None:
+        _nonneg("CancelReservation", reservation_id=self.reservation_id)
 
 
 @message(9)
@@ -352,6 +369,9 @@ class ReleaseBlocks(Message):
 
     request_id: int
     block_ids: tuple[int, ...] = ()
+
+    def _check(self) -> None:
+        _nonneg("ReleaseBlocks", request_id=self.request_id)
 
 
 @message(10)
@@ -367,7 +387,7 @@ class MoveBlocks(Message):
     dst: int
     kind: str = "spread"
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         o = "MoveBlocks"
         _nonneg(o, request_id=self.request_id, src=self.src, dst=self.dst)
         if self.num_blocks < 1:
@@ -393,7 +413,7 @@ class BlockTransfer(Message):
     block_ids: tuple[int, ...]
     kv: torch.Tensor
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         s = _shape(self.kv)
         if len(s) != 6 or s[1] != 2 or s[2] != len(self.block_ids):
             _fail("BlockTransfer", "kv", s,
@@ -413,11 +433,11 @@ class AddRequest(Message):
     prompt_token_ids: torch.Tensor
     sampling: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         o = "AddRequest"
         _nonneg(o, request_id=self.request_id)
         t = self.prompt_token_ids
-        if t.dim() != 1 or t.dtype not in _INDEX_DTYPES or t.shape[0] < 1:
+        if t.ndim != 1 or t.dtype not in _INDEX_DTYPES or t.shape[0] < 1:
             _fail(o, "prompt_token_ids", f"{t.dtype}{_shape(t)}", "must be int32/int64 [n >= 1]")
 
 
@@ -427,6 +447,9 @@ class AbortRequest(Message):
     """Stop ``request_id`` and free every block it holds. Answered with ``Ack``."""
 
     request_id: int
+
+    def _check(self) -> None:
+        _nonneg("AbortRequest", request_id=self.request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,6 +462,10 @@ class RequestDelta:
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...] = ()
     finish_reason: str | None = None
+
+    def _check(self) -> None:
+        if self.finish_reason not in (None, "stop", "length", "abort", "error"):
+            _fail("RequestDelta", "finish_reason", self.finish_reason, "must be None, 'stop', 'length', 'abort' or 'error'")
 
     @property
     def finished(self) -> bool:
@@ -453,6 +480,9 @@ class StepOutputs(Message):
     instance_id: int
     step: int
     outputs: tuple[RequestDelta, ...]
+
+    def _check(self) -> None:
+        _nonneg("StepOutputs", instance_id=self.instance_id, step=self.step)
 
 
 # ---- replies ---------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ a receive, reading ``zmq.EVENTS``) may drain that signal. So:
 
 Only one task may wait on an FD in trio, so the first waiter watches the FD and other tasks park
 until it returns. A successful operation by any task may have drained the signal the watcher is
-waiting for, so it *kicks* the watcher awake and every waiter looks again.
+waiting for, so it *kicks* the watcher awake (``trio.lowlevel.notify_closing`` on the FD, which
+the watcher takes for a kick while the socket is open: cheaper than a cancel scope per wait)
+and every waiter looks again.
 
 Cancellation. A multipart message is atomic in ZeroMQ: once its first frame is accepted or
 received, the rest are too, and ``NOBLOCK`` calls never stop half way. The only place a task can
@@ -125,7 +127,7 @@ class ZmqSocket:
         self._fd: int = sock.getsockopt(zmq.FD)
         self._closed = False
         self._watching = False  # a task is inside wait_readable(fd)
-        self._interrupted = False  # see interrupt_receive
+        self._interrupted = False  # see _interrupt_receive
         self._lot = trio.lowlevel.ParkingLot()
         self._linger_ms = linger_ms
         sock.setsockopt(zmq.LINGER, linger_ms)
@@ -204,7 +206,7 @@ class ZmqSocket:
         if self._watching:
             trio.lowlevel.notify_closing(self._fd)
 
-    def interrupt_receive(self) -> None:
+    def _interrupt_receive(self) -> None:
         """Make a task waiting in an interruptible receive return None now (the ``Client``
         uses this for request timeouts). Nothing is lost: a message stays queued."""
         self._interrupted = True

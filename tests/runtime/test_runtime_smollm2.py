@@ -8,7 +8,6 @@ the torch attention path), so it checks the serving stack, not just the model.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest
@@ -17,8 +16,6 @@ import trio
 
 import infinillm
 from infinillm import SamplingParams
-from infinillm.loader import resolve_model_path
-from infinillm.testing import import_transformers
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +29,9 @@ NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def hf():
-    """transformers' model and tokenizer on the bundled GGUF (the reference)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers = import_transformers()
-    path = pathlib.Path(resolve_model_path("smollm2"))
-    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    model.eval()
+def hf(hf_smollm2):
+    """transformers' tokenizer and model on the bundled GGUF (the reference)."""
+    model, tok = hf_smollm2
     return tok, model
 
 

@@ -18,9 +18,9 @@ import os
 import pytest
 import torch
 
-from infinillm.loader import SMOLLM2_FILE, load_model, resolve_model_path
+from infinillm.loader import load_model
 from infinillm.model import ContiguousAttention
-from infinillm.testing import greedy_reference, import_transformers
+from infinillm.testing import greedy_reference
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,12 +49,8 @@ def ours():
 
 
 @pytest.fixture(scope="module")
-def theirs():
-    transformers = import_transformers()
-    folder = resolve_model_path("smollm2").parent
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32).eval()
-    return model, tokenizer
+def theirs(hf_smollm2):
+    return hf_smollm2
 
 
 def prompt_logprobs(model, ids: list[int], chunk: int | None = None) -> torch.Tensor:
@@ -120,36 +116,3 @@ def test_greedy_continuation_matches_token_for_token(ours, theirs, chat):
     assert tokens == want_tokens, (tok.decode(tokens), tok.decode(want_tokens))
     want = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
     torch.testing.assert_close(torch.log_softmax(logits, dim=-1), want, rtol=0, atol=LOGPROB_ATOL)
-
-
-LONG_TEXT = " ".join(
-    [
-        "The lighthouse keeper climbed the spiral stairs every evening, counting the steps as the sea grew dark.",
-        "Ships passed far away, their lights small and patient, while gulls argued on the rocks below.",
-        "In the morning she wrote letters to her sister about storms, whales, and the strange green flash at sunset.",
-        "Nobody in the village remembered when the lamp had last failed, yet everyone listened for the foghorn.",
-        "One winter a young sailor washed ashore, and the keeper taught him to trim wicks and read the weather.",
-    ]
-)
-
-
-@pytest.mark.slow
-def test_long_prompt_last_position_matches(ours, theirs):
-    (model, tok), (ref, _) = ours, theirs
-    story = " ".join(f"Chapter {word}. {LONG_TEXT}" for word in ["one", "two", "three", "four", "five", "six", "seven", "eight"] * 6)
-    messages = [{"role": "user", "content": f"Read this story and tell me who washed ashore.\n\n{story}"}]
-    ids = tok.encode(tok.apply_chat_template(messages))
-    assert len(ids) > 4000
-    assert ids == theirs[1](tok.apply_chat_template(messages), add_special_tokens=False)["input_ids"]
-    attn = ContiguousAttention(model.args)
-    with torch.inference_mode():
-        for start in range(0, len(ids), 1024):  # chunked prefill through one cache
-            piece = torch.tensor(ids[start : start + 1024])
-            pos = torch.arange(start, start + len(piece))
-            attn.prepare([("s", len(piece))], pos)
-            hidden = model(piece, pos, attn)
-        mine = torch.log_softmax(model.compute_logits(hidden[-1:]), dim=-1)
-        logits = ref(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1:].float()
-        want = torch.log_softmax(logits, dim=-1)
-    assert int(mine.argmax()) == int(want.argmax())
-    torch.testing.assert_close(mine, want, rtol=0, atol=LOGPROB_ATOL)
