@@ -47,11 +47,16 @@ def partial_attention(
     scale: float | None = None,
     *,
     backend: str | None = None,
+    decode_plan=None,
+    need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention of packed queries over the blocks this instance holds.
 
     Returns ``out`` [total_q, num_heads, head_dim] (q's dtype, normalised over the visible keys
     here) and ``lse`` [total_q, num_heads] fp32 (natural log; -inf where no key is visible).
+    ``decode_plan`` (torch path only) is the step's ``build_decode_plan``, reused across layers;
+    ``need_lse=False`` says the caller will not merge (the torch path may then leave the lse of
+    decode rows unspecified).
     """
     _check_cache(k_cache, v_cache)
     _check(q.dim() == 3, "q.shape", tuple(q.shape), "must be [total_q, num_heads, head_dim]")
@@ -82,7 +87,9 @@ def partial_attention(
             q.contiguous() if q.stride(2) != 1 else q, cu_q, q_pos, k_cache, v_cache,
             block_table.contiguous(), block_start.contiguous(), block_len.contiguous(), scale,
         )
-    return partial_attention_torch(q, cu_q, q_pos, k_cache, v_cache, block_table, block_start, block_len, scale)
+    return partial_attention_torch(
+        q, cu_q, q_pos, k_cache, v_cache, block_table, block_start, block_len, scale, decode_plan, need_lse
+    )
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor, *, backend: str | None = None):

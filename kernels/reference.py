@@ -22,10 +22,18 @@ A query that sees no key has ``lse = -inf`` and ``out = 0``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["partial_attention_ref", "partial_attention_torch", "merge_partials_ref", "append_kv_ref"]
+__all__ = [
+    "partial_attention_ref",
+    "partial_attention_torch",
+    "merge_partials_ref",
+    "append_kv_ref",
+    "DecodePlan",
+    "build_decode_plan",
+]
 
 # Queries of one request are processed in slices of this many, bounding the score matrix.
 _QUERY_SLICE = 1024
@@ -85,6 +93,81 @@ def partial_attention_ref(
     return out, lse
 
 
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    """Where the keys of every single-query (decode) request of a batch sit, padded to one
+    rectangle, so all of them attend in a few batched tensor operations.
+
+    Built once per step (it depends only on the block tables and positions, not on the layer)
+    by ``build_decode_plan``; ``partial_attention_torch`` builds one itself when not given.
+
+    ``requests`` [B'] int64: the batch's requests with exactly one query; ``rows`` [B'] int64:
+    their query rows in q; ``slots`` [B', T] int64: flat cache slot of each key
+    (``block * block_size + offset``, 0 where padded); ``visible`` [B', T] bool: the key is held
+    here and at or before the query's position; ``seen`` [B'] bool: at least one is.
+    """
+
+    requests: torch.Tensor
+    rows: torch.Tensor
+    slots: torch.Tensor
+    visible: torch.Tensor
+    seen: torch.Tensor
+
+
+def build_decode_plan(
+    cu_q: torch.Tensor,
+    q_pos: torch.Tensor,
+    block_table: torch.Tensor,
+    block_start: torch.Tensor,
+    block_len: torch.Tensor,
+    block_size: int,
+) -> DecodePlan:
+    """The ``DecodePlan`` of a batch: vectorised, no per-request Python loop."""
+    counts = (cu_q[1:] - cu_q[:-1]).long()
+    requests = torch.nonzero(counts == 1).flatten()  # [B']
+    rows = cu_q[:-1].long()[requests]
+    bt = block_table.long()[requests]  # [B', M]
+    offsets = torch.arange(block_size, device=bt.device)
+    held = (bt >= 0)[:, :, None] & (offsets[None, None, :] < block_len.long()[requests][:, :, None])  # [B', M, BS]
+    key_pos = block_start.long()[requests][:, :, None] + offsets[None, None, :]
+    visible = (held & (key_pos <= q_pos.long()[rows][:, None, None])).flatten(1)  # [B', T]
+    slots = (bt.clamp(min=0)[:, :, None] * block_size + offsets[None, None, :]).flatten(1)
+    return DecodePlan(requests, rows, slots, visible, visible.any(dim=1))
+
+
+def _decode_attention(q, plan: DecodePlan, k_cache, v_cache, scale: float, out, lse, need_lse: bool = True) -> None:
+    """Partial attention of the plan's single-query requests, all at once (fills out/lse rows).
+
+    Without ``need_lse`` (nothing to merge with: every key of the step is here) it runs torch's
+    fused SDPA, which does not give the log-sum-exp; lse rows are then left as they are.
+    """
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    b, t = plan.slots.shape
+    flat = plan.slots.flatten()
+    k = k_cache.view(num_slots, num_kv_heads, head_dim).index_select(0, flat).view(b, t, num_kv_heads, head_dim)
+    v = v_cache.view(num_slots, num_kv_heads, head_dim).index_select(0, flat).view(b, t, num_kv_heads, head_dim)
+    if not need_lse and bool(plan.seen.all()):
+        qs = q.index_select(0, plan.rows).view(b, num_heads, 1, head_dim).to(k.dtype)  # [B', H, 1, D]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qs, k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), attn_mask=plan.visible[:, None, None, :],
+            scale=scale, enable_gqa=group > 1,
+        )  # [B', H, 1, D]
+        out[plan.rows] = o.view(b, num_heads, head_dim).to(out.dtype)
+        return
+    k, v = k.float(), v.float()
+    qs = q.index_select(0, plan.rows).float().view(b, num_kv_heads, group, head_dim)  # [B', Hkv, G, D]
+    scores = torch.matmul(qs, k.permute(0, 2, 3, 1)).mul_(scale)  # [B', Hkv, G, T]
+    scores.masked_fill_(~plan.visible[:, None, None, :], -math.inf)
+    m = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B', Hkv, G, 1]
+    p = torch.exp_(scores.sub_(torch.where(torch.isfinite(m), m, 0.0)))
+    o = torch.matmul(p, v.permute(0, 2, 1, 3))  # [B', Hkv, G, D]
+    out[plan.rows] = o.reshape(b, num_heads, head_dim).to(out.dtype)
+    lse[plan.rows] = m.reshape(b, num_heads)
+
+
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 # A request with at least this many queries in the batch takes the fused flash path.
 _FLASH_MIN_QUERIES = 16
@@ -100,6 +183,8 @@ def partial_attention_torch(
     block_start: torch.Tensor,
     block_len: torch.Tensor,
     scale: float | None = None,
+    decode_plan: DecodePlan | None = None,
+    need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU production path: same contract as ``partial_attention_ref``, faster.
 
@@ -107,9 +192,12 @@ def partial_attention_torch(
     torch's fused CPU flash attention (``aten::_scaled_dot_product_flash_attention_for_cpu``),
     which returns the log-sum-exp beside the output and never materialises the
     [queries, keys] score matrix, with an additive mask for causality by position: several times
-    faster than the reference there. Requests with a few queries (decode) take the reference's
-    two matrix products, which are faster for them. Falls back to the reference where that
-    operator is missing or the tensors are not on the CPU.
+    faster than the reference there. Single-query requests (decode) attend all together through
+    a ``DecodePlan`` (pass the step's plan to reuse it across layers); requests with a few
+    queries take the reference's two matrix products. Falls back to the reference where the
+    fused operator is missing or the tensors are not on the CPU. ``need_lse=False`` (the caller
+    will not merge: all the step's keys are on this instance) lets decode rows skip the
+    log-sum-exp; their lse is then unspecified.
     """
     if _FLASH_CPU is None or q.device.type != "cpu":
         return partial_attention_ref(q, cu_q, q_pos, k_cache, v_cache, block_table, block_start, block_len, scale)
@@ -123,7 +211,12 @@ def partial_attention_torch(
     cu = cu_q.tolist()
     offsets = torch.arange(block_size, device=q.device)
     work_dtype = q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32
-    few = [b for b in range(len(cu) - 1) if 0 < cu[b + 1] - cu[b] < _FLASH_MIN_QUERIES]
+    plan = decode_plan
+    if plan is None:
+        plan = build_decode_plan(cu_q, q_pos, block_table, block_start, block_len, block_size)
+    if plan.rows.numel():
+        _decode_attention(q, plan, k_cache, v_cache, scale, out, lse, need_lse)
+    few = [b for b in range(len(cu) - 1) if 1 < cu[b + 1] - cu[b] < _FLASH_MIN_QUERIES]
     if few:  # decode-sized requests: one reference call over just them
         rows = torch.cat([torch.arange(cu[b], cu[b + 1]) for b in few]).to(q.device)
         sizes = torch.tensor([0] + [cu[b + 1] - cu[b] for b in few], dtype=torch.int32)

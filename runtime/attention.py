@@ -27,7 +27,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from .kernels import append_kv, merge_partials, partial_attention
+from .kernels import append_kv, merge_partials, partial_attention, resolve_backend
+from .kernels.reference import build_decode_plan
 
 __all__ = ["KVCache", "AttentionMetadata", "DistAttentionBackend", "RemotePartial"]
 
@@ -98,14 +99,38 @@ class DistAttentionBackend:
         self.scale = scale
         self.remote = remote or []
         self.backend = backend
+        # The torch path attends all decode requests at once from a plan that depends only on
+        # the block tables: build it once per step, not once per layer.
+        self._decode_plan = None
+        self._fast_decode = False
+        if resolve_backend(metadata.q_pos.device.type, backend) == "torch":
+            m = metadata
+            plan = build_decode_plan(m.cu_q, m.q_pos, m.block_table, m.block_start, m.block_len, cache.block_size)
+            self._decode_plan = plan
+            # A pure decode step whose keys are all here (the common case of one instance) takes
+            # a short path: the inputs were checked once, here, so each layer is four torch
+            # operations (append k, append v, gather, fused SDPA) instead of the general path.
+            self._fast_decode = (
+                not self.remote
+                and plan.rows.numel() == m.q_pos.numel()
+                and bool(plan.seen.all())
+                and torch.equal(plan.rows, torch.arange(m.q_pos.numel(), device=plan.rows.device))
+            )
+            if self._fast_decode:
+                self._flat_slots = plan.slots.flatten()
+                self._mask = plan.visible[:, None, None, :]  # [B, 1, 1, T]
+                self._slot_index = m.slot_mapping.long()
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] (after RoPE) -> attention output [T, H, D]."""
         m = self.meta
         kc, vc = self.cache.k[layer], self.cache.v[layer]
+        if self._fast_decode:
+            return self._decode_layer(q, k, v, kc, vc)
         append_kv(k, v, kc, vc, m.slot_mapping, backend=self.backend)
         out, lse = partial_attention(
-            q, m.cu_q, m.q_pos, kc, vc, m.block_table, m.block_start, m.block_len, self.scale, backend=self.backend
+            q, m.cu_q, m.q_pos, kc, vc, m.block_table, m.block_start, m.block_len, self.scale,
+            backend=self.backend, decode_plan=self._decode_plan, need_lse=bool(self.remote),
         )
         if not self.remote:
             return out
@@ -116,6 +141,23 @@ class DistAttentionBackend:
             lses.append(s)
         merged, _ = merge_partials(torch.stack(outs), torch.stack(lses), backend=self.backend)
         return merged
+
+
+    def _decode_layer(self, q, k, v, kc, vc) -> torch.Tensor:
+        num_blocks, block_size, num_kv_heads, head_dim = kc.shape
+        flat_k = kc.view(num_blocks * block_size, num_kv_heads, head_dim)
+        flat_v = vc.view(num_blocks * block_size, num_kv_heads, head_dim)
+        flat_k.index_copy_(0, self._slot_index, k.to(kc.dtype))
+        flat_v.index_copy_(0, self._slot_index, v.to(vc.dtype))
+        b, t = self._decode_plan.slots.shape
+        num_heads = q.shape[1]
+        keys = flat_k.index_select(0, self._flat_slots).view(b, t, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+        values = flat_v.index_select(0, self._flat_slots).view(b, t, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.view(b, num_heads, 1, head_dim).to(keys.dtype), keys, values, attn_mask=self._mask,
+            scale=self.scale, enable_gqa=num_heads != num_kv_heads,
+        )  # [B, H, 1, D]
+        return o.view(b, num_heads, head_dim).to(q.dtype)
 
 
 def default_scale(head_dim: int) -> float:

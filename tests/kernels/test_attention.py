@@ -261,3 +261,16 @@ def test_fused_cpu_path_matches_the_reference_on_prefill_with_blind_queries():
     torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-5)
     assert torch.isinf(l_t[:22]).all() and (o_t[:22] == 0).all()  # positions 10..31
+
+
+def test_decode_without_lse_gives_the_same_output():
+    from infinillm.kernels.reference import partial_attention_ref, partial_attention_torch
+
+    p = Paged(45, 4, 2, 64, seed=3)
+    bt, bs, bl = p.tables(range(p.num_logical))
+    q = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(4))
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    q_pos = torch.tensor([44], dtype=torch.int32)
+    o_r, _ = partial_attention_ref(q, cu, q_pos, p.k_cache, p.v_cache, bt, bs, bl)
+    o_t, _ = partial_attention_torch(q, cu, q_pos, p.k_cache, p.v_cache, bt, bs, bl, need_lse=False)
+    torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
