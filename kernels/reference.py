@@ -211,12 +211,13 @@ def partial_attention_torch(
     cu = cu_q.tolist()
     offsets = torch.arange(block_size, device=q.device)
     work_dtype = q.dtype if q.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    # Single-query rows: through the caller's plan (built once per step, shared by the layers),
+    # else per request like the other short ones (building a plan per call does not pay).
     plan = decode_plan
-    if plan is None:
-        plan = build_decode_plan(cu_q, q_pos, block_table, block_start, block_len, block_size)
-    if plan.rows.numel():
+    if plan is not None and plan.rows.numel():
         _decode_attention(q, plan, k_cache, v_cache, scale, out, lse, need_lse)
-    few = [b for b in range(len(cu) - 1) if 1 < cu[b + 1] - cu[b] < _FLASH_MIN_QUERIES]
+    lowest = 1 if plan is not None else 0
+    few = [b for b in range(len(cu) - 1) if lowest < cu[b + 1] - cu[b] < _FLASH_MIN_QUERIES]
     if few:  # decode-sized requests: one reference call over just them
         rows = torch.cat([torch.arange(cu[b], cu[b + 1]) for b in few]).to(q.device)
         sizes = torch.tensor([0] + [cu[b + 1] - cu[b] for b in few], dtype=torch.int32)

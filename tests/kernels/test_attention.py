@@ -274,3 +274,30 @@ def test_decode_without_lse_gives_the_same_output():
     o_r, _ = partial_attention_ref(q, cu, q_pos, p.k_cache, p.v_cache, bt, bs, bl)
     o_t, _ = partial_attention_torch(q, cu, q_pos, p.k_cache, p.v_cache, bt, bs, bl, need_lse=False)
     torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_plan_batches_decode_requests_exactly():
+    from infinillm.kernels.reference import build_decode_plan, partial_attention_ref, partial_attention_torch
+
+    # Three requests: two decoding (one holding only some blocks here), one prefill chunk of 3.
+    a = Paged(45, 4, 2, 64, seed=5)
+    k_cache, v_cache = a.k_cache.clone(), a.v_cache.clone()
+    held = [list(range(a.num_logical)), [0, 2, 5, 9], list(range(a.num_logical))]
+    m = max(len(h) for h in held)
+    bt = torch.full((3, m), -1, dtype=torch.int32)
+    bs_ = torch.zeros((3, m), dtype=torch.int32)
+    bl = torch.zeros((3, m), dtype=torch.int32)
+    for r, h in enumerate(held):
+        t, s_, l_ = a.tables(h)
+        bt[r, : len(h)], bs_[r, : len(h)], bl[r, : len(h)] = t[0], s_[0], l_[0]
+    cu = torch.tensor([0, 1, 2, 5], dtype=torch.int32)
+    q_pos = torch.tensor([44, 40, 20, 21, 22], dtype=torch.int32)
+    q = torch.randn(5, 6, 64, generator=torch.Generator().manual_seed(7))
+    plan = build_decode_plan(cu, q_pos, bt, bs_, bl, 4)
+    assert plan.requests.tolist() == [0, 1] and plan.rows.tolist() == [0, 1]
+    o_r, l_r = partial_attention_ref(q, cu, q_pos, k_cache, v_cache, bt, bs_, bl)
+    o_t, l_t = partial_attention_torch(q, cu, q_pos, k_cache, v_cache, bt, bs_, bl, decode_plan=plan)
+    torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-5)
+    o_n, _ = partial_attention_torch(q, cu, q_pos, k_cache, v_cache, bt, bs_, bl, decode_plan=plan, need_lse=False)
+    torch.testing.assert_close(o_n, o_r, atol=1e-5, rtol=1e-5)
