@@ -31,6 +31,19 @@ extensions = [
     if os.path.exists(f"core_sched/{name}.pyx") and (not only or name in only)
 ]
 
+# CPU kernels over quantised weights (infinillm.kernels._quant_cpu).
+if os.path.exists("kernels/_quant_cpu.pyx") and (not only or "_quant_cpu" in only):
+    extensions.append(
+        Extension(
+            "infinillm.kernels._quant_cpu",
+            sources=["kernels/_quant_cpu.pyx"],
+            include_dirs=["kernels/csrc"],
+            depends=sorted(glob.glob("kernels/csrc/*.hpp")),
+            language="c++",
+            extra_compile_args=["-std=c++17", "-O3"],
+        )
+    )
+
 setup(
     ext_modules=cythonize(
         extensions,

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from .errors import ValidationError
 from .model import LlamaModel, ModelArgs
+from .quant import QUANT_KINDS, QuantWeight, quant_kernels_available
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -123,6 +124,7 @@ def load_model(
     """
     path = resolve_model_path(path_or_name)
     dtype = _resolve_dtype(dtype)
+    quantized: dict[str, QuantWeight] | None = None
     if path.is_dir():
         args = load_model_args(path)
         tokenizer = Tokenizer.from_hf_folder(path)
@@ -132,15 +134,30 @@ def load_model(
         metadata = read_gguf_metadata(reader)
         args = _gguf_args(reader, metadata)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
-        tensors, count = _gguf_tensors(reader, args), len(reader.tensors)
+        if _use_quantized(dtype, device):
+            quantized = {}
+        tensors, count = _gguf_tensors(reader, args, quantized), len(reader.tensors)
     model = LlamaModel(args, dtype=dtype, device=device)
     sink = _WeightSink(model)
     with torch.no_grad():
         for name, tensor in tqdm(tensors, total=count, desc=f"loading {path.name}", unit="tensor", file=sys.stderr, disable=not progress, leave=False):
             sink.put(name, tensor)
     sink.check_complete()
+    if quantized:
+        model.attach_quantized(quantized)
     model.eval().requires_grad_(False)
     return model, tokenizer, args
+
+
+def _use_quantized(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Keep GGUF weights quantised for CPU decode: fp32 models on the CPU, kernels built,
+    ``INFINILLM_QUANT_MATMUL`` not 0."""
+    return (
+        dtype == torch.float32
+        and torch.device(device).type == "cpu"
+        and quant_kernels_available()
+        and os.environ.get("INFINILLM_QUANT_MATMUL", "1") != "0"
+    )
 
 
 def load_tokenizer(path_or_name: str | os.PathLike) -> Tokenizer:
@@ -278,12 +295,25 @@ def unpermute_llama_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, shape[0] // num_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _gguf_tensors(reader: Any, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, fp32 tensor) of every weight, dequantised and un-permuted."""
+def _gguf_tensors(
+    reader: Any, args: ModelArgs, quantized: dict[str, QuantWeight] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, fp32 tensor) of every weight, dequantised and un-permuted.
+
+    With ``quantized``, the Q4_1/Q8_0 matrices are also kept there in their quantised form
+    (rows un-permuted the same way), keyed by HF name.
+    """
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             continue  # already in args.rope_freq_factors
         name = _gguf_to_hf_name(t.name)
+        if quantized is not None and t.tensor_type.name in QUANT_KINDS and len(t.shape) == 2:
+            rows, cols = int(t.shape[1]), int(t.shape[0])
+            qw = QuantWeight.from_gguf_blocks(t.tensor_type.name, t.data, rows, cols)
+            heads = args.num_heads if ".q_proj." in name else args.num_kv_heads if ".k_proj." in name else 0
+            if args.architecture == "llama" and heads:
+                qw = qw.take_rows(unpermute_llama_qk(np.arange(rows), heads))
+            quantized[name] = qw
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:

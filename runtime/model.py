@@ -44,6 +44,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ValidationError
+from .quant import QuantWeight
+
+# Steps of at most this many tokens use the quantised weights when the model has them: their
+# cost grows with the tokens while the fp32 products are memory-bound until a larger batch.
+QUANT_MAX_TOKENS = 4
 
 __all__ = [
     "ModelArgs",
@@ -426,18 +431,31 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(d, args.rms_norm_eps, dtype, device)
         self.w_gate_up = _linear(d, 2 * args.intermediate_size, False, dtype, device)
         self.w_down = _linear(args.intermediate_size, d, False, dtype, device)
+        # Quantised copies of the projections (``LlamaModel.attach_quantized``), by attribute name.
+        self.quant: dict[str, QuantWeight] = {}
+
+    def _project(self, name: str, x: Tensor) -> Tensor:
+        """``getattr(self, name)(x)``, from the quantised weight for steps of a few tokens."""
+        layer = getattr(self, name)
+        qw = self.quant.get(name) if x.shape[0] <= QUANT_MAX_TOKENS else None
+        if qw is None:
+            return layer(x)
+        y = qw.matmul(x.float())
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.to(x.dtype)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:
         t = h.shape[0]
-        qkv = self.wqkv(self.attn_norm(h))  # [T, (H + 2 Hkv) Dh]
+        qkv = self._project("wqkv", self.attn_norm(h))  # [T, (H + 2 Hkv) Dh]
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)  # [T, H, Dh]
         k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, Dh]
         v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()  # [T, Hkv, Dh]
         o = attn.forward(self.index, q, k, v)  # [T, H, Dh]
-        h = h + self.wo(o.reshape(t, self.q_size))
-        gate, up = self.w_gate_up(self.mlp_norm(h)).split(self.intermediate_size, dim=-1)  # [T, I] each
-        return h + self.w_down(F.silu(gate) * up)
+        h = h + self._project("wo", o.reshape(t, self.q_size))
+        gate, up = self._project("w_gate_up", self.mlp_norm(h)).split(self.intermediate_size, dim=-1)  # [T, I] each
+        return h + self._project("w_down", F.silu(gate) * up)
 
 
 class LlamaModel(nn.Module):
@@ -461,6 +479,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, i, dtype, device) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
         self.lm_head = None if args.tie_word_embeddings else _linear(args.hidden_size, args.vocab_size, False, dtype, device)
+        self.quant_head: QuantWeight | None = None  # quantised output projection (attach_quantized)
         inv_freq, self.attention_factor = rope_inv_freq(args)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)  # [Dh/2] fp32
 
@@ -490,8 +509,40 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """[n, D] -> [n, V] float32."""
+        if self.quant_head is not None and hidden.shape[0] <= QUANT_MAX_TOKENS:
+            return self.quant_head.matmul(hidden.float())
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
+
+    def attach_quantized(self, weights: Mapping[str, QuantWeight]) -> int:
+        """Use GGUF-quantised copies of the projections for steps of a few tokens (CPU, fp32).
+
+        ``weights`` are keyed by Hugging Face name (``model.layers.0.self_attn.q_proj.weight``);
+        fused projections are used only when all their parts are there, of one kind. Returns
+        how many projections got a quantised copy.
+        """
+        fused = {
+            "wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "wo": ("self_attn.o_proj",),
+            "w_gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+            "w_down": ("mlp.down_proj",),
+        }
+        count = 0
+        for i, layer in enumerate(self.layers):
+            for attr, parts in fused.items():
+                found = [weights.get(f"model.layers.{i}.{p}.weight") for p in parts]
+                if any(w is None for w in found):
+                    continue
+                qw = QuantWeight.concat(found)
+                target = getattr(layer, attr).weight
+                if qw is not None and (qw.out_features, qw.in_features) == tuple(target.shape):
+                    layer.quant[attr] = qw
+                    count += 1
+        head = weights.get("model.embed_tokens.weight" if self.lm_head is None else "lm_head.weight")
+        if head is not None and (head.out_features, head.in_features) == (self.args.vocab_size, self.args.hidden_size):
+            self.quant_head = head
+            count += 1
+        return count
 
     @torch.no_grad()
     def init_random_weights(self, seed: int = 0, std: float = 0.02) -> LlamaModel:

@@ -1,0 +1,49 @@
+"""Matrix-vector products straight from GGUF-quantised weights, against gguf's dequantisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from infinillm.quant import QuantWeight, quant_kernels_available
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(not quant_kernels_available(), reason="the _quant_cpu extension is not built")
+
+
+def quantized(kind: str, rows: int, cols: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random weights quantised with the gguf package: (raw blocks, the dequantised fp32 matrix)."""
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    raw = gguf.quants.quantize(w, qtype)
+    return raw, gguf.quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_products_equal_the_dequantised_weights(kind, tokens):
+    raw, ref = quantized(kind, 96, 160, seed=tokens)  # 160 = 5 blocks of 32
+    qw = QuantWeight.from_gguf_blocks(kind, raw, 96, 160)
+    assert torch.equal(qw.dequantize(), torch.from_numpy(ref))  # the repacking loses nothing
+    x = torch.randn(tokens, 160, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(qw.matmul(x), x @ torch.from_numpy(ref).T, atol=2e-5, rtol=1e-5)
+
+
+def test_rows_reorder_and_concatenate_like_the_fp32_matrices():
+    raw_a, ref_a = quantized("Q4_1", 64, 64, seed=1)
+    raw_b, ref_b = quantized("Q4_1", 32, 64, seed=2)
+    a = QuantWeight.from_gguf_blocks("Q4_1", raw_a, 64, 64)
+    b = QuantWeight.from_gguf_blocks("Q4_1", raw_b, 32, 64)
+    perm = np.random.default_rng(3).permutation(64)
+    fused = QuantWeight.concat([a.take_rows(perm), b])
+    assert torch.equal(fused.dequantize(), torch.from_numpy(np.concatenate([ref_a[perm], ref_b])))
+    mixed = QuantWeight.concat([a, QuantWeight.from_gguf_blocks("Q8_0", quantized("Q8_0", 8, 64, 4)[0], 8, 64)])
+    assert mixed is None  # parts of different kinds are not fused
+
+
+def test_bad_shapes_are_refused():
+    raw, _ = quantized("Q8_0", 4, 64, seed=5)
+    qw = QuantWeight.from_gguf_blocks("Q8_0", raw, 4, 64)
+    with pytest.raises(ValueError, match="do not agree"):
+        qw.matmul(torch.zeros(1, 96))
