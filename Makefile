@@ -18,7 +18,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= torch==2.13.0
 
 BUILD_INPUTS := pyproject.toml setup.cfg setup.py
-CORE_SOURCES := $(wildcard core_sched/_*.pyx) $(wildcard core_sched/csrc/*.hpp core_sched/csrc/*.pxd)
+CORE_SOURCES := $(wildcard core_sched/_*.pyx kernels/_*.pyx) $(wildcard core_sched/csrc/*.hpp core_sched/csrc/*.pxd kernels/csrc/*.hpp)
 
 .PHONY: test chat install build bench clean distclean
 
@@ -55,7 +55,7 @@ bench: build
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf build core_sched/*.so core_sched/_*.cpp .pytest_cache .hypothesis
+	rm -rf build core_sched/*.so core_sched/_*.cpp kernels/*.so kernels/_*.cpp .pytest_cache .hypothesis
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 distclean: clean
