@@ -33,10 +33,25 @@ __all__ = [
     "append_kv_ref",
     "DecodePlan",
     "build_decode_plan",
+    "decode_attention_sdpa",
 ]
 
 # Queries of one request are processed in slices of this many, bounding the score matrix.
 _QUERY_SLICE = 1024
+
+
+def _held_keys(block_table, block_start, block_len, b: int, offsets: torch.Tensor):
+    """Request b's blocks held here and where their keys sit: ``(ids [nb], key_pos [T],
+    key_ok [T])`` with T = nb * block_size, or None when it holds none here."""
+    ids = block_table[b].long()
+    lens = block_len[b].long()
+    held = (ids >= 0) & (lens > 0)
+    if not bool(held.any()):
+        return None
+    ids, lens, starts = ids[held], lens[held], block_start[b].long()[held]
+    key_pos = (starts[:, None] + offsets[None, :]).reshape(-1)  # [T]
+    key_ok = (offsets[None, :] < lens[:, None]).reshape(-1)  # [T]
+    return ids, key_pos, key_ok
 
 
 def partial_attention_ref(
@@ -61,20 +76,14 @@ def partial_attention_ref(
     offsets = torch.arange(block_size, device=q.device)
     for b in range(len(cu) - 1):
         q0, q1 = cu[b], cu[b + 1]
-        if q0 == q1:
+        found = _held_keys(block_table, block_start, block_len, b, offsets) if q0 < q1 else None
+        if found is None:
             continue
-        ids = block_table[b].long()
-        lens = block_len[b].long()
-        held = (ids >= 0) & (lens > 0)
-        if not bool(held.any()):
-            continue
-        ids, lens, starts = ids[held], lens[held], block_start[b].long()[held]
+        ids, key_pos, key_ok = found
         # One gather per cache (index_select: several times faster than advanced indexing);
         # the products below read the [T, Hkv, D] result through strided views, without copies.
         k = k_cache.index_select(0, ids).view(-1, num_kv_heads, head_dim).float().permute(1, 0, 2)  # [Hkv, T, D]
         v = v_cache.index_select(0, ids).view(-1, num_kv_heads, head_dim).float().permute(1, 0, 2)
-        key_pos = (starts[:, None] + offsets[None, :]).reshape(-1)  # [T]
-        key_ok = (offsets[None, :] < lens[:, None]).reshape(-1)  # [T]
         for s0 in range(q0, q1, _QUERY_SLICE):
             s1 = min(q1, s0 + _QUERY_SLICE)
             n = s1 - s0
@@ -135,28 +144,40 @@ def build_decode_plan(
     return DecodePlan(requests, rows, slots, visible, visible.any(dim=1))
 
 
+def _gather_plan_keys(plan: DecodePlan, cache: torch.Tensor) -> torch.Tensor:
+    """The plan's keys (or values) out of a paged cache: [B', T, Hkv, D]."""
+    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    b, t = plan.slots.shape
+    flat = cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    return flat.index_select(0, plan.slots.flatten()).view(b, t, num_kv_heads, head_dim)
+
+
+def decode_attention_sdpa(q: torch.Tensor, plan: DecodePlan, k_cache, v_cache, scale: float | None) -> torch.Tensor:
+    """Attention of the plan's queries q [B', H, D] (in plan order) through torch's fused SDPA,
+    without the log-sum-exp; every query must see at least one key (``plan.seen``)."""
+    b, num_heads, head_dim = q.shape
+    k, v = _gather_plan_keys(plan, k_cache), _gather_plan_keys(plan, v_cache)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.view(b, num_heads, 1, head_dim).to(k.dtype), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3),
+        attn_mask=plan.visible[:, None, None, :], scale=scale, enable_gqa=num_heads != k.shape[2],
+    )  # [B', H, 1, D]
+    return o.view(b, num_heads, head_dim)
+
+
 def _decode_attention(q, plan: DecodePlan, k_cache, v_cache, scale: float, out, lse, need_lse: bool = True) -> None:
     """Partial attention of the plan's single-query requests, all at once (fills out/lse rows).
 
     Without ``need_lse`` (nothing to merge with: every key of the step is here) it runs torch's
     fused SDPA, which does not give the log-sum-exp; lse rows are then left as they are.
     """
-    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if not need_lse and bool(plan.seen.all()):
+        out[plan.rows] = decode_attention_sdpa(q.index_select(0, plan.rows), plan, k_cache, v_cache, scale).to(out.dtype)
+        return
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    b, t = plan.slots.shape
-    flat = plan.slots.flatten()
-    k = k_cache.view(num_slots, num_kv_heads, head_dim).index_select(0, flat).view(b, t, num_kv_heads, head_dim)
-    v = v_cache.view(num_slots, num_kv_heads, head_dim).index_select(0, flat).view(b, t, num_kv_heads, head_dim)
-    if not need_lse and bool(plan.seen.all()):
-        qs = q.index_select(0, plan.rows).view(b, num_heads, 1, head_dim).to(k.dtype)  # [B', H, 1, D]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qs, k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), attn_mask=plan.visible[:, None, None, :],
-            scale=scale, enable_gqa=group > 1,
-        )  # [B', H, 1, D]
-        out[plan.rows] = o.view(b, num_heads, head_dim).to(out.dtype)
-        return
+    b = plan.slots.shape[0]
+    k, v = _gather_plan_keys(plan, k_cache), _gather_plan_keys(plan, v_cache)
     k, v = k.float(), v.float()
     qs = q.index_select(0, plan.rows).float().view(b, num_kv_heads, group, head_dim)  # [B', Hkv, G, D]
     scores = torch.matmul(qs, k.permute(0, 2, 3, 1)).mul_(scale)  # [B', Hkv, G, T]
@@ -229,14 +250,10 @@ def partial_attention_torch(
         out[rows], lse[rows] = o, m
     for b in range(len(cu) - 1):
         q0, q1 = cu[b], cu[b + 1]
-        if q1 - q0 < _FLASH_MIN_QUERIES:
+        found = _held_keys(block_table, block_start, block_len, b, offsets) if q1 - q0 >= _FLASH_MIN_QUERIES else None
+        if found is None:
             continue
-        ids = block_table[b].long()
-        lens = block_len[b].long()
-        held = (ids >= 0) & (lens > 0)
-        if not bool(held.any()):
-            continue
-        ids, lens, starts = ids[held], lens[held], block_start[b].long()[held]
+        ids, key_pos, key_ok = found
         num_keys = ids.numel() * block_size
 
         def heads(cache: torch.Tensor) -> torch.Tensor:  # [nb, BS, Hkv, D] -> [1, H, T, D]
@@ -247,8 +264,6 @@ def partial_attention_torch(
             return x.unsqueeze(0)
 
         k, v = heads(k_cache), heads(v_cache)
-        key_pos = (starts[:, None] + offsets[None, :]).reshape(-1)  # [T]
-        key_ok = (offsets[None, :] < lens[:, None]).reshape(-1)  # [T]
         for s0 in range(q0, q1, _QUERY_SLICE):
             s1 = min(q1, s0 + _QUERY_SLICE)
             visible = key_ok[None, :] & (key_pos[None, :] <= q_pos[s0:s1].long()[:, None])  # [n, T]

@@ -21,14 +21,13 @@ tables; it is the boundary between scheduling and the kernels.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
 from .kernels import append_kv, merge_partials, partial_attention, resolve_backend
-from .kernels.reference import build_decode_plan
+from .kernels.reference import build_decode_plan, decode_attention_sdpa
 
 __all__ = ["KVCache", "AttentionMetadata", "DistAttentionBackend", "RemotePartial"]
 
@@ -52,10 +51,6 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(slots=True)
@@ -110,15 +105,9 @@ class DistAttentionBackend:
             # A pure decode step whose keys are all here (the common case of one instance) takes
             # a short path: the inputs were checked once, here, so each layer is four torch
             # operations (append k, append v, gather, fused SDPA) instead of the general path.
-            self._fast_decode = (
-                not self.remote
-                and plan.rows.numel() == m.q_pos.numel()
-                and bool(plan.seen.all())
-                and torch.equal(plan.rows, torch.arange(m.q_pos.numel(), device=plan.rows.device))
-            )
+            # (Every row a single-query request means the plan's rows are 0..T-1, in order.)
+            self._fast_decode = not self.remote and plan.rows.numel() == m.q_pos.numel() and bool(plan.seen.all())
             if self._fast_decode:
-                self._flat_slots = plan.slots.flatten()
-                self._mask = plan.visible[:, None, None, :]  # [B, 1, 1, T]
                 self._slot_index = m.slot_mapping.long()
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -142,26 +131,8 @@ class DistAttentionBackend:
         merged, _ = merge_partials(torch.stack(outs), torch.stack(lses), backend=self.backend)
         return merged
 
-
     def _decode_layer(self, q, k, v, kc, vc) -> torch.Tensor:
         num_blocks, block_size, num_kv_heads, head_dim = kc.shape
-        flat_k = kc.view(num_blocks * block_size, num_kv_heads, head_dim)
-        flat_v = vc.view(num_blocks * block_size, num_kv_heads, head_dim)
-        flat_k.index_copy_(0, self._slot_index, k.to(kc.dtype))
-        flat_v.index_copy_(0, self._slot_index, v.to(vc.dtype))
-        b, t = self._decode_plan.slots.shape
-        num_heads = q.shape[1]
-        keys = flat_k.index_select(0, self._flat_slots).view(b, t, num_kv_heads, head_dim).permute(0, 2, 1, 3)
-        values = flat_v.index_select(0, self._flat_slots).view(b, t, num_kv_heads, head_dim).permute(0, 2, 1, 3)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q.view(b, num_heads, 1, head_dim).to(keys.dtype), keys, values, attn_mask=self._mask,
-            scale=self.scale, enable_gqa=num_heads != num_kv_heads,
-        )  # [B, H, 1, D]
-        return o.view(b, num_heads, head_dim).to(q.dtype)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
-
-
-RemoteFactory = Callable[[int], RemotePartial]
+        kc.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, self._slot_index, k.to(kc.dtype))
+        vc.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, self._slot_index, v.to(vc.dtype))
+        return decode_attention_sdpa(q, self._decode_plan, kc, vc, self.scale).to(q.dtype)

@@ -296,11 +296,8 @@ class Engine:
 
     def _prepare(self, plan):
         """Pack the plan's chunks into model inputs and attention metadata."""
-        rids, counts, starts = [], [], []
-        for c in plan.chunks:
-            rids.append(c.request_id)
-            counts.append(c.num_tokens)
-            starts.append(c.start)
+        rids = [c.request_id for c in plan.chunks]
+        counts = [c.num_tokens for c in plan.chunks]
         ids_parts, pos_parts = [], []
         sample_rows: list[int] = []
         sampled: list[int] = []

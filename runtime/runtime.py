@@ -278,17 +278,17 @@ class Runtime:
                 if out is not None:
                     outputs.append(out)
         now = time.monotonic()
-        generated = sum(1 for o in outputs if o.outputs and o.outputs[0].token_ids)
-        self._throughput.append((now, generated))
-        while self._throughput and now - self._throughput[0][0] > _THROUGHPUT_WINDOW_S:
+        self._throughput.append((now, self.engine.generated_tokens))
+        while len(self._throughput) > 2 and now - self._throughput[0][0] > _THROUGHPUT_WINDOW_S:
             self._throughput.popleft()
         return outputs
 
     def _tokens_per_s(self) -> float:
+        """Generated tokens per second over the last steps (about ``_THROUGHPUT_WINDOW_S``)."""
         if len(self._throughput) < 2:
             return 0.0
-        span = self._throughput[-1][0] - self._throughput[0][0]
-        return sum(n for _, n in list(self._throughput)[1:]) / span if span > 0 else 0.0
+        (t0, n0), (t1, n1) = self._throughput[0], self._throughput[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def _route(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
