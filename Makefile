@@ -18,7 +18,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= torch==2.13.0
 
 BUILD_INPUTS := pyproject.toml setup.cfg setup.py
-CORE_SOURCES := $(wildcard core_sched/_*.pyx kernels/_*.pyx) $(wildcard core_sched/csrc/*.hpp core_sched/csrc/*.pxd kernels/csrc/*.hpp)
+CORE_SOURCES := $(wildcard core_sched/_*.pyx kernels/_*.pyx transport/_*.pyx) $(wildcard core_sched/csrc/*.hpp core_sched/csrc/*.pxd kernels/csrc/*.hpp)
 
 .PHONY: test chat install build bench clean distclean
 
@@ -45,7 +45,7 @@ $(VENV)/.installed: $(VENV)/.torch $(BUILD_INPUTS)
 	touch $@
 	touch $(VENV)/.built
 
-# Rebuild only the compiled scheduler core when its sources change (Cython sits in the venv
+# Rebuild only the compiled parts when their sources change (Cython sits in the venv
 # for this; `pip install -e` itself builds in an isolated environment).
 $(VENV)/.built: $(VENV)/.installed $(CORE_SOURCES)
 	$(PY) setup.py -q build_ext --inplace
@@ -55,7 +55,7 @@ bench: build
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf build core_sched/*.so core_sched/_*.cpp kernels/*.so kernels/_*.cpp .pytest_cache .hypothesis
+	rm -rf build core_sched/*.so core_sched/_*.cpp kernels/*.so kernels/_*.cpp transport/*.so transport/_*.c .pytest_cache .hypothesis
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 distclean: clean

@@ -1,4 +1,6 @@
-"""Build of the compiled scheduler core (the ``infinillm.core_sched._*`` extension modules).
+"""Build of the compiled parts: the scheduler core (``infinillm.core_sched._*``), the CPU
+quantised kernels (``infinillm.kernels._quant_cpu``) and the codec's hot path
+(``infinillm.transport._wire``).
 
 Everything else about the package is declared in pyproject.toml and setup.cfg; this file
 exists only because C++ extension modules cannot be declared there.
@@ -41,6 +43,16 @@ if os.path.exists("kernels/_quant_cpu.pyx") and (not only or "_quant_cpu" in onl
             depends=sorted(glob.glob("kernels/csrc/*.hpp")),
             language="c++",
             extra_compile_args=["-std=c++17", "-O3"],
+        )
+    )
+
+# The codec's hot path (infinillm.transport._wire): plain C over the CPython API.
+if os.path.exists("transport/_wire.pyx") and (not only or "_wire" in only):
+    extensions.append(
+        Extension(
+            "infinillm.transport._wire",
+            sources=["transport/_wire.pyx"],
+            extra_compile_args=["-O2"],
         )
     )
 

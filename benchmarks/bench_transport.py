@@ -11,12 +11,15 @@ Three flavours, each a client here and a server in another process:
 - ``ours``: the whole stack, ``Client.request`` to a ``Server``: encoding, decoding and
   dispatch on both ends on top of the socket layer.
 
-Each run times ``--round-trips`` sequential round trips of each flavour in turn (so all see
-the same machine load); ``<t>_rtt_ratio`` is the median over ``--runs`` of ours / raw, and
-``<t>_socket_rtt_ratio`` of socket / raw. Messages/s is measured with ``--window`` requests
-in flight.
+Each run times ``--round-trips`` sequential round trips of each flavour, one by one, taken in
+interleaved chunks of ``--chunk`` (raw, socket, ours, raw, ...) so that all three see the same
+machine load; a flavour's round-trip latency in a run is the median of its round trips (this
+machine is shared: a neighbour's burst lands on a few round trips, not on one flavour's whole
+block). ``<t>_rtt_ratio`` is the median over ``--runs`` of ours / raw, ``<t>_socket_rtt_ratio``
+of socket / raw; ``<t>_rtt_mean_ratio`` is the same ratio of mean round trips, tails included.
+Messages/s is measured with ``--window`` requests in flight.
 
-    python benchmarks/bench_transport.py [--runs 11] [--round-trips 500] [--window 16]
+    python benchmarks/bench_transport.py [--runs 11] [--round-trips 1000] [--chunk 25] [--window 16]
 
 Prints JSON lines {"metric", "value", "unit"}. A server process is started per transport
 and flavour (``--serve``, internal).
@@ -148,12 +151,13 @@ class RawClient:
         self.sock.send_multipart(self.frames, copy=False)
         self.sock.recv_multipart(copy=False)
 
-    def rtt_block(self, n: int) -> float:
-        t0 = time.perf_counter()
+    def rtt_samples(self, n: int, out: list[float]) -> None:
+        sock, frames, clock = self.sock, self.frames, time.perf_counter
         for _ in range(n):
-            self.sock.send_multipart(self.frames, copy=False)
-            self.sock.recv_multipart(copy=False)
-        return (time.perf_counter() - t0) / n
+            t0 = clock()
+            sock.send_multipart(frames, copy=False)
+            sock.recv_multipart(copy=False)
+            out.append(clock() - t0)
 
     def throughput(self, n: int, window: int) -> float:
         t0 = time.perf_counter()
@@ -170,19 +174,21 @@ class RawClient:
         self.ctx.term()
 
 
-async def socket_rtt_block(sock, frames, n: int) -> float:
-    t0 = time.perf_counter()
+async def socket_rtt_samples(sock, frames, n: int, out: list[float]) -> None:
+    clock = time.perf_counter
     for _ in range(n):
+        t0 = clock()
         await sock.send(frames)
         await sock.receive()
-    return (time.perf_counter() - t0) / n
+        out.append(clock() - t0)
 
 
-async def ours_rtt_block(client, query, n: int) -> float:
-    t0 = time.perf_counter()
+async def ours_rtt_samples(client, query, n: int, out: list[float]) -> None:
+    clock = time.perf_counter
     for _ in range(n):
+        t0 = clock()
         await client.request(query)
-    return (time.perf_counter() - t0) / n
+        out.append(clock() - t0)
 
 
 async def ours_throughput(client, query, n: int, window: int) -> float:
@@ -204,7 +210,8 @@ def bench_transport(transport: str, tmp: str, args) -> float:
 
     address = f"ipc://{tmp}/{{}}" if transport == "ipc" else "tcp://127.0.0.1:*"
     servers = {flavour: start_server(flavour, address.format(flavour), transport) for flavour in ("raw", "socket", "ours")}
-    rtts: dict[str, list[float]] = {"raw": [], "socket": [], "ours": []}
+    rtts: dict[str, list[float]] = {"raw": [], "socket": [], "ours": []}  # per run: median
+    means: dict[str, list[float]] = {"raw": [], "socket": [], "ours": []}  # per run: mean
     rates: dict[str, list[float]] = {"raw": [], "ours": []}
     try:
         raw = RawClient(servers["raw"][1])
@@ -219,12 +226,17 @@ def bench_transport(transport: str, tmp: str, args) -> float:
                     await client.wait_connected()
                     for _ in range(200):  # warm up all three
                         raw.round_trip()
-                        await socket_rtt_block(sock, frames, 1)
+                        await socket_rtt_samples(sock, frames, 1, [])
                         await client.request(query)
                     for _ in range(args.runs):
-                        rtts["raw"].append(raw.rtt_block(args.round_trips))
-                        rtts["socket"].append(await socket_rtt_block(sock, frames, args.round_trips))
-                        rtts["ours"].append(await ours_rtt_block(client, query, args.round_trips))
+                        samples: dict[str, list[float]] = {"raw": [], "socket": [], "ours": []}
+                        for _ in range(max(1, args.round_trips // args.chunk)):
+                            raw.rtt_samples(args.chunk, samples["raw"])
+                            await socket_rtt_samples(sock, frames, args.chunk, samples["socket"])
+                            await ours_rtt_samples(client, query, args.chunk, samples["ours"])
+                        for flavour, xs in samples.items():
+                            rtts[flavour].append(statistics.median(xs))
+                            means[flavour].append(statistics.fmean(xs))
                     for _ in range(args.runs):
                         rates["raw"].append(raw.throughput(args.round_trips, args.window))
                         rates["ours"].append(await ours_throughput(client, query, args.round_trips, args.window))
@@ -242,6 +254,9 @@ def bench_transport(transport: str, tmp: str, args) -> float:
     emit(f"{t}_socket_rtt_us", statistics.median(rtts["socket"]) * 1e6, "us")
     emit(f"{t}_socket_rtt_ratio", statistics.median(s / r for s, r in zip(rtts["socket"], rtts["raw"])), "x")
     emit(f"{t}_rtt_ratio", statistics.median(ratios), "x", runs=[round(r, 3) for r in ratios])
+    emit(f"{t}_rtt_mean_us", statistics.median(means["ours"]) * 1e6, "us")
+    emit(f"{t}_raw_rtt_mean_us", statistics.median(means["raw"]) * 1e6, "us")
+    emit(f"{t}_rtt_mean_ratio", statistics.median(o / r for o, r in zip(means["ours"], means["raw"])), "x")
     emit(f"{t}_msgs_per_s", statistics.median(rates["ours"]), "msg/s", window=args.window)
     emit(f"{t}_raw_msgs_per_s", statistics.median(rates["raw"]), "msg/s", window=args.window)
     emit(f"{t}_msgs_ratio", statistics.median(o / r for o, r in zip(rates["ours"], rates["raw"])), "x")
@@ -262,7 +277,8 @@ def bench_codec() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=11)
-    parser.add_argument("--round-trips", type=int, default=500)
+    parser.add_argument("--round-trips", type=int, default=1000, help="per flavour and run")
+    parser.add_argument("--chunk", type=int, default=25, help="round trips of one flavour before the next")
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--transports", default="ipc,tcp")
     parser.add_argument("--serve", nargs=3, metavar=("FLAVOUR", "ADDRESS", "TRANSPORT"), help=argparse.SUPPRESS)

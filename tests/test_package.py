@@ -41,3 +41,13 @@ def test_unknown_core_choice_is_refused():
 
 def test_version_is_exposed():
     assert infinillm.__version__.count(".") == 2
+
+
+def test_compiled_codec_is_built_and_used_by_default():
+    from infinillm.transport import Codec, codec
+
+    assert codec.compiled_available()
+    assert codec._wire.__file__.endswith(".so")
+    if os.environ.get("INFINILLM_CORE", "compiled") == "compiled":
+        assert Codec().compiled
+    assert not Codec(compiled=False).compiled

@@ -25,11 +25,19 @@ element size, when that tensor is copied. Sent tensors are viewed through numpy,
 except that small tensors are packed into one frame (ZeroMQ copies frames under 64 KiB anyway);
 a large tensor's memory is handed to ZeroMQ as it is, so it must not be written to after the
 send (messages are immutable).
+
+Two implementations of the hot path. This module is the specification: its generic encoder and
+decoder, with straight-line Python compiled per message type for well-formed input. The
+compiled ``_wire`` extension (Cython) does the same for well-formed input and hands everything
+else to the Python path, so only Python ever refuses input or explains why. ``INFINILLM_CORE``
+chooses, as for the scheduler core: ``compiled`` (the default; an error if the extension is
+missing), ``python``, or ``auto``; ``Codec(compiled=...)`` overrides it per codec.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from typing import Any, Callable, Sequence
@@ -41,6 +49,14 @@ import zmq
 
 from ..errors import TransportError, ValidationError
 from .messages import MESSAGE_TYPES, Message
+
+try:
+    from . import _wire
+except ImportError as exc:  # not built (a bare checkout): the Python path serves
+    _wire = None
+    _wire_import_error: ImportError | None = exc
+else:
+    _wire_import_error = None
 
 __all__ = ["Codec", "DecodeError", "PROTOCOL_VERSION", "SMALL_TENSOR_BYTES", "MAX_DIMS"]
 
@@ -391,6 +407,30 @@ def _plans() -> None:
             plan = _Plan(cls)
             _PLANS_BY_ID[type_id] = plan
             _PLANS_BY_CLASS[cls] = plan
+            if _wire is not None:
+                hints = typing.get_type_hints(cls)
+                _wire.register(cls, plan.type_id, plan.names, [_fast_kind(hints[n]) for n in plan.names],
+                               list(plan.encoders), list(plan.decoders))
+
+
+def compiled_available() -> bool:
+    """Whether the compiled hot path (``infinillm.transport._wire``) is built."""
+    return _wire is not None
+
+
+def _use_compiled(choice: bool | None) -> bool:
+    if choice is None:
+        name = os.environ.get("INFINILLM_CORE", "compiled").strip().lower() or "compiled"
+        if name not in ("compiled", "python", "auto"):
+            raise ValidationError("INFINILLM_CORE", name, "must be one of compiled, python, auto")
+        if name == "python":
+            return False
+        choice = name == "compiled" or _wire is not None
+    if choice and _wire is None:
+        raise ImportError(
+            "the compiled codec (infinillm.transport._wire) is not built: run `make build` (or `pip install -e .`)"
+        ) from _wire_import_error
+    return bool(choice)
 
 
 
@@ -415,15 +455,17 @@ class Codec:
     msgpack packer).
     """
 
-    __slots__ = ("max_message_bytes", "max_header_bytes", "_packb")
+    __slots__ = ("max_message_bytes", "max_header_bytes", "compiled", "_packb")
 
-    def __init__(self, *, max_message_bytes: int = 1 << 30, max_header_bytes: int = 1 << 20) -> None:
+    def __init__(self, *, max_message_bytes: int = 1 << 30, max_header_bytes: int = 1 << 20,
+                 compiled: bool | None = None) -> None:
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
             raise ValidationError("max_message_bytes", max_message_bytes, "must be an integer >= 1024", owner="Codec")
         if isinstance(max_header_bytes, bool) or not isinstance(max_header_bytes, int) or max_header_bytes < 64:
             raise ValidationError("max_header_bytes", max_header_bytes, "must be an integer >= 64", owner="Codec")
         self.max_message_bytes = max_message_bytes
         self.max_header_bytes = min(max_header_bytes, max_message_bytes)
+        self.compiled = _use_compiled(compiled)  # the compiled hot path first (see the module docstring)
         self._packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
     @classmethod
@@ -434,6 +476,10 @@ class Codec:
 
     def encode(self, msg: Message, seq: int = 0) -> list[Any]:
         """The frames of ``msg`` (``seq``: 0 for one-way, else the request's number)."""
+        if self.compiled:
+            frames = _wire.encode(msg, seq, self._packb, self.max_header_bytes, self.max_message_bytes)
+            if frames is not None:
+                return frames
         plan = _PLANS_BY_CLASS.get(type(msg))
         if plan is None:
             raise TransportError(f"cannot encode {type(msg).__name__}: not a registered message type")
@@ -518,6 +564,10 @@ class Codec:
 
     def decode(self, frames: Sequence[Any]) -> tuple[int, Message]:
         """``(seq, message)`` from received frames, or ``DecodeError``."""
+        if self.compiled:
+            got = _wire.decode(frames, self.max_message_bytes, self.max_header_bytes)
+            if got is not None:
+                return got
         n_frames = len(frames)
         if n_frames == 0:
             raise DecodeError("empty message: no header frame")
@@ -698,6 +748,8 @@ def _normalize(plan: _Plan, name: str, t: Any) -> tuple[str, torch.Tensor]:
             t = t.cpu()
         if t.requires_grad:
             t = t.detach()
+        if t.is_neg():  # a lazily negated view: its memory holds the values un-negated
+            t = t.resolve_neg()
         if not t.is_contiguous():
             t = t.contiguous()
     except (RuntimeError, NotImplementedError) as e:  # a meta tensor, ...
@@ -728,4 +780,9 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+if _wire is not None:
+    _wire.configure(
+        version=PROTOCOL_VERSION, small_tensor_bytes=SMALL_TENSOR_BYTES, align=_ALIGN, max_dims=MAX_DIMS,
+        dtypes={code: (dtype, _NP_DTYPES[code][0], _ITEMSIZE[code]) for code, dtype in _DTYPES.items()},
+    )
 _plans()  # after everything the compiled fast paths refer to

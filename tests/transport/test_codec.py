@@ -1,5 +1,9 @@
 """The codec: every message round-trips; tensors arrive as views of the frames; malformed,
-truncated, oversized and wrong-version input is refused with a DecodeError that says why."""
+truncated, oversized and wrong-version input is refused with a DecodeError that says why.
+
+Every test runs twice: with the compiled hot path (``_wire``) in front of the Python codec, and
+with the Python codec alone; the last section checks that the fast paths (the compiled one
+and the Python one) accept exactly what the generic path accepts, with the same result."""
 
 from __future__ import annotations
 
@@ -42,7 +46,21 @@ from infinillm.transport import (
 
 from .conftest import make_query
 
-CODEC = Codec(max_message_bytes=1 << 24)
+from infinillm.transport import codec as codec_module
+
+CODEC = Codec(max_message_bytes=1 << 24, compiled=False)  # the module's tests swap it (below)
+
+
+@pytest.fixture(autouse=True, scope="module", params=["compiled", "python"])
+def which_codec(request):
+    """Run the module against each implementation (CODEC is read at call time)."""
+    global CODEC
+    if request.param == "compiled" and not codec_module.compiled_available():
+        pytest.fail("the compiled codec (infinillm.transport._wire) is not built: run `make build`")
+    saved = CODEC
+    CODEC = Codec(max_message_bytes=1 << 24, compiled=request.param == "compiled")
+    yield request.param
+    CODEC = saved
 
 
 def wire(frames) -> list[zmq.Frame]:
@@ -141,6 +159,41 @@ def test_tensors_that_need_care_are_encoded_contiguous_and_detached():
     assert torch.equal(got.out, q.out) and got.out.is_contiguous() and not got.out.requires_grad
 
 
+def _tricky_tensors():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, 8, generator=g)
+    return {
+        "strided": x[::2],
+        "requires_grad": x.clone().requires_grad_(True),
+        "bf16": x.bfloat16(),
+        "neg_view": torch._neg_view(x),
+        "transposed": x.transpose(1, 2),
+        "empty": torch.empty(0, 4, 8),
+        "large_bf16": torch.randn(64, 32, 32, generator=g).bfloat16(),  # 128 KiB: its own frame
+        "large_strided": torch.randn(64, 32, 64, generator=g)[:, ::2],
+    }
+
+
+@pytest.mark.parametrize("name", list(_tricky_tensors()))
+def test_tensors_of_every_layout_encode_as_the_generic_path_does(name):
+    t = _tricky_tensors()[name]
+    msg = AttentionResult(3, t, torch.zeros(t.shape[:2]))
+    frames = CODEC.encode(msg, 2)
+    assert [bytes(memoryview(f).cast("B")) for f in frames] == [bytes(memoryview(f).cast("B")) for f in _generic_frames(msg, 2)]
+    got = roundtrip(msg)
+    assert torch.equal(got.out, t.detach()) and got.out.dtype == t.dtype and got.out.is_contiguous()
+
+
+def test_tensors_at_misaligned_addresses_are_copied_not_misread():
+    msg = AttentionResult(1, torch.randn(2, 4, 8), torch.randn(2, 4))
+    head, pack = CODEC.encode(msg, 3)
+    shifted = memoryview(bytearray(len(pack) + 1))[1:]  # an odd address: no float32 lies there
+    shifted[:] = pack
+    _, got = CODEC.decode([head, shifted])
+    assert torch.equal(got.out, msg.out) and torch.equal(got.lse, msg.lse)
+    assert got.out.data_ptr() % 4 == 0
+
+
 def test_decoded_messages_are_checked_like_built_ones():
     with pytest.raises(ValidationError, match="lse"):
         AttentionResult(0, torch.zeros(2, 4, 8), torch.zeros(2, 4, dtype=torch.float64))
@@ -155,9 +208,9 @@ def header(*fields, version=PROTOCOL_VERSION, type_id=16, seq=3) -> bytes:
     return msgpack.packb([version, type_id, seq, *fields])
 
 
-def refused(frames, pattern: str, codec: Codec = CODEC) -> DecodeError:
+def refused(frames, pattern: str, codec: Codec | None = None) -> DecodeError:
     with pytest.raises(DecodeError, match=pattern) as info:
-        codec.decode(frames)
+        (codec or CODEC).decode(frames)
     return info.value
 
 
@@ -338,14 +391,21 @@ def test_well_formed_headers_with_arbitrary_fields_decode_or_raise_decode_error(
 
 
 def _decoded_both_ways(frames):
+    """(Python fast path, generic path) decodes of ``frames``; None where one declines or
+    refuses. With the compiled codec under test, the fast result is the compiled one's."""
     from infinillm.transport.codec import _PLANS_BY_ID
 
     header = msgpack.unpackb(frames[0].buffer, use_list=False, raw=False, strict_map_key=True)
     plan = _PLANS_BY_ID[header[1]]
-    try:
-        fast = plan.fast_decode(CODEC, header, frames, header[2])
-    except Exception:
-        fast = None
+    if CODEC.compiled:
+        got = codec_module._wire.decode(frames, CODEC.max_message_bytes, CODEC.max_header_bytes)
+        fast = None if got is None else got[1]
+        assert got is None or got[0] == header[2]
+    else:
+        try:
+            fast = plan.fast_decode(CODEC, header, frames, header[2])
+        except Exception:
+            fast = None
     try:
         generic = CODEC._decode_fields(plan, header, frames, header[2])
     except DecodeError:
@@ -353,11 +413,23 @@ def _decoded_both_ways(frames):
     return fast, generic
 
 
+def _generic_frames(msg, seq):
+    from infinillm.transport.codec import _PLANS_BY_CLASS
+
+    plan = _PLANS_BY_CLASS[type(msg)]
+    return CODEC._frames(plan, *CODEC._encode_fields(plan, msg, seq))
+
+
 @pytest.mark.parametrize("msg", one_of_each(), ids=lambda m: type(m).__name__)
 def test_fast_paths_match_the_generic_ones(msg):
     from infinillm.transport.codec import _PLANS_BY_CLASS
 
     plan = _PLANS_BY_CLASS[type(msg)]
+    if CODEC.compiled:  # the compiled encoder's frames are the generic encoder's, byte for byte
+        frames = codec_module._wire.encode(msg, 4, CODEC._packb, CODEC.max_header_bytes, CODEC.max_message_bytes)
+        assert frames is not None, "the compiled encoder should take every well-formed message"
+        assert [bytes(memoryview(f).cast("B")) for f in frames] == [
+            bytes(memoryview(f).cast("B")) for f in _generic_frames(msg, 4)]
     try:
         fast_header, fast_views = plan.fast_encode(msg, 4)
     except Exception:  # it may decline (an empty tensor here): then the generic path encodes
