@@ -21,17 +21,61 @@ they agree on what is accepted, field by field and byte by byte.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.object cimport PyObject_GenericSetAttr
-from libc.stdint cimport int64_t, uintptr_t
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsule_New
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 import msgpack
-import numpy as np
 import torch
+import torch.utils.dlpack
 import zmq
+
+# DLPack (dlpack.h, the unversioned ABI that torch.utils.dlpack.to_dlpack produces and
+# torch._C._from_dlpack takes): how tensors cross without numpy.
+cdef struct DLDevice:
+    int32_t device_type
+    int32_t device_id
+
+cdef struct DLDataType:
+    uint8_t code
+    uint8_t bits
+    uint16_t lanes
+
+cdef struct DLTensor:
+    void* data
+    DLDevice device
+    int32_t ndim
+    DLDataType dtype
+    int64_t* shape
+    int64_t* strides
+    uint64_t byte_offset
+
+cdef struct DLManagedTensor:
+    DLTensor dl_tensor
+    void* manager_ctx
+    void (*deleter)(DLManagedTensor*) noexcept
+
+cdef struct _Owned:  # a received tensor: its DLPack description and room for its geometry
+    DLManagedTensor managed
+    int64_t shape[8]
+    int64_t strides[8]
+
+cdef enum:
+    kDLCPU = 1
+    kDLInt = 0
+    kDLUInt = 1
+    kDLFloat = 2
+    kDLBfloat = 4
 
 cdef extern from "Python.h":
     long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
+    unsigned long long PyLong_AsUnsignedLongLong(object o) except? -1
+    const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
 
 # Field kinds, as codec._fast_kind names them.
 cdef enum:
@@ -50,9 +94,9 @@ cdef Py_ssize_t _ALIGN = 16
 cdef int _MAX_DIMS = 8
 
 cdef object _Tensor = torch.Tensor
-cdef object _from_numpy = torch.from_numpy
+cdef object _to_dlpack = torch.utils.dlpack.to_dlpack  # torch._C._to_dlpack itself
+cdef object _from_dlpack = torch._C._from_dlpack  # what torch.utils.dlpack.from_dlpack calls for a capsule
 cdef object _torch_empty = torch.empty
-cdef object _ndarray = np.ndarray
 cdef object _Frame = zmq.Frame
 cdef object _unpackb = msgpack.unpackb
 cdef object _int16 = torch.int16
@@ -61,6 +105,7 @@ cdef object _bfloat16 = torch.bfloat16
 # dtype tables, filled by configure(): wire code <-> torch dtype, numpy dtype, item size.
 cdef dict _CODE_OF = {}  # torch dtype -> _DType
 cdef dict _BY_CODE = {}  # wire code str -> _DType
+cdef dict _BY_DL = {}  # DLPack (code << 8 | bits) -> _DType
 cdef dict _PLANS_BY_ID = {}  # type id -> FastPlan
 cdef dict _PLANS_BY_CLASS = {}  # class -> FastPlan
 
@@ -68,9 +113,8 @@ cdef dict _PLANS_BY_CLASS = {}  # class -> FastPlan
 cdef class _DType:
     cdef str code
     cdef object torch_dtype
-    cdef object np_dtype  # bf16 rides as int16
-    cdef bint is_bf16
     cdef Py_ssize_t itemsize
+    cdef DLDataType dl
 
 
 cdef class Spec:
@@ -88,25 +132,34 @@ cdef class Spec:
         return f"{self.dtype}{self.shape}"
 
 
+_DL_CODES = {torch.float16: kDLFloat, torch.float32: kDLFloat, torch.float64: kDLFloat, torch.bfloat16: kDLBfloat,
+             torch.int8: kDLInt, torch.int16: kDLInt, torch.int32: kDLInt, torch.int64: kDLInt, torch.uint8: kDLUInt}
+
+
 def configure(*, int version, Py_ssize_t small_tensor_bytes, Py_ssize_t align, int max_dims, dict dtypes):
-    """The codec's constants; ``dtypes`` maps wire code -> (torch dtype, numpy dtype, itemsize)."""
+    """The codec's constants; ``dtypes`` maps wire code -> (torch dtype, itemsize)."""
     global _VERSION, _SMALL, _ALIGN, _MAX_DIMS
     _VERSION = version
     _SMALL = small_tensor_bytes
     _ALIGN = align
     _MAX_DIMS = max_dims
+    if max_dims > 8:
+        raise ValueError(f"max_dims={max_dims}: the compiled codec holds at most 8 dims")
     _CODE_OF.clear()
     _BY_CODE.clear()
+    _BY_DL.clear()
     cdef _DType d
-    for code, (torch_dtype, np_dtype, itemsize) in dtypes.items():
+    for code, (torch_dtype, itemsize) in dtypes.items():
         d = _DType()
         d.code = code
         d.torch_dtype = torch_dtype
-        d.np_dtype = np_dtype
-        d.is_bf16 = torch_dtype == _bfloat16
         d.itemsize = itemsize
+        d.dl.code = _DL_CODES[torch_dtype]
+        d.dl.bits = 8 * itemsize
+        d.dl.lanes = 1
         _CODE_OF[torch_dtype] = d
         _BY_CODE[code] = d
+        _BY_DL[d.dl.code << 8 | d.dl.bits] = d
 
 
 def register(cls, int type_id, tuple names, list kinds, list encoders, list decoders):
@@ -185,13 +238,16 @@ cdef class FastPlan:
 
     cdef list encode(self, object msg, object seq, object packb, Py_ssize_t max_header, Py_ssize_t max_message):
         cdef list h = [_VERSION, self.type_id, seq]
-        cdef list tensors = []  # the tensors, in field order (kept alive until copied)
+        cdef list tensors = []  # the tensors, in field order
+        cdef list caps = []  # their DLPack capsules
+        cdef uintptr_t ptrs[MAX_TENSORS]
         cdef Py_ssize_t nbytes[MAX_TENSORS]
+        cdef DLTensor* dl
         cdef int num_tensors = 0
         cdef bint has_small = False
         cdef int i, j, kind, ndim
-        cdef Py_ssize_t total, small_end = 0, numel, d
-        cdef object v, shape, dims
+        cdef Py_ssize_t total, small_end = 0, numel
+        cdef object v, dims, cap
         cdef _DType dt
         for i in range(self.n):
             v = getattr(msg, self.names[i])
@@ -202,23 +258,29 @@ cdef class FastPlan:
                         return None
                     h.append(None)
                     continue
-                if type(v) is not _Tensor or num_tensors == MAX_TENSORS:
+                # One call tells where the bytes are, their type and geometry: DLPack.
+                if type(v) is not _Tensor or num_tensors == MAX_TENSORS or v.is_neg():
                     return None
-                dt = _CODE_OF.get(v.dtype)
-                if dt is None or not v.is_cpu or not v.is_contiguous() or v.is_neg():
+                cap = _to_dlpack(v)
+                dl = &(<DLManagedTensor*>PyCapsule_GetPointer(cap, "dltensor")).dl_tensor
+                if dl.device.device_type != kDLCPU or dl.dtype.lanes != 1 or dl.ndim > _MAX_DIMS:
                     return None
-                shape = v.shape
-                ndim = len(shape)
-                if ndim > _MAX_DIMS:
+                dt = _BY_DL.get(dl.dtype.code << 8 | dl.dtype.bits)
+                if dt is None:
                     return None
+                ndim = dl.ndim
                 dims = [dt.code]
                 numel = 1
                 for j in range(ndim):
-                    d = shape[j]
-                    numel *= d
-                    dims.append(d)
+                    dims.append(dl.shape[j])
+                for j in range(ndim - 1, -1, -1):  # C-contiguous (size-1 dims may stride anyhow)
+                    if dl.strides != NULL and dl.shape[j] != 1 and dl.strides[j] != numel:
+                        return None
+                    numel *= dl.shape[j]
                 h.append(dims)
                 tensors.append(v)
+                caps.append(cap)  # holds the tensor, so the pointer stays good until copied
+                ptrs[num_tensors] = <uintptr_t>dl.data + dl.byte_offset
                 nbytes[num_tensors] = numel * dt.itemsize
                 num_tensors += 1
             elif kind == K_OTHER:
@@ -227,7 +289,7 @@ cdef class FastPlan:
                 if not _scalar_ok(kind, v):
                     return None
                 h.append(v)
-        head = packb(h)
+        head = _pack_header(h)
         if len(head) > max_header:
             return None
         if num_tensors == 0:
@@ -243,7 +305,6 @@ cdef class FastPlan:
         frames = [head]
         cdef Py_ssize_t off = 0
         cdef char* base
-        cdef uintptr_t ptr
         if has_small:
             pack = PyByteArray_FromStringAndSize(NULL, small_end)
             base = PyByteArray_AS_STRING(pack)
@@ -252,8 +313,7 @@ cdef class FastPlan:
                 if nbytes[j] < _SMALL:
                     off = _aligned(off)
                     if nbytes[j]:
-                        ptr = tensors[j].data_ptr()
-                        memcpy(base + off, <const void*>ptr, nbytes[j])
+                        memcpy(base + off, <const void*>ptrs[j], nbytes[j])
                     off += nbytes[j]
             frames.append(pack)
         for j in range(num_tensors):
@@ -373,21 +433,344 @@ cdef object _writable(object frame):
     return buf
 
 
+cdef void _release_owned(DLManagedTensor* m) noexcept with gil:
+    # torch calls this when the tensor's memory is freed, from whichever thread: drop our
+    # hold on the frame's buffer.
+    Py_DECREF(<object>m.manager_ctx)
+    free(m)
+
+
+cdef void _release_capsule(object capsule) noexcept:
+    # A capsule torch never took (an error between making and taking it) still owns the tensor.
+    if PyCapsule_IsValid(capsule, "dltensor"):
+        m = <DLManagedTensor*>PyCapsule_GetPointer(capsule, "dltensor")
+        m.deleter(m)
+
+
 cdef object _tensor_at(object buf, Spec spec):
+    """The tensor ``spec`` describes, viewing ``buf`` (a writable byte view that owns the
+    frame's memory): a DLPack capsule over it, taken by torch (no numpy, no copy)."""
     cdef Py_buffer view
-    cdef uintptr_t address
+    cdef _Owned* owned
     cdef _DType dt = spec.dt
+    cdef int j, ndim = spec.ndim
+    cdef int64_t stride = 1
+    cdef uintptr_t address
     if spec.nbytes == 0:
         return _torch_empty(spec.shape, dtype=dt.torch_dtype)
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     address = <uintptr_t>view.buf + spec.offset
-    PyBuffer_Release(&view)
-    t = _from_numpy(_ndarray(spec.shape, dt.np_dtype, buf, spec.offset))
+    PyBuffer_Release(&view)  # buf (a memoryview) keeps the memory: the capsule holds buf
+    owned = <_Owned*>malloc(sizeof(_Owned))
+    if owned == NULL:
+        raise MemoryError()
+    for j in range(ndim - 1, -1, -1):
+        owned.shape[j] = spec.shape[j]
+        owned.strides[j] = stride
+        stride *= owned.shape[j]
+    owned.managed.dl_tensor.data = <void*>address
+    owned.managed.dl_tensor.device.device_type = kDLCPU
+    owned.managed.dl_tensor.device.device_id = 0
+    owned.managed.dl_tensor.ndim = ndim
+    owned.managed.dl_tensor.dtype = dt.dl
+    owned.managed.dl_tensor.shape = owned.shape
+    owned.managed.dl_tensor.strides = owned.strides
+    owned.managed.dl_tensor.byte_offset = 0
+    owned.managed.manager_ctx = <void*>buf
+    owned.managed.deleter = _release_owned
+    Py_INCREF(buf)
+    try:
+        capsule = PyCapsule_New(<void*>owned, "dltensor", _release_capsule)
+    except BaseException:
+        _release_owned(&owned.managed)
+        raise
+    t = _from_dlpack(capsule)
     if address % dt.itemsize:  # libzmq may hand us a frame at any address
         t = t.clone()
-    if dt.is_bf16:
-        t = t.view(_bfloat16)
     return t
+
+
+# ---- the header's msgpack, in C ---------------------------------------------------------------------
+# The subset headers use: nil, bools, ints (int64 and uint64), float64, str, arrays, and maps
+# with str keys. Packing writes exactly the bytes msgpack-python's Packer(use_bin_type=True)
+# writes (the smallest encoding of each value); unpacking returns what
+# msgpack.unpackb(use_list=False, raw=False, strict_map_key=True) returns. Anything else (bin,
+# ext, float32 on the way out, int subclasses, too deep) raises _Decline, and the caller
+# hands the message to the Python path, which uses msgpack itself.
+
+DEF MAX_DEPTH = 32
+
+
+class _Decline(Exception):
+    pass
+
+
+cdef class _Writer:
+    cdef char* buf
+    cdef Py_ssize_t size
+    cdef Py_ssize_t cap
+
+    def __cinit__(self):
+        self.cap = 512
+        self.size = 0
+        self.buf = <char*>malloc(self.cap)
+        if self.buf == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    cdef inline char* room(self, Py_ssize_t n) except NULL:
+        cdef char* grown
+        if self.size + n > self.cap:
+            while self.size + n > self.cap:
+                self.cap *= 2
+            grown = <char*>realloc(self.buf, self.cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.buf = grown
+        cdef char* at = self.buf + self.size
+        self.size += n
+        return at
+
+
+cdef inline void _be(char* at, uint64_t v, int n):
+    cdef int i
+    for i in range(n):
+        at[i] = <char>((v >> (8 * (n - 1 - i))) & 0xFF)
+
+
+cdef inline int _head(_Writer w, uint8_t code, uint64_t v, int n) except -1:
+    cdef char* at = w.room(1 + n)
+    at[0] = <char>code
+    _be(at + 1, v, n)
+    return 0
+
+
+cdef int _pack_len(_Writer w, Py_ssize_t n, uint8_t fix, Py_ssize_t fix_max, uint8_t c8, uint8_t c16, uint8_t c32) except -1:
+    if n <= fix_max:
+        return _head(w, fix | <uint8_t>n, 0, 0)
+    if c8 and n < 256:
+        return _head(w, c8, n, 1)
+    if n < 65536:
+        return _head(w, c16, n, 2)
+    if n <= 0xFFFFFFFF:
+        return _head(w, c32, n, 4)
+    raise _Decline()
+
+
+cdef int _pack(_Writer w, object v, int depth) except -1:
+    cdef long long i
+    cdef int overflow = 0
+    cdef double d
+    cdef Py_ssize_t n
+    cdef const char* text
+    cdef char* at
+    if depth > MAX_DEPTH:
+        raise _Decline()
+    t = type(v)
+    if v is None:
+        return _head(w, 0xC0, 0, 0)
+    if t is bool:
+        return _head(w, 0xC3 if v else 0xC2, 0, 0)
+    if t is int:
+        i = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if overflow > 0:  # beyond int64: uint64 if it fits
+            return _head(w, 0xCF, PyLong_AsUnsignedLongLong(v), 8)
+        if overflow < 0:
+            raise _Decline()
+        if i < -(1 << 5):
+            if i < -(1 << 15):
+                if i < -(1LL << 31):
+                    return _head(w, 0xD3, <uint64_t>i, 8)
+                return _head(w, 0xD2, <uint64_t>i, 4)
+            if i < -(1 << 7):
+                return _head(w, 0xD1, <uint64_t>i, 2)
+            return _head(w, 0xD0, <uint64_t>i, 1)
+        if i < (1 << 7):
+            return _head(w, <uint8_t>(i & 0xFF), 0, 0)
+        if i < (1 << 16):
+            if i < (1 << 8):
+                return _head(w, 0xCC, i, 1)
+            return _head(w, 0xCD, i, 2)
+        if i < (1LL << 32):
+            return _head(w, 0xCE, i, 4)
+        return _head(w, 0xCF, i, 8)
+    cdef uint64_t bits
+    if t is float:
+        d = v
+        memcpy(&bits, &d, 8)
+        return _head(w, 0xCB, bits, 8)
+    if t is str:
+        text = PyUnicode_AsUTF8AndSize(v, &n)
+        _pack_len(w, n, 0xA0, 31, 0xD9, 0xDA, 0xDB)
+        at = w.room(n)
+        memcpy(at, text, n)
+        return 0
+    if t is list or t is tuple:
+        n = len(v)
+        _pack_len(w, n, 0x90, 15, 0, 0xDC, 0xDD)
+        for x in v:
+            _pack(w, x, depth + 1)
+        return 0
+    if t is dict:
+        n = len(v)
+        _pack_len(w, n, 0x80, 15, 0, 0xDE, 0xDF)
+        for key, x in (<dict>v).items():
+            _pack(w, key, depth + 1)
+            _pack(w, x, depth + 1)
+        return 0
+    raise _Decline()
+
+
+cdef bytes _pack_header(list h):
+    cdef _Writer w = _Writer()
+    _pack(w, h, 0)
+    return PyBytes_FromStringAndSize(w.buf, w.size)
+
+
+cdef struct _Reader:
+    const uint8_t* p
+    Py_ssize_t n
+    Py_ssize_t pos
+
+
+cdef inline uint64_t _take(_Reader* r, int n) except? 0xFFFFFFFFFFFFFFFF:
+    cdef uint64_t v = 0
+    cdef int i
+    if r.pos + n > r.n:
+        raise _Decline()
+    for i in range(n):
+        v = (v << 8) | r.p[r.pos + i]
+    r.pos += n
+    return v
+
+
+cdef object _unpack_str(_Reader* r, Py_ssize_t n):
+    if r.pos + n > r.n:
+        raise _Decline()
+    try:
+        s = PyUnicode_DecodeUTF8(<const char*>(r.p + r.pos), n, NULL)
+    except UnicodeDecodeError:
+        raise _Decline() from None
+    r.pos += n
+    return s
+
+
+cdef object _unpack_array(_Reader* r, Py_ssize_t n, int depth):
+    if n > r.n - r.pos:  # every element takes a byte at least
+        raise _Decline()
+    items = [None] * n
+    cdef Py_ssize_t i
+    for i in range(n):
+        items[i] = _unpack(r, depth + 1)
+    return tuple(items)
+
+
+cdef object _unpack_map(_Reader* r, Py_ssize_t n, int depth):
+    if 2 * n > r.n - r.pos:
+        raise _Decline()
+    out = {}
+    cdef Py_ssize_t i
+    for i in range(n):
+        key = _unpack(r, depth + 1)
+        if type(key) is not str:
+            raise _Decline()
+        out[key] = _unpack(r, depth + 1)
+    return out
+
+
+cdef object _unpack(_Reader* r, int depth):
+    cdef uint8_t c
+    cdef uint64_t u
+    cdef double d
+    cdef float f
+    cdef uint32_t u32
+    if depth > MAX_DEPTH or r.pos >= r.n:
+        raise _Decline()
+    c = r.p[r.pos]
+    r.pos += 1
+    if c < 0x80:
+        return c
+    if c >= 0xE0:
+        return <int>c - 256
+    if c >= 0xA0 and c <= 0xBF:
+        return _unpack_str(r, c & 0x1F)
+    if c >= 0x90 and c <= 0x9F:
+        return _unpack_array(r, c & 0x0F, depth)
+    if c >= 0x80 and c <= 0x8F:
+        return _unpack_map(r, c & 0x0F, depth)
+    if c == 0xC0:
+        return None
+    if c == 0xC2:
+        return False
+    if c == 0xC3:
+        return True
+    if c == 0xCC:
+        return _take(r, 1)
+    if c == 0xCD:
+        return _take(r, 2)
+    if c == 0xCE:
+        return _take(r, 4)
+    if c == 0xCF:
+        return _take(r, 8)
+    if c == 0xD0:
+        return <int8_t>_take(r, 1)
+    if c == 0xD1:
+        return <int16_t>_take(r, 2)
+    if c == 0xD2:
+        return <int32_t>_take(r, 4)
+    if c == 0xD3:
+        return <int64_t>_take(r, 8)
+    if c == 0xCA:
+        u32 = <uint32_t>_take(r, 4)
+        memcpy(&f, &u32, 4)
+        return <double>f
+    if c == 0xCB:
+        u = _take(r, 8)
+        memcpy(&d, &u, 8)
+        return d
+    if c == 0xD9:
+        return _unpack_str(r, _take(r, 1))
+    if c == 0xDA:
+        return _unpack_str(r, _take(r, 2))
+    if c == 0xDB:
+        return _unpack_str(r, _take(r, 4))
+    if c == 0xDC:
+        return _unpack_array(r, _take(r, 2), depth)
+    if c == 0xDD:
+        return _unpack_array(r, _take(r, 4), depth)
+    if c == 0xDE:
+        return _unpack_map(r, _take(r, 2), depth)
+    if c == 0xDF:
+        return _unpack_map(r, _take(r, 4), depth)
+    raise _Decline()  # bin, ext, reserved
+
+
+cdef object _unpack_header(object head):
+    cdef Py_buffer view
+    cdef _Reader r
+    PyObject_GetBuffer(head, &view, PyBUF_SIMPLE)
+    try:
+        r.p = <const uint8_t*>view.buf
+        r.n = view.len
+        r.pos = 0
+        out = _unpack(&r, 0)
+        if r.pos != r.n:  # extra data after the header
+            raise _Decline()
+        return out
+    finally:
+        PyBuffer_Release(&view)
+
+
+def pack_header(h):
+    """The header's bytes, as msgpack would write them (for the tests)."""
+    return _pack_header(list(h))
+
+
+def unpack_header(head):
+    """The header, as msgpack.unpackb would read it (for the tests); _Decline otherwise."""
+    return _unpack_header(head)
 
 
 # ---- entry points ---------------------------------------------------------------------------------
@@ -419,8 +802,7 @@ def decode(frames, Py_ssize_t max_message, Py_ssize_t max_header):
     if len(head) > max_header:
         return None
     try:
-        header = _unpackb(head.buffer if type(head) is _Frame else head, use_list=False, raw=False,
-                          strict_map_key=True)
+        header = _unpack_header(head.buffer if type(head) is _Frame else head)
     except Exception:
         return None
     if type(header) is not tuple or len(<tuple>header) < 3:

@@ -783,6 +783,6 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 if _wire is not None:
     _wire.configure(
         version=PROTOCOL_VERSION, small_tensor_bytes=SMALL_TENSOR_BYTES, align=_ALIGN, max_dims=MAX_DIMS,
-        dtypes={code: (dtype, _NP_DTYPES[code][0], _ITEMSIZE[code]) for code, dtype in _DTYPES.items()},
+        dtypes={code: (dtype, _ITEMSIZE[code]) for code, dtype in _DTYPES.items()},
     )
 _plans()  # after everything the compiled fast paths refer to

@@ -460,3 +460,57 @@ def test_fast_decoder_never_accepts_what_the_generic_one_refuses(data):
     if fast is not None:
         assert generic is not None
         assert_same(fast, generic)
+
+
+# ---- the compiled header msgpack is msgpack ------------------------------------------------------
+
+_HEADER_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=st.lists(_HEADER_VALUES, max_size=8))
+def test_compiled_header_packing_writes_msgpacks_bytes(value):
+    if not CODEC.compiled:
+        return
+    _wire = codec_module._wire
+    packed = msgpack.packb(value, use_bin_type=True)
+    assert _wire.pack_header(value) == packed
+    assert _wire.unpack_header(packed) == msgpack.unpackb(packed, use_list=False, raw=False, strict_map_key=True)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=64) | _PACKABLE.map(lambda v: msgpack.packb(v, use_bin_type=True)))
+def test_compiled_header_unpacking_reads_what_msgpack_reads_or_declines(data):
+    if not CODEC.compiled:
+        return
+    try:
+        got = codec_module._wire.unpack_header(data)
+    except codec_module._wire._Decline:
+        return
+    expected = msgpack.unpackb(data, use_list=False, raw=False, strict_map_key=True)
+    assert msgpack.packb(got) == msgpack.packb(expected)  # equal values, NaN payloads included
+    assert repr(got) == repr(expected)  # and equal types (tuples, ints, floats...)
+
+
+def test_compiled_header_edge_values():
+    if not CODEC.compiled:
+        pytest.skip("compiled codec only")
+    _wire = codec_module._wire
+    edges = [0, 127, 128, 255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1,
+             -1, -32, -33, -128, -129, -32768, -32769, -(1 << 31), -(1 << 31) - 1, -(1 << 63),
+             "", "a" * 31, "a" * 32, "a" * 255, "a" * 256, "é" * 40, 1.5, -0.0, float("inf"),
+             list(range(15)), list(range(16)), list(range(70000)), {"k": 1}, {str(i): i for i in range(16)}]
+    for v in edges:
+        packed = msgpack.packb([v], use_bin_type=True)
+        assert _wire.pack_header([v]) == packed, v
+        assert _wire.unpack_header(packed) == msgpack.unpackb(packed, use_list=False, raw=False, strict_map_key=True)
+    for bad in (b"\xc4\x01a", b"\xc1", b"\x91", b"\x01\x02", b"\xa3ab", b"\x81\x01\x02", b"\xd4\x00\x00"):
+        with pytest.raises(_wire._Decline):
+            _wire.unpack_header(bad)
+    with pytest.raises(_wire._Decline):
+        _wire.pack_header([b"bytes"])
