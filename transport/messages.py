@@ -158,18 +158,20 @@ class AttentionQuery(Message):
         q = self.q
         if self.layer < 0:
             _fail(o, "layer", self.layer, "must be >= 0")
-        if q.ndim != 3 or q.dtype not in _FLOAT_DTYPES:
+        q_shape = q.shape  # each tensor attribute read costs: read each once
+        if len(q_shape) != 3 or q.dtype not in _FLOAT_DTYPES:
             _fail(o, "q", f"{q.dtype}{_shape(q)}", "must be [total_q, num_heads, head_dim] fp16/bf16/fp32")
         batch = len(self.request_ids)
         cu_q, q_pos, blocks = self.cu_q, self.q_pos, self.blocks
         if cu_q is None:
-            if q.shape[0] != batch:
-                _fail(o, "cu_q", None, f"may be None only with one query row per request (total_q={q.shape[0]}, B={batch})")
+            if q_shape[0] != batch:
+                _fail(o, "cu_q", None, f"may be None only with one query row per request (total_q={q_shape[0]}, B={batch})")
         elif cu_q.dtype != torch.int32 or cu_q.shape != (batch + 1,):
             _fail(o, "cu_q", f"{cu_q.dtype}{_shape(cu_q)}", f"must be int32 [B + 1 = {batch + 1}]")
-        if q_pos.dtype != torch.int32 or q_pos.shape != q.shape[:1]:
-            _fail(o, "q_pos", f"{q_pos.dtype}{_shape(q_pos)}", f"must be int32 [total_q = {q.shape[0]}]")
-        if blocks.dtype != torch.int32 or blocks.ndim != 3 or blocks.shape[:2] != (3, batch):
+        if q_pos.dtype != torch.int32 or q_pos.shape != q_shape[:1]:
+            _fail(o, "q_pos", f"{q_pos.dtype}{_shape(q_pos)}", f"must be int32 [total_q = {q_shape[0]}]")
+        b_shape = blocks.shape
+        if blocks.dtype != torch.int32 or len(b_shape) != 3 or b_shape[:2] != (3, batch):
             _fail(o, "blocks", f"{blocks.dtype}{_shape(blocks)}", f"must be int32 [3, B = {batch}, max_blocks]")
         k = self.k
         if k is None:
@@ -247,10 +249,12 @@ class AttentionResult(Message):
 
     def _check(self) -> None:
         o = "AttentionResult"
-        if self.out.ndim != 3 or self.out.dtype not in _FLOAT_DTYPES:
-            _fail(o, "out", f"{self.out.dtype}{_shape(self.out)}", "must be [total_q, num_heads, head_dim] fp16/bf16/fp32")
-        if self.lse.dtype != torch.float32 or self.lse.shape != self.out.shape[:2]:
-            _fail(o, "lse", f"{self.lse.dtype}{_shape(self.lse)}", f"must be float32 {_shape(self.out)[:2]}")
+        out, lse = self.out, self.lse
+        shape = out.shape  # each tensor attribute read costs: read each once
+        if len(shape) != 3 or out.dtype not in _FLOAT_DTYPES:
+            _fail(o, "out", f"{out.dtype}{_shape(out)}", "must be [total_q, num_heads, head_dim] fp16/bf16/fp32")
+        if lse.dtype != torch.float32 or lse.shape != shape[:2]:
+            _fail(o, "lse", f"{lse.dtype}{_shape(lse)}", f"must be float32 {tuple(shape[:2])}")
 
 
 # ---- heartbeats, lending, migration ---------------------------------------------------------
