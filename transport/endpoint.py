@@ -199,7 +199,7 @@ class Server:
             self._num_handler_errors += 1
             frames = self._codec.encode(ErrorReply("TransportError", f"the server could not encode its reply: {e}"), seq)
         try:
-            self._sock.send_nowait(peer, frames)
+            self._sock._send_nowait([peer, *frames], checked=True)
         except trio.WouldBlock:
             # Waiting here would stall every other peer behind one slow one: drop, like ZeroMQ.
             self._num_undeliverable += 1
@@ -326,7 +326,7 @@ class Client:
         sock = self._sock
         try:
             try:
-                sock._send_nowait(frames)
+                sock._send_nowait(frames, checked=True)
             except trio.WouldBlock:  # no peer connected yet, or its queue is full
                 with trio.CancelScope(deadline=p.deadline) as p.send_scope:
                     await sock._send(frames, schedule=False)
