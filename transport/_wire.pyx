@@ -236,7 +236,7 @@ cdef class FastPlan:
 
     # ---- encode -------------------------------------------------------------------------------
 
-    cdef list encode(self, object msg, object seq, object packb, Py_ssize_t max_header, Py_ssize_t max_message):
+    cdef list encode(self, object msg, object seq, Py_ssize_t max_header, Py_ssize_t max_message):
         cdef list h = [_VERSION, self.type_id, seq]
         cdef list tensors = []  # the tensors, in field order
         cdef list caps = []  # their DLPack capsules
@@ -776,13 +776,13 @@ def unpack_header(head):
 # ---- entry points ---------------------------------------------------------------------------------
 
 
-def encode(msg, seq, packb, Py_ssize_t max_header, Py_ssize_t max_message):
+def encode(msg, seq, Py_ssize_t max_header, Py_ssize_t max_message):
     """``msg``'s frames, or None when the Python path must decide."""
     cdef FastPlan plan = _PLANS_BY_CLASS.get(type(msg))
     if plan is None or not _is_int64(seq) or seq < 0:
         return None
     try:
-        return plan.encode(msg, seq, packb, max_header, max_message)
+        return plan.encode(msg, seq, max_header, max_message)
     except Exception:
         return None
 

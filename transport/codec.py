@@ -477,7 +477,7 @@ class Codec:
     def encode(self, msg: Message, seq: int = 0) -> list[Any]:
         """The frames of ``msg`` (``seq``: 0 for one-way, else the request's number)."""
         if self.compiled:
-            frames = _wire.encode(msg, seq, self._packb, self.max_header_bytes, self.max_message_bytes)
+            frames = _wire.encode(msg, seq, self.max_header_bytes, self.max_message_bytes)
             if frames is not None:
                 return frames
         plan = _PLANS_BY_CLASS.get(type(msg))

@@ -87,6 +87,10 @@ def _log_bad(count: int, fmt: str, *args: object) -> None:
         log.warning(fmt + " (%d so far)", *args, count)
 
 
+def _hex(peer: zmq.Frame) -> str:
+    return peer.bytes.hex()
+
+
 class RemoteError(TransportError):
     """The peer answered with an error that has no local class (``code`` is its name)."""
 
@@ -169,12 +173,13 @@ class Server:
         sock = self._sock
         codec = self._codec
         while True:
-            peer, frames = await sock.receive()
+            frames = await sock._receive()
+            peer = frames[0]  # the routing id, as the zmq.Frame it came in (sent back as it is)
             try:
-                seq, msg = codec.decode(frames)
+                seq, msg = codec.decode(frames[1:])
             except DecodeError as e:
                 self._num_bad += 1
-                _log_bad(self._num_bad, "%s: refused a message from peer %s: %s", self.address, peer.hex(), e)
+                _log_bad(self._num_bad, "%s: refused a message from peer %s: %s", self.address, _hex(peer), e)
                 if e.seq:
                     self._reply(peer, e.seq, ErrorReply("TransportError", str(e)))
                 continue
@@ -191,7 +196,7 @@ class Server:
             if seq:
                 self._reply(peer, seq, _ACK if reply is None else reply)
 
-    def _reply(self, peer: bytes, seq: int, reply: Message) -> None:
+    def _reply(self, peer: zmq.Frame, seq: int, reply: Message) -> None:
         try:
             frames = self._codec.encode(reply, seq)
         except TransportError as e:
@@ -203,11 +208,11 @@ class Server:
         except trio.WouldBlock:
             # Waiting here would stall every other peer behind one slow one: drop, like ZeroMQ.
             self._num_undeliverable += 1
-            _log_bad(self._num_undeliverable, "%s: peer %s is not reading; reply dropped", self.address, peer.hex())
+            _log_bad(self._num_undeliverable, "%s: peer %s is not reading; reply dropped", self.address, _hex(peer))
             return
         except TransportError as e:  # EHOSTUNREACH: the peer has gone
             self._num_undeliverable += 1
-            _log_bad(self._num_undeliverable, "%s: reply to peer %s undeliverable: %s", self.address, peer.hex(), e)
+            _log_bad(self._num_undeliverable, "%s: reply to peer %s undeliverable: %s", self.address, _hex(peer), e)
             return
         self._num_replies += 1
 

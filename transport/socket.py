@@ -248,7 +248,10 @@ class ZmqSocket:
         return frames
 
     async def _receive(self, *, interruptible: bool = False) -> list[zmq.Frame] | None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+        """One whole message. ``interruptible`` (the ``Client``'s): ``_interrupt_receive``
+        makes it return None; the caller has checked for cancellation already."""
+        if not interruptible:
+            await trio.lowlevel.checkpoint_if_cancelled()
         sock = self._sock
         waited = False
         while True:
