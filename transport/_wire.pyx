@@ -773,6 +773,40 @@ def unpack_header(head):
     return _unpack_header(head)
 
 
+# ---- ZMQ_EVENTS, straight from libzmq ---------------------------------------------------------------
+# The socket layer reads ZMQ_EVENTS before every receive and after every wake. pyzmq's
+# Socket.get builds a SocketOption enum from the option number on each call (a couple of
+# microseconds, more right after a wait); this calls the libzmq pyzmq itself uses, found by
+# ``bind_libzmq`` (the caller passes zmq_getsockopt's address), with the socket's handle.
+
+ctypedef int (*getsockopt_t)(void* socket, int option, void* value, size_t* size) noexcept nogil
+cdef getsockopt_t _getsockopt = NULL
+cdef int _ZMQ_EVENTS = 15
+cdef object _ZMQError = zmq.ZMQError
+
+cdef extern from "errno.h":
+    int errno
+
+
+def bind_libzmq(uintptr_t getsockopt_address, int zmq_events):
+    """Use libzmq's ``zmq_getsockopt`` at this address for ``zmq_events``."""
+    global _getsockopt, _ZMQ_EVENTS
+    _getsockopt = <getsockopt_t>getsockopt_address
+    _ZMQ_EVENTS = zmq_events
+
+
+def zmq_events(uintptr_t handle):
+    """ZMQ_EVENTS of the open libzmq socket at ``handle`` (``zmq.Socket.underlying``); the
+    caller makes sure it is open. Raises ``zmq.ZMQError`` as pyzmq would."""
+    cdef int value = 0
+    cdef size_t size = sizeof(int)
+    if _getsockopt == NULL:
+        raise RuntimeError("bind_libzmq was not called")
+    if _getsockopt(<void*>handle, _ZMQ_EVENTS, &value, &size) != 0:
+        raise _ZMQError(errno)
+    return value
+
+
 # ---- entry points ---------------------------------------------------------------------------------
 
 

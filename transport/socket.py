@@ -42,7 +42,8 @@ A socket is closed by ``close()`` (or ``async with``): tasks waiting on it get
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import ctypes
+from typing import Any, Callable, Sequence
 
 import trio
 import zmq
@@ -61,6 +62,35 @@ _EVENTS = int(zmq.EVENTS)
 _get = zmq.backend.Socket.get
 _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
+
+
+def _libzmq_events() -> Callable[[int], int] | None:
+    """A ZMQ_EVENTS reader that calls libzmq directly (``_wire.zmq_events``), or None where
+    the compiled module or the loaded libzmq cannot be found (then pyzmq's ``get`` serves)."""
+    try:
+        from . import _wire
+    except ImportError:
+        return None
+    path = None
+    try:
+        with open("/proc/self/maps") as maps:  # the libzmq pyzmq loaded, whichever it is
+            for line in maps:
+                if "libzmq" in line.rsplit("/", 1)[-1]:
+                    path = line.split(None, 5)[-1].strip()
+                    break
+    except OSError:
+        return None
+    if path is None:
+        return None
+    try:
+        getsockopt = ctypes.CDLL(path).zmq_getsockopt
+    except (OSError, AttributeError):
+        return None
+    _wire.bind_libzmq(ctypes.cast(getsockopt, ctypes.c_void_p).value, int(zmq.EVENTS))
+    return _wire.zmq_events
+
+
+_events = _libzmq_events()
 _BUFFER_TYPES = (bytes, bytearray, memoryview, zmq.Frame)
 
 
@@ -116,7 +146,7 @@ class ZmqSocket:
     the operations their pattern allows; this class holds the machinery.
     """
 
-    __slots__ = ("_sock", "_fd", "_closed", "_watching", "_interrupted", "_lot", "_linger_ms", "__weakref__")
+    __slots__ = ("_sock", "_handle", "_fd", "_closed", "_watching", "_interrupted", "_lot", "_linger_ms", "__weakref__")
 
     socket_type: int = -1
 
@@ -124,6 +154,7 @@ class ZmqSocket:
         if sock.closed:
             raise TransportError("cannot wrap a closed zmq socket")
         self._sock = sock
+        self._handle: int = sock.underlying  # the libzmq socket, for _events
         self._fd: int = sock.getsockopt(zmq.FD)
         self._closed = False
         self._watching = False  # a task is inside wait_readable(fd)
@@ -259,7 +290,13 @@ class ZmqSocket:
                 raise trio.ClosedResourceError(f"{type(self).__name__} is closed")
             try:
                 # ZMQ_EVENTS first: it processes pending commands, and is cheaper than EAGAIN.
-                if _get(sock, _EVENTS) & _POLLIN:
+                # (Straight from libzmq while pyzmq says the socket is open: a socket its
+                # context closed behind our back is pyzmq's to refuse.)
+                if _events is not None and not sock.closed:
+                    events = _events(self._handle)
+                else:
+                    events = _get(sock, _EVENTS)
+                if events & _POLLIN:
                     frames = _recv_multipart(sock)
                     break
             except zmq.Again:
@@ -308,7 +345,8 @@ class ZmqSocket:
                 _send_multipart(sock, frames)
             except zmq.Again:
                 try:
-                    ready = _get(sock, _EVENTS) & _POLLOUT
+                    events = _events(self._handle) if _events is not None and not sock.closed else _get(sock, _EVENTS)
+                    ready = events & _POLLOUT
                 except zmq.ZMQError as e:
                     raise self._zmq_error(e, "send") from None
                 # A ROUTER may say POLLOUT while the pipe to this peer is full: wait then.
