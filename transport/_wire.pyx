@@ -20,7 +20,7 @@ they agree on what is accepted, field by field and byte by byte.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.object cimport PyObject_GenericSetAttr
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsule_New
@@ -773,38 +773,160 @@ def unpack_header(head):
     return _unpack_header(head)
 
 
-# ---- ZMQ_EVENTS, straight from libzmq ---------------------------------------------------------------
-# The socket layer reads ZMQ_EVENTS before every receive and after every wake. pyzmq's
-# Socket.get builds a SocketOption enum from the option number on each call (a couple of
-# microseconds, more right after a wait); this calls the libzmq pyzmq itself uses, found by
-# ``bind_libzmq`` (the caller passes zmq_getsockopt's address), with the socket's handle.
+# ---- the socket layer's libzmq calls -------------------------------------------------------------
+# The socket layer reads ZMQ_EVENTS before every receive and after every wake, then takes a
+# whole message; it sends whole messages. Through pyzmq each of these costs microseconds of
+# Python-level work per call (its Socket.get builds a SocketOption enum from the option number,
+# each received frame is a zmq.Frame built through its Python constructor), and more right
+# after a wait, when nothing is in the caches. These functions make the same libzmq calls
+# directly, on the libzmq pyzmq itself loaded (``bind_libzmq`` takes the functions' addresses)
+# and the socket's handle (``zmq.Socket.underlying``). The caller makes sure the socket is open.
+
+cdef struct zmq_msg_t:
+    uint64_t _[8]  # libzmq's 64 opaque bytes, pointer-aligned
 
 ctypedef int (*getsockopt_t)(void* socket, int option, void* value, size_t* size) noexcept nogil
+ctypedef int (*msg_init_t)(zmq_msg_t* msg) noexcept nogil
+ctypedef int (*msg_recv_t)(zmq_msg_t* msg, void* socket, int flags) noexcept nogil
+ctypedef int (*msg_close_t)(zmq_msg_t* msg) noexcept nogil
+ctypedef void* (*msg_data_t)(zmq_msg_t* msg) noexcept nogil
+ctypedef size_t (*msg_size_t)(const zmq_msg_t* msg) noexcept nogil
+ctypedef int (*msg_more_t)(const zmq_msg_t* msg) noexcept nogil
+ctypedef int (*send_t)(void* socket, const void* buf, size_t len, int flags) noexcept nogil
+
 cdef getsockopt_t _getsockopt = NULL
+cdef msg_init_t _msg_init = NULL
+cdef msg_recv_t _msg_recv = NULL
+cdef msg_close_t _msg_close = NULL
+cdef msg_data_t _msg_data = NULL
+cdef msg_size_t _msg_size = NULL
+cdef msg_more_t _msg_more = NULL
+cdef send_t _zmq_send = NULL
 cdef int _ZMQ_EVENTS = 15
+cdef int _DONTWAIT = 1
+cdef int _SNDMORE = 2
+cdef int _EAGAIN = 11
+cdef Py_ssize_t _COPY_THRESHOLD = 65536
 cdef object _ZMQError = zmq.ZMQError
+cdef object _Again = zmq.Again
 
 cdef extern from "errno.h":
     int errno
 
+_LIBZMQ_FUNCTIONS = ("zmq_getsockopt", "zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_data",
+                     "zmq_msg_size", "zmq_msg_more", "zmq_send")
 
-def bind_libzmq(uintptr_t getsockopt_address, int zmq_events):
-    """Use libzmq's ``zmq_getsockopt`` at this address for ``zmq_events``."""
-    global _getsockopt, _ZMQ_EVENTS
-    _getsockopt = <getsockopt_t>getsockopt_address
-    _ZMQ_EVENTS = zmq_events
+
+def bind_libzmq(dict addresses, *, int zmq_events, int dontwait, int sndmore, int eagain, Py_ssize_t copy_threshold):
+    """Call libzmq at these addresses (``_LIBZMQ_FUNCTIONS`` -> address) from now on."""
+    global _getsockopt, _msg_init, _msg_recv, _msg_close, _msg_data, _msg_size, _msg_more, _zmq_send
+    global _ZMQ_EVENTS, _DONTWAIT, _SNDMORE, _EAGAIN, _COPY_THRESHOLD
+    cdef uintptr_t a
+    for name in _LIBZMQ_FUNCTIONS:
+        if not addresses.get(name):
+            raise ValueError(f"no address for {name}")
+    a = addresses["zmq_getsockopt"]; _getsockopt = <getsockopt_t>a
+    a = addresses["zmq_msg_init"]; _msg_init = <msg_init_t>a
+    a = addresses["zmq_msg_recv"]; _msg_recv = <msg_recv_t>a
+    a = addresses["zmq_msg_close"]; _msg_close = <msg_close_t>a
+    a = addresses["zmq_msg_data"]; _msg_data = <msg_data_t>a
+    a = addresses["zmq_msg_size"]; _msg_size = <msg_size_t>a
+    a = addresses["zmq_msg_more"]; _msg_more = <msg_more_t>a
+    a = addresses["zmq_send"]; _zmq_send = <send_t>a
+    _ZMQ_EVENTS, _DONTWAIT, _SNDMORE, _EAGAIN, _COPY_THRESHOLD = zmq_events, dontwait, sndmore, eagain, copy_threshold
+
+
+cdef inline object _error(int err):
+    return _Again(err) if err == _EAGAIN else _ZMQError(err)
 
 
 def zmq_events(uintptr_t handle):
-    """ZMQ_EVENTS of the open libzmq socket at ``handle`` (``zmq.Socket.underlying``); the
-    caller makes sure it is open. Raises ``zmq.ZMQError`` as pyzmq would."""
+    """ZMQ_EVENTS of the open libzmq socket at ``handle``; ``zmq.ZMQError`` as pyzmq raises."""
     cdef int value = 0
     cdef size_t size = sizeof(int)
-    if _getsockopt == NULL:
-        raise RuntimeError("bind_libzmq was not called")
     if _getsockopt(<void*>handle, _ZMQ_EVENTS, &value, &size) != 0:
-        raise _ZMQError(errno)
+        raise _error(errno)
     return value
+
+
+cdef class Frame:
+    """A received frame: it owns its libzmq message, and lends its bytes (writable) through
+    the buffer protocol, ``buffer`` and ``bytes``, as ``zmq.Frame`` does. Views of it (the
+    tensors the codec makes) keep it alive."""
+
+    cdef zmq_msg_t msg
+    cdef bint owned
+    cdef readonly bint more
+
+    def __dealloc__(self):
+        if self.owned:
+            _msg_close(&self.msg)
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        PyBuffer_FillInfo(view, self, _msg_data(&self.msg), <Py_ssize_t>_msg_size(&self.msg), 0, flags)
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+    def __len__(self):
+        return <Py_ssize_t>_msg_size(&self.msg)
+
+    @property
+    def buffer(self):
+        return memoryview(self)
+
+    @property
+    def bytes(self):
+        return PyBytes_FromStringAndSize(<const char*>_msg_data(&self.msg), <Py_ssize_t>_msg_size(&self.msg))
+
+    def __repr__(self):
+        return f"<infinillm Frame of {len(self)} bytes>"
+
+
+def recv_multipart(uintptr_t handle):
+    """One whole message from the open socket at ``handle`` without waiting (``zmq.Again``
+    if there is none). Multipart messages arrive whole: once the first frame is here, so
+    are the others."""
+    cdef Frame frame
+    cdef list frames = []
+    while True:
+        frame = Frame.__new__(Frame)
+        _msg_init(&frame.msg)
+        frame.owned = True
+        if _msg_recv(&frame.msg, <void*>handle, _DONTWAIT) < 0:
+            raise _error(errno)
+        frame.more = _msg_more(&frame.msg) != 0
+        frames.append(frame)
+        if not frame.more:
+            return frames
+
+
+def send_multipart(uintptr_t handle, frames):
+    """Queue a whole message of small frames (each copied, as ZeroMQ copies frames under
+    ``zmq.COPY_THRESHOLD``) on the open socket at ``handle`` without waiting. Returns False,
+    having sent nothing, if a frame is that large (the caller sends it zero-copy through
+    pyzmq); raises ``zmq.Again`` if the first frame cannot be queued (nothing is sent). A later
+    frame fails only when the pipe went away under us: the rest is fed to ZeroMQ, which drops
+    the whole message, and the error is raised."""
+    cdef Py_buffer view
+    cdef Py_ssize_t i, n = len(frames)
+    cdef int rc, err = 0
+    if n == 0:
+        raise ValueError("a message needs at least one frame")
+    for f in frames:
+        if (f.nbytes if type(f) is memoryview else len(f)) >= _COPY_THRESHOLD:
+            return False
+    for i in range(n):
+        PyObject_GetBuffer(frames[i], &view, PyBUF_SIMPLE)
+        rc = _zmq_send(<void*>handle, view.buf, <size_t>view.len, _DONTWAIT | (_SNDMORE if i < n - 1 else 0))
+        PyBuffer_Release(&view)
+        if rc < 0 and not err:
+            err = errno
+            if i == 0:
+                raise _error(err)
+    if err:
+        raise _error(err)
+    return True
 
 
 # ---- entry points ---------------------------------------------------------------------------------

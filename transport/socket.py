@@ -43,6 +43,7 @@ A socket is closed by ``close()`` (or ``async with``): tasks waiting on it get
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any, Callable, Sequence
 
 import trio
@@ -64,9 +65,12 @@ _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
 
 
-def _libzmq_events() -> Callable[[int], int] | None:
-    """A ZMQ_EVENTS reader that calls libzmq directly (``_wire.zmq_events``), or None where
-    the compiled module or the loaded libzmq cannot be found (then pyzmq's ``get`` serves)."""
+def _bind_libzmq() -> Any:
+    """The compiled socket calls (``_wire.zmq_events``, ``recv_multipart``,
+    ``send_multipart``) bound to the libzmq pyzmq loaded, or None where the compiled module or
+    that libzmq cannot be found (then pyzmq's own calls serve)."""
+    if os.environ.get("INFINILLM_CORE", "").strip().lower() == "python":
+        return None
     try:
         from . import _wire
     except ImportError:
@@ -78,20 +82,21 @@ def _libzmq_events() -> Callable[[int], int] | None:
                 if "libzmq" in line.rsplit("/", 1)[-1]:
                     path = line.split(None, 5)[-1].strip()
                     break
-    except OSError:
-        return None
-    if path is None:
-        return None
-    try:
-        getsockopt = ctypes.CDLL(path).zmq_getsockopt
+        if path is None:
+            return None
+        lib = ctypes.CDLL(path)
+        addresses = {name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in _wire._LIBZMQ_FUNCTIONS}
     except (OSError, AttributeError):
         return None
-    _wire.bind_libzmq(ctypes.cast(getsockopt, ctypes.c_void_p).value, int(zmq.EVENTS))
-    return _wire.zmq_events
+    _wire.bind_libzmq(addresses, zmq_events=int(zmq.EVENTS), dontwait=int(zmq.NOBLOCK), sndmore=int(zmq.SNDMORE),
+                      eagain=int(zmq.EAGAIN), copy_threshold=int(zmq.COPY_THRESHOLD))
+    return _wire
 
 
-_events = _libzmq_events()
-_BUFFER_TYPES = (bytes, bytearray, memoryview, zmq.Frame)
+_lib = _bind_libzmq()
+if _lib is not None:
+    _lib_events, _lib_recv, _lib_send = _lib.zmq_events, _lib.recv_multipart, _lib.send_multipart
+_BUFFER_TYPES = (bytes, bytearray, memoryview, zmq.Frame, *((_lib.Frame,) if _lib is not None else ()))
 
 
 def _recv_multipart(sock: zmq.Socket) -> list[zmq.Frame]:
@@ -270,7 +275,10 @@ class ZmqSocket:
     def _receive_nowait(self) -> list[zmq.Frame]:
         self._check_open()
         try:
-            frames = _recv_multipart(self._sock)
+            if _lib is not None and not self._sock.closed:
+                frames = _lib_recv(self._handle)
+            else:
+                frames = _recv_multipart(self._sock)
         except zmq.Again:
             raise trio.WouldBlock from None
         except zmq.ZMQError as e:
@@ -292,11 +300,11 @@ class ZmqSocket:
                 # ZMQ_EVENTS first: it processes pending commands, and is cheaper than EAGAIN.
                 # (Straight from libzmq while pyzmq says the socket is open: a socket its
                 # context closed behind our back is pyzmq's to refuse.)
-                if _events is not None and not sock.closed:
-                    events = _events(self._handle)
-                else:
-                    events = _get(sock, _EVENTS)
-                if events & _POLLIN:
+                if _lib is not None and not sock.closed:
+                    if _lib_events(self._handle) & _POLLIN:
+                        frames = _lib_recv(self._handle)
+                        break
+                elif _get(sock, _EVENTS) & _POLLIN:
                     frames = _recv_multipart(sock)
                     break
             except zmq.Again:
@@ -322,7 +330,8 @@ class ZmqSocket:
         if not checked:
             _check_frames(frames)
         try:
-            _send_multipart(self._sock, frames)
+            if _lib is None or self._sock.closed or not _lib_send(self._handle, frames):
+                _send_multipart(self._sock, frames)
         except zmq.Again:
             raise trio.WouldBlock from None
         except zmq.ZMQError as e:
@@ -342,10 +351,11 @@ class ZmqSocket:
             if self._closed:
                 raise trio.ClosedResourceError(f"{type(self).__name__} is closed")
             try:
-                _send_multipart(sock, frames)
+                if _lib is None or sock.closed or not _lib_send(self._handle, frames):
+                    _send_multipart(sock, frames)
             except zmq.Again:
                 try:
-                    events = _events(self._handle) if _events is not None and not sock.closed else _get(sock, _EVENTS)
+                    events = _lib_events(self._handle) if _lib is not None and not sock.closed else _get(sock, _EVENTS)
                     ready = events & _POLLOUT
                 except zmq.ZMQError as e:
                     raise self._zmq_error(e, "send") from None

@@ -1,4 +1,7 @@
-"""The trio socket layer: delivery, ordering, cancellation safety, several tasks on one socket."""
+"""The trio socket layer: delivery, ordering, cancellation safety, several tasks on one socket.
+
+Every test runs twice: with the socket layer's libzmq calls made directly (``_wire``: the
+default) and through pyzmq's (what serves when the compiled module is not there)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,17 @@ import trio.testing
 import zmq
 
 from infinillm.transport import DealerSocket, PullSocket, PushSocket, RouterSocket
+from infinillm.transport import socket as socket_module
+
+
+@pytest.fixture(autouse=True, params=["libzmq", "pyzmq"])
+def socket_calls(request, monkeypatch):
+    if request.param == "libzmq":
+        if socket_module._lib is None:
+            pytest.fail("the compiled socket calls (infinillm.transport._wire) are not bound: run `make build`")
+    else:
+        monkeypatch.setattr(socket_module, "_lib", None)
+    return request.param
 
 
 @pytest.fixture
@@ -240,3 +254,36 @@ async def test_send_to_a_gone_peer_raises_from_router(zctx):
         router.bind("inproc://gone")
         with pytest.raises(TransportError, match="send failed"):
             router.send_nowait(b"nobody", [b"x"])
+
+
+async def test_received_frames_lend_writable_bytes_and_outlive_their_list(zctx):
+    push, pull = pair(zctx, "push", "frames")
+    async with push, pull:
+        await push.send([b"head", bytes(range(200))])
+        frames = await pull.receive()
+        head, body = frames
+        del frames
+        assert head.bytes == b"head" and len(body) == 200 and not body.more and head.more
+        view = memoryview(body)
+        assert not view.readonly and bytes(view) == bytes(range(200))
+        del body
+        view[0] = 7  # the memory is still the frame's, alive through the view
+        assert view[0] == 7 and view[1] == 1
+        assert bytes(head.buffer) == b"head"
+
+
+async def test_a_socket_whose_context_was_destroyed_behind_our_back_is_closed_not_crashed():
+    ctx = zmq.Context()
+    push, pull = PushSocket.create(ctx), PullSocket.create(ctx)
+    pull.bind("inproc://gone")
+    push.connect("inproc://gone")
+    ctx.destroy(linger=0)  # closes the zmq sockets under the wrappers
+    with pytest.raises(trio.ClosedResourceError):
+        pull.receive_nowait()
+    with pytest.raises(trio.ClosedResourceError):
+        push.send_nowait([b"x"])
+    with pytest.raises(trio.ClosedResourceError):
+        with trio.move_on_after(1):
+            await pull.receive()
+    push.close()
+    pull.close()
