@@ -31,10 +31,18 @@ be cancelled is while it waits, before it has taken or given anything. So a canc
 sends nothing; a completed one sends all of it. The schedule point after an operation that did
 not have to wait is cancel-shielded, so a message taken is always returned.
 
-Zero copy. ``send`` hands frames to pyzmq with ``copy=False``: frames of ``zmq.COPY_THRESHOLD``
-bytes (64 KiB) or more are not copied, so a buffer that was sent must not be written to
-afterwards. ``receive`` returns ``zmq.Frame`` objects whose ``.buffer`` is a writable view of
-the message's memory.
+Zero copy. Frames of ``zmq.COPY_THRESHOLD`` bytes (64 KiB) or more are handed to pyzmq with
+``copy=False`` and not copied, so a buffer that was sent must not be written to afterwards;
+smaller ones are copied, as ZeroMQ does anyway. ``receive`` returns frame objects whose
+``.buffer`` is a writable view of the message's memory (``.bytes`` copies it out).
+
+Calls. The hot calls (read ``ZMQ_EVENTS``, take a whole message, queue a message of small
+frames) go straight to the libzmq that pyzmq loaded, through the compiled ``_wire`` module, on
+the socket's handle, while pyzmq says the socket is open: through pyzmq each costs microseconds
+of Python-level work (an enum built per option read, a ``zmq.Frame`` per received frame), which
+is much of a round trip right after a wait. Received frames are then ``_wire.Frame`` objects
+(they own their libzmq message, like ``zmq.Frame``). Without the compiled module, or with
+``INFINILLM_CORE=python``, pyzmq makes the same calls and frames are ``zmq.Frame``.
 
 A socket is closed by ``close()`` (or ``async with``): tasks waiting on it get
 ``trio.ClosedResourceError``, and unsent messages are dropped after ``linger_ms``.
@@ -44,7 +52,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import trio
 import zmq
