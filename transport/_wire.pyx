@@ -1,22 +1,26 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The codec's hot path, compiled (``infinillm.transport._wire``).
+"""The transport's hot path, compiled (``infinillm.transport._wire``).
 
-``codec.py`` is the specification: its generic encoder and decoder say what goes on the wire
-and what is refused, and with which message. This module does the same work for well-formed
-input with as little as possible between the wire and the tensors, because each attention
-query and result is encoded and decoded once per creditor per layer per step, right after a
-wait, when nothing is in the CPU's caches:
+Each attention query and result is encoded, sent, received and decoded once per creditor per
+layer per step, right after a wait, when nothing is in the CPU's caches and every Python-level
+call costs several times its hot-loop price. This module does that work with as little as
+possible between libzmq and the tensors:
 
-- a sent tensor's bytes are copied into the small-tensor frame straight from ``data_ptr()``
-  (no numpy array per tensor); a large tensor still goes out zero-copy through numpy;
-- a received tensor is one ``numpy.ndarray`` over the frame and one ``torch.from_numpy``;
-- the header is walked once, in C, with the checks of ``codec._fast_kind``'s kinds.
+- the codec's fast path (``encode`` / ``decode``): the header walked once, in C, with the checks
+  of ``codec._fast_kind``'s kinds and a msgpack subset of our own (byte-identical to msgpack for
+  what headers hold); a sent tensor's bytes copied into the small-tensor frame from its DLPack
+  description (one torch call tells pointer, dtype, shape and strides; a large tensor still
+  goes out zero-copy through numpy); a received tensor made by one ``torch._C._from_dlpack``
+  over the frame's memory, which it keeps alive;
+- the socket layer's libzmq calls (``zmq_events``, ``recv_multipart``, ``send_multipart``), on
+  the libzmq pyzmq loaded, and ``Frame``, a received frame that owns its libzmq message.
 
-It never refuses anything itself: on any input it does not take (a malformed frame, a
-tensor on another device, a field its kinds do not cover...) ``encode`` / ``decode`` return
-None and the caller runs the Python path, which accepts it or raises the exact error. So the
-two agree by construction on what is refused; ``tests/transport/test_codec.py`` checks that
-they agree on what is accepted, field by field and byte by byte.
+``codec.py`` stays the specification: this module never refuses anything itself. On any input
+it does not take (a malformed frame, a tensor on another device, a neg-bit view, a field its
+kinds do not cover...) ``encode`` / ``decode`` return None and the caller runs the Python path,
+which accepts it or raises the exact error. So the two agree by construction on what is refused;
+``tests/transport/test_codec.py`` checks that they agree on what is accepted, field by field and
+byte by byte.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
@@ -30,7 +34,6 @@ from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, u
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
-import msgpack
 import torch
 import torch.utils.dlpack
 import zmq
@@ -98,7 +101,6 @@ cdef object _to_dlpack = torch.utils.dlpack.to_dlpack  # torch._C._to_dlpack its
 cdef object _from_dlpack = torch._C._from_dlpack  # what torch.utils.dlpack.from_dlpack calls for a capsule
 cdef object _torch_empty = torch.empty
 cdef object _Frame = zmq.Frame
-cdef object _unpackb = msgpack.unpackb
 cdef object _int16 = torch.int16
 cdef object _bfloat16 = torch.bfloat16
 
@@ -167,10 +169,6 @@ def register(cls, int type_id, tuple names, list kinds, list encoders, list deco
     plan = FastPlan(cls, type_id, names, kinds, encoders, decoders)
     _PLANS_BY_ID[type_id] = plan
     _PLANS_BY_CLASS[cls] = plan
-
-
-def registered():
-    return {cls: plan.type_id for cls, plan in _PLANS_BY_CLASS.items()}
 
 
 cdef inline bint _is_int64(object v):
