@@ -75,26 +75,22 @@ _recv = zmq.backend.Socket.recv
 
 def _bind_libzmq() -> Any:
     """The compiled socket calls (``_wire.zmq_events``, ``recv_multipart``,
-    ``send_multipart``) bound to the libzmq pyzmq loaded, or None where the compiled module or
-    that libzmq cannot be found (then pyzmq's own calls serve)."""
+    ``send_multipart``) bound to the libzmq pyzmq uses, or None where the compiled module or
+    those functions cannot be found (then pyzmq's own calls serve)."""
     if os.environ.get("INFINILLM_CORE", "").strip().lower() == "python":
         return None
     try:
         from . import _wire
     except ImportError:
         return None
-    path = None
     try:
-        with open("/proc/self/maps") as maps:  # the libzmq pyzmq loaded, whichever it is
-            for line in maps:
-                if "libzmq" in line.rsplit("/", 1)[-1]:
-                    path = line.split(None, 5)[-1].strip()
-                    break
-        if path is None:
-            return None
-        lib = ctypes.CDLL(path)
+        # Looked up through pyzmq's own extension module, the symbols resolve to the libzmq it
+        # uses (its dependency, or the copy linked into it), whatever else the process loaded.
+        from zmq.backend.cython import _zmq
+
+        lib = ctypes.CDLL(_zmq.__file__)
         addresses = {name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in _wire._LIBZMQ_FUNCTIONS}
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):  # another pyzmq backend, or symbols not exported
         return None
     _wire.bind_libzmq(addresses, zmq_events=int(zmq.EVENTS), dontwait=int(zmq.NOBLOCK), sndmore=int(zmq.SNDMORE),
                       eagain=int(zmq.EAGAIN), copy_threshold=int(zmq.COPY_THRESHOLD))
