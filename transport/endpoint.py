@@ -195,6 +195,9 @@ class Server:
                 reply = ErrorReply.from_exception(e)
             if seq:
                 self._reply(peer, seq, _ACK if reply is None else reply)
+            # Let the request and its frames go now, while the peer reads the reply, not after
+            # the next wake, on the next request's time (and not held while idle).
+            frames = peer = msg = reply = None
 
     def _reply(self, peer: zmq.Frame, seq: int, reply: Message) -> None:
         try:
@@ -338,6 +341,7 @@ class Client:
                 p.send_scope = None
                 if p.error is None and p.reply is None and trio.current_time() >= p.deadline:
                     p.expired = True
+            frames = None  # sent (ZeroMQ holds what it needs): free them now, not after the reply
             # Wait for the reply: one request receives for all (see the module docstring).
             while p.reply is None and p.error is None and not p.expired:
                 if self._leader is not None:

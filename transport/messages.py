@@ -325,6 +325,8 @@ class Reservation(Message):
 
     def _check(self) -> None:
         _nonneg("Reservation", reservation_id=self.reservation_id, num_blocks=self.num_blocks)
+        if not 0.0 <= self.ttl_s < float("inf"):  # NaN fails this too
+            _fail("Reservation", "ttl_s", self.ttl_s, "must be a finite number of seconds >= 0")
 
 
 @message(6)

@@ -83,7 +83,7 @@ def assert_same(a, b) -> None:
             assert x.dtype == y.dtype and x.shape == y.shape, name
             assert torch.equal(x, y), name
         else:
-            assert x == y, name
+            assert x == y or (x != x and y != y), name  # NaN (a logprob may be one) equals NaN
 
 
 def one_of_each() -> list:
@@ -514,3 +514,10 @@ def test_compiled_header_edge_values():
             _wire.unpack_header(bad)
     with pytest.raises(_wire._Decline):
         _wire.pack_header([b"bytes"])
+
+
+@pytest.mark.parametrize("ttl", [float("nan"), float("inf"), -1.0])
+def test_a_reservation_ttl_must_be_finite_and_not_negative(ttl):
+    with pytest.raises(ValidationError, match="ttl_s"):
+        Reservation(1, 8, ttl)
+    refused([msgpack.packb([PROTOCOL_VERSION, Reservation.TYPE_ID, 3, 1, 8, ttl])], r"malformed Reservation: .*ttl_s")
