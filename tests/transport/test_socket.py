@@ -5,6 +5,7 @@ default) and through pyzmq's (what serves when the compiled module is not there)
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -20,6 +21,8 @@ from infinillm.transport import socket as socket_module
 def socket_calls(request, monkeypatch):
     if request.param == "libzmq":
         if socket_module._lib is None:
+            if os.environ.get("INFINILLM_CORE", "").strip().lower() == "python":
+                pytest.skip("INFINILLM_CORE=python: the socket layer calls pyzmq only")
             pytest.fail("the compiled socket calls (infinillm.transport._wire) are not bound: run `make build`")
     else:
         monkeypatch.setattr(socket_module, "_lib", None)
