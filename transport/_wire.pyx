@@ -98,7 +98,8 @@ cdef int _MAX_DIMS = 8
 
 cdef object _Tensor = torch.Tensor
 cdef object _to_dlpack = torch.utils.dlpack.to_dlpack  # torch._C._to_dlpack itself
-cdef object _from_dlpack = torch._C._from_dlpack  # what torch.utils.dlpack.from_dlpack calls for a capsule
+# What torch.utils.dlpack.from_dlpack calls for a capsule; the public function where it is gone.
+cdef object _from_dlpack = getattr(torch._C, "_from_dlpack", None) or torch.utils.dlpack.from_dlpack
 cdef object _torch_empty = torch.empty
 cdef object _Frame = zmq.Frame
 cdef object _int16 = torch.int16
