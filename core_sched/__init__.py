@@ -13,9 +13,9 @@ one was taken; ``implementation(name)`` returns either, for tests that run again
 from __future__ import annotations
 
 import importlib
-import os
 from types import SimpleNamespace
 
+from .._choice import CHOICES, requested
 from ..errors import ValidationError
 from .types import BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, PoolCounters, PoolDelta
 
@@ -41,7 +41,6 @@ __all__ = [
     "compiled_available",
 ]
 
-_CHOICES = ("compiled", "python", "auto")
 
 
 def _load(kind: str) -> SimpleNamespace:
@@ -77,11 +76,11 @@ def implementation(name: str) -> SimpleNamespace:
                 "run `make build` (or `pip install -e .`)"
             ) from _compiled_import_error
         return compiled
-    raise ValidationError("INFINILLM_CORE", name, f"must be one of {', '.join(_CHOICES)}")
+    raise ValidationError("INFINILLM_CORE", name, f"must be one of {', '.join(CHOICES)}")
 
 
 def _choose() -> SimpleNamespace:
-    choice = os.environ.get("INFINILLM_CORE", "compiled").strip().lower() or "compiled"
+    choice = requested()
     if choice == "auto":
         return compiled if compiled is not None else twin
     return implementation(choice)

@@ -212,21 +212,19 @@ class Engine:
 
     def abort(self, rid: int) -> RequestOutput | None:
         """Abort a request: free every block it holds; returns its final output."""
-        req = self.requests.pop(rid, None)
-        if req is None:
-            return None
-        self.planner.abort(rid)
-        req.detok.finish("abort")
-        req.finish_reason, req.stop_reason = "abort", None
-        return req.snapshot(finished=True)
+        return self._end(rid, "abort")
 
     def fail(self, rid: int, error: str) -> RequestOutput | None:
+        """End a request with ``error``, freeing every block it holds; its final output."""
+        return self._end(rid, "error", error)
+
+    def _end(self, rid: int, reason: str, error: str | None = None) -> RequestOutput | None:
         req = self.requests.pop(rid, None)
         if req is None:
             return None
         self.planner.abort(rid)
-        req.detok.finish("error")
-        req.finish_reason, req.stop_reason = "error", None
+        req.detok.finish(reason)
+        req.finish_reason, req.stop_reason = reason, None
         return req.snapshot(finished=True, error=error)
 
     @property

@@ -105,8 +105,7 @@ cdef object _Frame = zmq.Frame
 cdef object _int16 = torch.int16
 cdef object _bfloat16 = torch.bfloat16
 
-# dtype tables, filled by configure(): wire code <-> torch dtype, numpy dtype, item size.
-cdef dict _CODE_OF = {}  # torch dtype -> _DType
+# dtype tables, filled by configure(): wire code and DLPack type <-> torch dtype, item size.
 cdef dict _BY_CODE = {}  # wire code str -> _DType
 cdef dict _BY_DL = {}  # DLPack (code << 8 | bits) -> _DType
 cdef dict _PLANS_BY_ID = {}  # type id -> FastPlan
@@ -142,13 +141,12 @@ _DL_CODES = {torch.float16: kDLFloat, torch.float32: kDLFloat, torch.float64: kD
 def configure(*, int version, Py_ssize_t small_tensor_bytes, Py_ssize_t align, int max_dims, dict dtypes):
     """The codec's constants; ``dtypes`` maps wire code -> (torch dtype, itemsize)."""
     global _VERSION, _SMALL, _ALIGN, _MAX_DIMS
+    if max_dims > 8:
+        raise ValueError(f"max_dims={max_dims}: the compiled codec holds at most 8 dims")
     _VERSION = version
     _SMALL = small_tensor_bytes
     _ALIGN = align
     _MAX_DIMS = max_dims
-    if max_dims > 8:
-        raise ValueError(f"max_dims={max_dims}: the compiled codec holds at most 8 dims")
-    _CODE_OF.clear()
     _BY_CODE.clear()
     _BY_DL.clear()
     cdef _DType d
@@ -160,7 +158,6 @@ def configure(*, int version, Py_ssize_t small_tensor_bytes, Py_ssize_t align, i
         d.dl.code = _DL_CODES[torch_dtype]
         d.dl.bits = 8 * itemsize
         d.dl.lanes = 1
-        _CODE_OF[torch_dtype] = d
         _BY_CODE[code] = d
         _BY_DL[d.dl.code << 8 | d.dl.bits] = d
 
@@ -854,12 +851,15 @@ cdef class Frame:
     tensors the codec makes) keep it alive."""
 
     cdef zmq_msg_t msg
-    cdef bint owned
     cdef readonly bint more
 
+    def __cinit__(self):
+        if _msg_init == NULL:
+            raise RuntimeError("bind_libzmq was not called")
+        _msg_init(&self.msg)  # an empty message until a receive fills it
+
     def __dealloc__(self):
-        if self.owned:
-            _msg_close(&self.msg)
+        _msg_close(&self.msg)
 
     def __getbuffer__(self, Py_buffer* view, int flags):
         PyBuffer_FillInfo(view, self, _msg_data(&self.msg), <Py_ssize_t>_msg_size(&self.msg), 0, flags)
@@ -890,8 +890,6 @@ def recv_multipart(uintptr_t handle):
     cdef list frames = []
     while True:
         frame = Frame.__new__(Frame)
-        _msg_init(&frame.msg)
-        frame.owned = True
         if _msg_recv(&frame.msg, <void*>handle, _DONTWAIT) < 0:
             raise _error(errno)
         frame.more = _msg_more(&frame.msg) != 0
@@ -957,7 +955,7 @@ def decode(frames, Py_ssize_t max_message, Py_ssize_t max_header):
     if len(head) > max_header:
         return None
     try:
-        header = _unpack_header(head.buffer if type(head) is _Frame else head)
+        header = _unpack_header(head)
     except Exception:
         return None
     if type(header) is not tuple or len(<tuple>header) < 3:

@@ -19,8 +19,8 @@ wrong type or out of range, an unknown dtype, more than 8 dims, frames missing, 
 the wrong length, and anything the message's own ``_check`` rejects.
 
 The message is checked (``Message._check``) on the header's tensor specs before any tensor is
-built. Received tensors are views of the received frames (through numpy, on the frame's
-writable buffer: no copy) unless libzmq placed a tensor at an address not aligned to its
+built. Received tensors are views of the received frames (through numpy, or DLPack on the compiled
+path, on the frame's writable buffer: no copy) unless libzmq placed a tensor at an address not aligned to its
 element size, when that tensor is copied. Sent tensors are viewed through numpy, not copied,
 except that small tensors are packed into one frame (ZeroMQ copies frames under 64 KiB anyway);
 a large tensor's memory is handed to ZeroMQ as it is, so it must not be written to after the
@@ -37,7 +37,6 @@ missing), ``python``, or ``auto``; ``Codec(compiled=...)`` overrides it per code
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from typing import Any, Callable, Sequence
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 import zmq
 
+from .._choice import core_choice
 from ..errors import TransportError, ValidationError
 from .messages import MESSAGE_TYPES, Message
 
@@ -249,7 +249,7 @@ class _Plan:
     """How one message class goes on the wire (built once per class)."""
 
     __slots__ = ("cls", "name", "type_id", "names", "encoders", "decoders", "tensor_fields", "num_fields",
-                 "fast_encode", "fast_decode")
+                 "kinds", "fast_encode", "fast_decode")
 
     def __init__(self, cls: type[Message]) -> None:
         self.cls = cls
@@ -269,9 +269,9 @@ class _Plan:
                 self.decoders.append(kind)
         self.tensor_fields = tuple(i for i, k in enumerate(self.encoders) if k in (_TENSOR, _OPT_TENSOR))
         self.num_fields = len(self.names)
-        kinds = [_fast_kind(hints[name]) for name in self.names]
-        self.fast_encode = _compile_encoder(self, kinds)
-        self.fast_decode = _compile_decoder(self, kinds)
+        self.kinds = [_fast_kind(hints[name]) for name in self.names]  # the fast paths' view
+        self.fast_encode = _compile_encoder(self, self.kinds)
+        self.fast_decode = _compile_decoder(self, self.kinds)
 
 
 # ---- fast paths: straight-line code per message type ---------------------------------------------
@@ -408,9 +408,7 @@ def _plans() -> None:
             _PLANS_BY_ID[type_id] = plan
             _PLANS_BY_CLASS[cls] = plan
             if _wire is not None:
-                hints = typing.get_type_hints(cls)
-                _wire.register(cls, plan.type_id, plan.names, [_fast_kind(hints[n]) for n in plan.names],
-                               list(plan.encoders), list(plan.decoders))
+                _wire.register(cls, plan.type_id, plan.names, plan.kinds, list(plan.encoders), list(plan.decoders))
 
 
 def compiled_available() -> bool:
@@ -420,9 +418,7 @@ def compiled_available() -> bool:
 
 def _use_compiled(choice: bool | None) -> bool:
     if choice is None:
-        name = os.environ.get("INFINILLM_CORE", "compiled").strip().lower() or "compiled"
-        if name not in ("compiled", "python", "auto"):
-            raise ValidationError("INFINILLM_CORE", name, "must be one of compiled, python, auto")
+        name = core_choice()
         if name == "python":
             return False
         choice = name == "compiled" or _wire is not None

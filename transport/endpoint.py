@@ -174,7 +174,7 @@ class Server:
         codec = self._codec
         while True:
             frames = await sock._receive()
-            peer = frames[0]  # the routing id, as the zmq.Frame it came in (sent back as it is)
+            peer = frames[0]  # the routing id, as the frame it came in (sent back as it is)
             try:
                 seq, msg = codec.decode(frames[1:])
             except DecodeError as e:

@@ -51,12 +51,12 @@ A socket is closed by ``close()`` (or ``async with``): tasks waiting on it get
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import Any, Sequence
 
 import trio
 import zmq
 
+from .._choice import requested
 from ..errors import TransportError
 
 __all__ = ["ZmqSocket", "RouterSocket", "DealerSocket", "PushSocket", "PullSocket"]
@@ -77,7 +77,7 @@ def _bind_libzmq() -> Any:
     """The compiled socket calls (``_wire.zmq_events``, ``recv_multipart``,
     ``send_multipart``) bound to the libzmq pyzmq uses, or None where the compiled module or
     those functions cannot be found (then pyzmq's own calls serve)."""
-    if os.environ.get("INFINILLM_CORE", "").strip().lower() == "python":
+    if requested() == "python":
         return None
     try:
         from . import _wire
@@ -163,7 +163,7 @@ class ZmqSocket:
         if sock.closed:
             raise TransportError("cannot wrap a closed zmq socket")
         self._sock = sock
-        self._handle: int = sock.underlying  # the libzmq socket, for _events
+        self._handle: int = sock.underlying  # the libzmq socket, for the direct calls (_lib)
         self._fd: int = sock.getsockopt(zmq.FD)
         self._closed = False
         self._watching = False  # a task is inside wait_readable(fd)
