@@ -420,7 +420,7 @@ def random_workload(seed, num_ops=150):
     return ops
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32 - 1),
     num_blocks=st.integers(2, 24),

@@ -398,7 +398,7 @@ def check_invariants(bt):
 
 
 @pytest.mark.skipif(not core_sched.compiled_available(), reason="the compiled core is not built")
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(block_size=st.sampled_from([1, 2, 4, 16]), data=st.data())
 def test_compiled_and_twin_agree_on_random_operations(block_size, data):
     compiled = core_sched.implementation("compiled").BlockTables(block_size)

@@ -259,7 +259,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops)
 def test_after_every_delta_the_ledger_equals_each_pool(core, ops):
     # The `core` fixture is a stateless namespace of classes, so sharing it across examples is fine.

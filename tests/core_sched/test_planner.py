@@ -323,7 +323,7 @@ def build(impl, instances, records):
     return ledger
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(cluster=clusters())
 def test_compiled_and_twin_plan_alike_on_random_clusters(cluster):
     instances, records, model, budget, headroom = cluster
@@ -352,7 +352,7 @@ def test_compiled_and_twin_plan_alike_on_random_clusters(cluster):
             assert ledger.instance(m.dst).free - headroom >= m.num_blocks
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cluster=clusters())
 def test_record_and_forget_keep_the_indexes_consistent(core, cluster):
     instances, records, _, _, _ = cluster

@@ -269,7 +269,7 @@ class ClusterMachine(RuleBasedStateMachine):
             assert view.free == self.pools[i].num_free and view.version == self.pools[i].version
 
 
-SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None,
+SETTINGS = settings(max_examples=60, stateful_step_count=40,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -100,7 +100,7 @@ def partitioned_case(draw):
     return block_size, ctx, hkv, group, parts, positions
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(partitioned_case(), st.integers(0, 2**16))
 def test_partials_over_any_partition_merge_to_full_attention(case, seed):
     block_size, ctx, hkv, group, parts, positions = case
@@ -117,7 +117,7 @@ def test_partials_over_any_partition_merge_to_full_attention(case, seed):
 
 
 @needs_triton
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12)
 @given(partitioned_case(), st.integers(0, 2**16))
 def test_triton_partials_over_any_partition_merge_to_full_attention(case, seed):
     block_size, ctx, hkv, group, parts, positions = case

@@ -338,7 +338,7 @@ def _valid_frames() -> list[list[bytes]]:
 VALID = _valid_frames()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzzed_frames_decode_or_raise_decode_error(data):
     frames = [bytearray(f) for f in data.draw(st.sampled_from(VALID))]
@@ -375,7 +375,7 @@ _PACKABLE = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(type_id=st.sampled_from(sorted(MESSAGE_TYPES)), data=st.data())
 def test_well_formed_headers_with_arbitrary_fields_decode_or_raise_decode_error(type_id, data):
     n = len(MESSAGE_TYPES[type_id].__dataclass_fields__)
@@ -443,7 +443,7 @@ def test_fast_paths_match_the_generic_ones(msg):
     assert_same(fast, generic)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fast_decoder_never_accepts_what_the_generic_one_refuses(data):
     frames = [bytearray(f) for f in data.draw(st.sampled_from(VALID))]
@@ -472,7 +472,7 @@ _HEADER_VALUES = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(value=st.lists(_HEADER_VALUES, max_size=8))
 def test_compiled_header_packing_writes_msgpacks_bytes(value):
     if not CODEC.compiled:
@@ -483,7 +483,7 @@ def test_compiled_header_packing_writes_msgpacks_bytes(value):
     assert _wire.unpack_header(packed) == msgpack.unpackb(packed, use_list=False, raw=False, strict_map_key=True)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(data=st.binary(max_size=64) | _PACKABLE.map(lambda v: msgpack.packb(v, use_bin_type=True)))
 def test_compiled_header_unpacking_reads_what_msgpack_reads_or_declines(data):
     if not CODEC.compiled:
