@@ -59,7 +59,8 @@ async def run_batch(rt, prompts, new_tokens: int) -> tuple[float, list]:
 async def bench_ours(args, model: str) -> dict[str, float]:
     out: dict[str, float] = {}
     async with infinillm.open_runtime(
-        model=model, device=args.device, dtype=args.dtype, kv_capacity_tokens=args.kv_tokens, max_num_seqs=64
+        model=model, device=args.device, dtype=args.dtype, kv_capacity_tokens=args.kv_tokens, max_num_seqs=64,
+        max_model_len=args.long_prompt + 256,  # the longest request: the long prompt + its tokens
     ) as rt:
         await run_batch(rt, [PROMPT], 4)  # warm up
         runs = [(await run_batch(rt, [PROMPT], args.tokens))[0] for _ in range(args.repeat)]

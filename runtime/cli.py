@@ -1,6 +1,7 @@
 """The ``infinillm`` command: one-shot generation and CURVE keys.
 
     infinillm generate "Tell me a joke" [--model smollm2] [--max-tokens 64] [--temperature 0]
+                       [--device auto] [--kv-capacity-tokens N] [--max-model-len N] [--raw]
     infinillm keys DIR [--name NAME] [--force]
 
 ``generate`` streams the completion to stdout through the embedded runtime (the same API an
@@ -25,6 +26,8 @@ async def _generate(args: argparse.Namespace) -> int:
     options = {"model": args.model, "device": args.device}
     if args.kv_capacity_tokens:
         options["kv_capacity_tokens"] = args.kv_capacity_tokens
+    if args.max_model_len:
+        options["max_model_len"] = args.max_model_len
     async with open_runtime(**options) as rt:
         shown = 0
         out = None
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="auto")
     g.add_argument("--kv-capacity-tokens", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=None, help="prompt + generated tokens of one request")
     g.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as is, without the chat template")
     k = sub.add_parser("keys", help="write a CURVE key pair for tcp endpoints")
     k.add_argument("rest", nargs=argparse.REMAINDER)

@@ -16,6 +16,7 @@ core's); the runtime maps the public string ids onto them.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, m
 from .sampling import Sampler, SamplingParams, make_generator
 
 __all__ = ["Engine", "EngineRequest", "EngineStats"]
+
+log = logging.getLogger("infinillm.engine")
 
 
 @dataclass(slots=True)
@@ -127,6 +130,7 @@ class Engine:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         kernel_backend: str | None = None,
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.args = args
@@ -148,7 +152,7 @@ class Engine:
         self.kv = KVCache(
             args.num_layers, num_blocks, cache.block_size, args.num_kv_heads, args.head_dim, dtype, self.device
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed)  # unseeded requests share its generator (ModelConfig.seed)
         self.requests: dict[int, EngineRequest] = {}
         self._next_rid = 1
         self.num_steps = 0
@@ -165,7 +169,7 @@ class Engine:
         """Validate a request; returns its max new tokens. Raises before anything is queued."""
         n = len(prompt_token_ids)
         if n == 0:
-            raise ValidationError("prompt", "", "must hold at least one token")
+            raise ValidationError("prompt_token_ids", [], "must hold at least one token")
         if n >= self.max_model_len:
             raise ValidationError(
                 "prompt", f"<{n} tokens>", f"must be shorter than max_model_len={self.max_model_len} tokens"
@@ -235,6 +239,12 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """Schedule, run and postprocess one batch; the outputs of the requests it touched.
+
+        If running the batch fails, the requests of this step end with ``finish_reason="error"``
+        (their blocks freed; the ones that already finished in this step keep their output);
+        every other request is untouched and goes on. A failure in scheduling itself raises.
+        """
         plan = self.planner.schedule(0)
         outputs: list[RequestOutput] = []
         for p in plan.preempted:  # recompute: back in the planner's waiting queue, tokens kept here
@@ -242,16 +252,29 @@ class Engine:
         if not plan.chunks:
             return outputs
         self.num_steps += 1
+        try:
+            self._run(plan, outputs)
+        except Exception as exc:  # noqa: BLE001 - ends this step's requests, not the engine
+            log.exception("step %d failed; ending its %d requests", self.num_steps, len(plan.chunks))
+            error = f"{type(exc).__name__}: {exc}"
+            for c in plan.chunks:
+                out = self.fail(c.request_id, error)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _run(self, plan, outputs: list[RequestOutput]) -> None:
+        """Run a plan through the model and sampler; append each request's snapshot."""
         now = time.monotonic()
         for c in plan.chunks:
             req = self.requests[c.request_id]
             if req.first_scheduled_at is None:
                 req.first_scheduled_at = now
         input_ids, positions, meta, sample_rows, sampled = self._prepare(plan)
-        attn = DistAttentionBackend(self.kv, meta, backend=self.kernel_backend)
+        attn = DistAttentionBackend(self.kv, meta, backend=self.kernel_backend, layer_windows=self.model.args.layer_windows)
         hidden = self.model(input_ids, positions, attn)
         if not sampled:
-            return outputs
+            return
         logits = self.model.compute_logits(hidden[sample_rows])
         reqs = [self.requests[rid] for rid in sampled]
         penalties = any(r.params.has_penalties for r in reqs)
@@ -290,7 +313,6 @@ class Engine:
             else:
                 self.planner.append_output(req.rid)
                 outputs.append(req.snapshot(finished=False))
-        return outputs
 
     def _prepare(self, plan):
         """Pack the plan's chunks into model inputs and attention metadata."""

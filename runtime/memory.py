@@ -6,9 +6,9 @@ When ``kv_capacity_tokens`` is not given, an instance's KV capacity is derived a
   working margin take (the weights are already resident when this runs);
 - on CPU from the host's available memory x ``cpu_kv_fraction``, divided by the instances.
 
-``MemoryMonitor`` reads device memory through a ``MemoryProbe``: ``NvmlProbe`` on GPUs;
-on machines without a GPU the tests use ``FakeNvmlProbe``, a test double standing in for the
-absent hardware, named as such.
+``MemoryMonitor`` reads device memory through a ``MemoryProbe``: ``NvmlProbe`` on GPUs; on
+machines without a GPU the tests use ``infinillm.testing.FakeNvmlProbe``, a test double
+standing in for the absent hardware, named as such.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from typing import Protocol
 import torch
 
 from .config import CacheConfig
-from .errors import CapacityError, ValidationError
+from .errors import CapacityError
 
 __all__ = [
     "MemoryInfo",
     "MemoryProbe",
     "NvmlProbe",
-    "FakeNvmlProbe",
     "MemoryMonitor",
     "kv_bytes_per_token",
     "derive_num_blocks",
@@ -76,21 +75,6 @@ class NvmlProbe:
 
     def close(self) -> None:
         self._nvml.nvmlShutdown()
-
-
-class FakeNvmlProbe:
-    """Test double for NVML on machines without a GPU: reports the memory it is told to."""
-
-    def __init__(self, total: int, free: int, count: int = 1) -> None:
-        self.total, self.free, self.count = total, free, count
-
-    def device_count(self) -> int:
-        return self.count
-
-    def read(self, device_index: int) -> MemoryInfo:
-        if not 0 <= device_index < self.count:
-            raise ValidationError("device_index", device_index, f"must be in [0, {self.count - 1}]")
-        return MemoryInfo(device_index, self.total, self.free, self.total - self.free)
 
 
 class MemoryMonitor:

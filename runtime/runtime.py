@@ -10,31 +10,38 @@
 A request's life (one instance, inside the application's process):
 
 1. ``generate`` validates the prompt and the sampling parameters *at the call* (bad input
-   raises ``ValidationError``, a request that can never fit raises ``RequestTooLongError``)
-   and returns an async iterator; nothing is queued until it is first iterated.
-2. The first ``__anext__`` hands the request to the serving task, which adds it to the engine
-   between two steps (the engine is never touched while a step runs).
+   raises ``ValidationError``, a request that can never fit raises ``RequestTooLongError``),
+   takes the ``request_id`` (a second live request with the same id is refused) and returns an
+   async iterator; nothing is queued until it is first iterated.
+2. The first ``__anext__`` queues the request; the serving task adds it to the engine between
+   two steps.
 3. The serving task runs ``engine.step`` in a worker thread (``trio.to_thread``: the model's
    compute releases the GIL and the application's event loop stays responsive), then routes
    each ``RequestOutput`` to its request's channel.
-4. The iterator yields the cumulative outputs; the last has ``finished=True``. Leaving the
-   ``async for`` early (the iterator is closed) or ``abort(request_id)`` aborts the request,
-   which frees every KV block it holds, and its stream ends with ``finish_reason="abort"``.
+4. The iterator yields the cumulative outputs; the last has ``finished=True``, whatever ends
+   the request: a stop condition, its length, an error, or an abort (``abort(request_id)``,
+   or the runtime closing with it in flight) with ``finish_reason="abort"``. Leaving the
+   ``async for`` early (the stream is closed or dropped) aborts it too. Every abort frees the
+   request's KV blocks; the id is free again once its stream has ended, ``aclose()`` has
+   returned, or (a dropped stream) its abort has been applied.
 
-A failure inside a step ends the requests of that step with ``finish_reason="error"`` (their
-blocks freed); the runtime keeps serving the others.
+Only the serving task touches the engine, and only between steps: ``abort`` and a closing
+stream record what is to be done and wake it. A failure inside a step ends the requests that
+were in that step with ``finish_reason="error"`` (their blocks freed); the others go on.
+Leaving ``open_runtime`` waits for the step in flight (if any), ends every request still
+queued or running with an ``abort`` output, and stops the serving task; a stream first read
+after that raises ``InfiniLLMError``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
+import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,7 +51,7 @@ from .config import RuntimeConfig
 from .engine import Engine, EngineStats
 from .errors import InfiniLLMError, ValidationError
 from .memory import derive_num_blocks, kv_bytes_per_token
-from .outputs import RequestOutput
+from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
 
 __all__ = ["open_runtime", "Runtime", "RuntimeStats", "RequestStream"]
@@ -76,36 +83,46 @@ class RuntimeStats:
         return sum(i.kv_used_blocks for i in self.instances)
 
 
-@dataclass(slots=True)
-class _Pending:
+@dataclass(slots=True, eq=False)
+class _Request:
+    """A request the runtime knows, from ``generate`` until its id is free again.
+
+    Its stage: made (``send`` is None: not iterated yet), queued (in ``Runtime._queue``),
+    running (``rid`` is the engine's id). ``ended`` is set when the runtime lets it go.
+    """
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    send: trio.MemorySendChannel | None
+    send: trio.MemorySendChannel | None = None
+    rid: int | None = None
+    aborted: bool = False  # abort() before its stream was first read
+    ended: trio.Event = field(default_factory=trio.Event)
 
 
 class RequestStream:
     """The async iterator ``Runtime.generate`` returns: cumulative ``RequestOutput`` s.
 
-    The request is queued on the first ``__anext__``. Leaving the ``async for`` early aborts
-    it: as soon as the stream is closed (``aclose``, ``async with``) or dropped (the iterator
-    is garbage collected, which CPython does the moment a loop over it is left), the runtime
-    aborts the request and frees its blocks. A plain class rather than an async generator, so
-    dropping it unfinished is a normal way to stop, not a resource leak.
+    The request is queued on the first ``__anext__``; the stream ends after the output with
+    ``finished=True``. Leaving the ``async for`` early aborts it: as soon as the stream is
+    closed (``aclose``, ``async with``, from any task: a loop blocked on it then ends) or dropped
+    (the iterator is garbage collected, which CPython does the moment a loop over it is left),
+    the runtime aborts the request and frees its blocks. A plain class rather than an async
+    generator, so dropping it unfinished is a normal way to stop, not a resource leak.
     """
 
-    __slots__ = ("_runtime", "_pending", "_recv", "_done", "__weakref__")
+    __slots__ = ("_runtime", "_request", "_recv", "_done", "__weakref__")
 
-    def __init__(self, runtime: Runtime, pending: _Pending) -> None:
+    def __init__(self, runtime: Runtime, request: _Request) -> None:
         self._runtime = runtime
-        self._pending = pending
+        self._request = request
         self._recv: trio.MemoryReceiveChannel | None = None
         self._done = False
 
     @property
     def request_id(self) -> str:
-        return self._pending.request_id
+        return self._request.request_id
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -114,20 +131,30 @@ class RequestStream:
         if self._done:
             raise StopAsyncIteration
         if self._recv is None:
-            self._recv = self._runtime._submit(self._pending)
+            try:
+                self._recv = self._runtime._submit(self._request)
+            except InfiniLLMError:
+                self._done = True
+                raise
         try:
             out = await self._recv.receive()
-        except trio.EndOfChannel:
-            self._done = True
-            raise StopAsyncIteration from None
+        except trio.ClosedResourceError:
+            if not self._done:
+                raise
+            raise StopAsyncIteration from None  # closed by another task while this one waited
         if out.finished:
             self._done = True
             self._recv.close()
         return out
 
     async def aclose(self) -> None:
+        """Close the stream; an unfinished request is aborted, and this waits until the
+        runtime has let it go (its blocks are free and its id can be used again)."""
         self._close()
-        await trio.lowlevel.checkpoint()
+        if self._request.ended.is_set():
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._request.ended.wait()
 
     async def __aenter__(self) -> RequestStream:
         return self
@@ -136,16 +163,26 @@ class RequestStream:
         await self.aclose()
 
     def _close(self) -> None:
-        if not self._done:
-            self._done = True
-            if self._recv is not None:
-                self._runtime.abort(self._pending.request_id)
-                self._recv.close()
+        if self._done:
+            return
+        self._done = True
+        if self._recv is None:
+            self._runtime._release(self._request)
+        else:
+            self._runtime.abort(self._request.request_id)
+            self._recv.close()
 
     def __del__(self) -> None:
+        if self._done:
+            return
         try:
-            self._close()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer (e.g. at interpreter exit)
+            # The runtime's state belongs to its trio thread; a collection elsewhere (a cycle
+            # freed by the GC in the step's worker thread) hands the close over to it.
+            if threading.get_ident() == self._runtime._thread:
+                self._close()
+            else:
+                self._runtime._token.run_sync_soon(self._close)
+        except Exception:  # noqa: BLE001 - never raise from a finalizer (e.g. after trio.run ended)
             pass
 
 
@@ -156,12 +193,16 @@ class Runtime:
         self.config = config
         self.engine = engine
         self.tokenizer = tokenizer
+        self._thread = threading.get_ident()
+        self._token = trio.lowlevel.current_trio_token()
         self._wake = trio.Event()
-        self._pending: dict[str, _Pending] = {}
-        self._aborts: set[str] = set()
-        self._streams: dict[str, trio.MemorySendChannel] = {}
-        self._rids: dict[str, int] = {}
+        self._stopped = trio.Event()
+        self._requests: dict[str, _Request] = {}  # every live id
+        self._queue: dict[str, _Request] = {}  # iterated, not yet in the engine (arrival order)
+        self._aborts: set[str] = set()  # to abort between two steps
         self._closed = False
+        self._stepping = False
+        self._stats_before_step: EngineStats | None = None
         self._throughput: deque[tuple[float, int]] = deque()
         self._num_finished = 0
         self._num_aborted = 0
@@ -169,41 +210,58 @@ class Runtime:
 
     # ---- public API --------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """True once ``open_runtime``'s block has been left (nothing more is served)."""
+        return self._closed
+
     def generate(
         self,
         prompt: str | Sequence[Mapping[str, str]] | Mapping[str, Any],
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> RequestStream:
-        """Generate from ``prompt``: a string, chat messages (``{"role", "content"}``, the chat
-        template applied) or ``{"prompt_token_ids": [...]}``. Returns an async iterator of
-        cumulative ``RequestOutput`` s; validation happens here, at the call."""
+        """Generate from ``prompt``: a string (encoded as Hugging Face does with
+        ``add_special_tokens=True``), chat messages (``{"role", "content"}``, the chat template
+        applied) or ``{"prompt_token_ids": [...]}``. Returns an async iterator of cumulative
+        ``RequestOutput`` s; validation happens here, at the call, and so does taking the
+        ``request_id``: it must not belong to another live request."""
         if self._closed:
-            raise InfiniLLMError("the runtime is closed")
+            raise InfiniLLMError("the runtime is closed: generate() needs an open runtime")
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValidationError("sampling_params", type(params).__name__, "must be a SamplingParams")
-        text, token_ids = self._tokenize(prompt)
-        self.engine.check_request(token_ids, params)
         if request_id is None:
             request_id = uuid.uuid4().hex
         elif not isinstance(request_id, str) or not request_id:
             raise ValidationError("request_id", request_id, "must be a non-empty string")
-        if request_id in self._streams or request_id in self._pending:
+        if request_id in self._requests:
             raise ValidationError("request_id", request_id, "is already in use by a live request")
-        return self._stream(request_id, text, token_ids, params)
+        text, token_ids = self._tokenize(prompt)
+        self.engine.check_request(token_ids, params)
+        request = self._requests[request_id] = _Request(request_id, text, token_ids, params)
+        return RequestStream(self, request)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request by id (no-op if it is unknown or finished)."""
-        if request_id in self._streams or request_id in self._pending:
-            self._aborts.add(request_id)
-            self._wake.set()
+        """Abort a request by id (a no-op if no live request has it). Its stream ends with a
+        final output whose ``finish_reason`` is ``"abort"``; its blocks are freed between two
+        steps."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        if request.send is None:
+            request.aborted = True  # its first read gives the abort output
+            return
+        self._aborts.add(request_id)
+        self._wake.set()
 
     def statistics(self) -> RuntimeStats:
-        stats = self.engine.statistics()
+        """A frozen snapshot. While a step runs, the instance's figures are those from just
+        before it (the engine is not read while a step changes it)."""
+        stats = self._stats_before_step if self._stepping else self.engine.statistics()
         return RuntimeStats(
             num_running=stats.num_running,
-            num_waiting=stats.num_waiting + len(self._pending),
+            num_waiting=stats.num_waiting + len(self._queue),
             num_finished=self._num_finished,
             num_aborted=self._num_aborted,
             num_errors=self._num_errors,
@@ -213,25 +271,37 @@ class Runtime:
 
     # ---- the request stream ------------------------------------------------------------------
 
-    def _stream(self, request_id, text, token_ids, params) -> RequestStream:
-        return RequestStream(self, _Pending(request_id, text, token_ids, params, None))
-
-    def _submit(self, pending: _Pending) -> trio.MemoryReceiveChannel:
-        send, recv = trio.open_memory_channel(math.inf)
-        pending.send = send
-        self._pending[pending.request_id] = pending
-        self._wake.set()
+    def _submit(self, request: _Request) -> trio.MemoryReceiveChannel:
+        """Queue a request at its stream's first read; returns the channel of its outputs."""
+        if self._closed:
+            self._release(request)
+            raise InfiniLLMError(f"the runtime is closed: request {request.request_id!r} was never started")
+        # Unbounded: the serving task never waits on a slow consumer (a snapshot per step).
+        request.send, recv = trio.open_memory_channel(float("inf"))
+        if request.aborted:
+            self._route([_final_output(request, "abort")])
+        else:
+            self._queue[request.request_id] = request
+            self._wake.set()
         return recv
+
+    def _release(self, request: _Request) -> None:
+        """Let a request go: its id is free again."""
+        if self._requests.get(request.request_id) is request:
+            del self._requests[request.request_id]
+        request.ended.set()
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValidationError("prompt", prompt, "must be a non-empty string")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, Mapping):
-            ids = prompt.get("prompt_token_ids")
-            if ids is None or set(prompt) - {"prompt_token_ids"}:
-                raise ValidationError("prompt", dict(prompt), "a dict prompt must be {'prompt_token_ids': [...]}")
+            if set(prompt) != {"prompt_token_ids"}:
+                raise ValidationError(
+                    "prompt keys", sorted(map(str, prompt)), "a dict prompt must have exactly one key, 'prompt_token_ids'"
+                )
+            ids = prompt["prompt_token_ids"]
             if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in ids
             ):
@@ -241,6 +311,7 @@ class Runtime:
             for i, m in enumerate(prompt):
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise ValidationError(f"prompt[{i}]", dict(m), "a chat message needs string 'role' and 'content'")
+            # The rendered template holds its own special tokens: encode it without adding any.
             text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
             return text, self.tokenizer.encode(text)
         raise ValidationError(
@@ -250,52 +321,74 @@ class Runtime:
     # ---- the serving task --------------------------------------------------------------------
 
     async def _serve(self) -> None:
+        """Run steps while there is work; between steps, apply aborts and admit requests.
+        On the way out (closed, or cancelled from outside) end every request still here."""
         engine = self.engine
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            self._apply_aborts()
-            self._admit()
-            while engine.has_work:
-                steps = engine.num_steps
-                outputs = await trio.to_thread.run_sync(self._step)
-                self._route(outputs)
-                self._apply_aborts()
-                self._admit()
-                if engine.num_steps == steps and not outputs:
-                    break  # nothing could run (waiting on memory): sleep until something changes
-                await trio.lowlevel.checkpoint()
+        try:
+            while not self._closed:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                self._between_steps()
+                while engine.has_work and not self._closed:
+                    steps = engine.num_steps
+                    self._stats_before_step = engine.statistics()
+                    self._stepping = True
+                    try:
+                        outputs = await trio.to_thread.run_sync(self._step)
+                    finally:
+                        self._stepping = False
+                    self._throughput.append((trio.current_time(), engine.generated_tokens))
+                    self._route(outputs)
+                    self._between_steps()
+                    if engine.num_steps == steps and not outputs:
+                        break  # nothing could run (waiting on memory): sleep until something changes
+                    await trio.lowlevel.checkpoint()
+        finally:
+            try:
+                self._end_all()
+            finally:
+                self._stopped.set()
 
     def _step(self) -> list[RequestOutput]:
-        """One engine step (runs in a worker thread). A failure fails that step's requests."""
+        """One engine step (runs in a worker thread). The engine ends the requests of a step
+        that fails; a failure outside any step's requests (the scheduler itself) leaves the
+        engine's state unknown, and ends every request it holds."""
         try:
-            outputs = self.engine.step()
+            return self.engine.step()
         except Exception as exc:  # noqa: BLE001 - a step failure must not stop the runtime
-            log.exception("engine step failed")
-            outputs = []
-            for rid in list(self.engine.requests):
-                out = self.engine.fail(rid, f"{type(exc).__name__}: {exc}")
-                if out is not None:
-                    outputs.append(out)
-        now = time.monotonic()
-        self._throughput.append((now, self.engine.generated_tokens))
-        while len(self._throughput) > 2 and now - self._throughput[0][0] > _THROUGHPUT_WINDOW_S:
-            self._throughput.popleft()
-        return outputs
+            log.exception("engine step failed outside its requests")
+            return [out for rid in list(self.engine.requests)
+                    if (out := self.engine.fail(rid, f"{type(exc).__name__}: {exc}")) is not None]
+
+    def _between_steps(self) -> None:
+        self._apply_aborts()
+        self._admit()
 
     def _tokens_per_s(self) -> float:
-        """Generated tokens per second over the last steps (about ``_THROUGHPUT_WINDOW_S``)."""
-        if len(self._throughput) < 2:
+        """Tokens generated per second over the last ``_THROUGHPUT_WINDOW_S`` (0 when idle)."""
+        now = trio.current_time()
+        samples = self._throughput
+        while samples and samples[0][0] < now - _THROUGHPUT_WINDOW_S:
+            samples.popleft()
+        if not samples or now <= samples[0][0]:
             return 0.0
-        (t0, n0), (t1, n1) = self._throughput[0], self._throughput[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        t0, n0 = samples[0]
+        return (self.engine.generated_tokens - n0) / (now - t0)
 
     def _route(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            send = self._streams.get(out.request_id)
+            request = self._requests.get(out.request_id)
+            if request is None or request.send is None:
+                continue
+            try:
+                request.send.send_nowait(out)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the consumer has gone; its stream's close has asked for the abort
             if out.finished:
-                self._streams.pop(out.request_id, None)
-                self._rids.pop(out.request_id, None)
+                request.send.close()
+                self._queue.pop(out.request_id, None)
+                self._aborts.discard(out.request_id)
+                self._release(request)
                 reason = out.outputs[0].finish_reason if out.outputs else None
                 if reason == "abort":
                     self._num_aborted += 1
@@ -303,55 +396,61 @@ class Runtime:
                     self._num_errors += 1
                 else:
                     self._num_finished += 1
-            if send is not None:
-                try:
-                    send.send_nowait(out)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the consumer has gone; its stream's finally aborts or has aborted
-                if out.finished:
-                    send.close()
 
     def _admit(self) -> None:
-        while self._pending:
-            request_id, p = next(iter(self._pending.items()))
-            del self._pending[request_id]
+        while self._queue:
+            request = self._queue.pop(next(iter(self._queue)))
             try:
-                rid = self.engine.add_request(request_id, p.prompt_token_ids, p.params, p.prompt)
+                request.rid = self.engine.add_request(
+                    request.request_id, request.prompt_token_ids, request.params, request.prompt
+                )
             except InfiniLLMError as exc:  # e.g. the cluster shrank since the call was checked
-                self._num_errors += 1
-                p.send.send_nowait(_error_output(request_id, p, str(exc)))
-                p.send.close()
-                continue
-            self._streams[request_id] = p.send
-            self._rids[request_id] = rid
+                self._route([_final_output(request, "error", str(exc))])
 
     def _apply_aborts(self) -> None:
         aborts, self._aborts = self._aborts, set()
         for request_id in aborts:
-            p = self._pending.pop(request_id, None)
-            if p is not None:
-                self._num_aborted += 1
-                p.send.close()
-                continue
-            rid = self._rids.get(request_id)
-            if rid is None:
-                continue
-            out = self.engine.abort(rid)
+            self._abort_now(request_id)
+
+    def _abort_now(self, request_id: str) -> None:
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        if request.rid is not None:
+            out = self.engine.abort(request.rid)
             if out is not None:
                 self._route([out])
+        elif request.send is not None:  # queued, never admitted
+            self._route([_final_output(request, "abort")])
+        else:  # made, never read: the stream's first read raises (closed) or gives the abort
+            self._release(request)
+
+    def _end_all(self) -> None:
+        """At close: every request still here ends with an abort output (engine between steps)."""
+        self._closed = True
+        for request_id in list(self._requests):
+            self._abort_now(request_id)
+        self._queue.clear()
+        self._aborts.clear()
+
+    async def _close(self) -> None:
+        """Stop serving: wait for the step in flight, end every request, stop the task."""
+        self._closed = True
+        self._wake.set()
+        with trio.CancelScope(shield=True):
+            await self._stopped.wait()
 
 
-def _error_output(request_id: str, p: _Pending, message: str) -> RequestOutput:
-    from .outputs import CompletionOutput
-
+def _final_output(request: _Request, reason: str, error: str | None = None) -> RequestOutput:
+    """The last output of a request that never reached the engine."""
     return RequestOutput(
-        request_id=request_id,
-        prompt=p.prompt,
-        prompt_token_ids=list(p.prompt_token_ids),
+        request_id=request.request_id,
+        prompt=request.prompt,
+        prompt_token_ids=list(request.prompt_token_ids),
         outputs=[CompletionOutput(index=0, text="", token_ids=[], cumulative_logprob=None, logprobs=None,
-                                  finish_reason="error", stop_reason=None)],
+                                  finish_reason=reason, stop_reason=None)],
         finished=True,
-        error=message,
+        error=error,
     )
 
 
@@ -369,12 +468,31 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _check_model_len(max_model_len: int, max_position_embeddings: int, num_blocks: int, block_size: int) -> None:
+    """Refuse at open what would make requests fail later: a length the model cannot encode
+    positions for, or one the KV cache cannot hold (every ``max_tokens=None`` request would)."""
+    if max_model_len > max_position_embeddings:
+        raise ValidationError(
+            "max_model_len", max_model_len,
+            f"must be <= the model's max_position_embeddings={max_position_embeddings}",
+        )  # fmt: skip
+    need = -(-max_model_len // block_size)
+    if need > num_blocks:
+        raise ValidationError(
+            "max_model_len", max_model_len,
+            f"needs {need} KV blocks of {block_size} tokens, but the KV cache holds {num_blocks} blocks "
+            f"({num_blocks * block_size} tokens): give a larger kv_capacity_tokens or a smaller max_model_len",
+        )  # fmt: skip
+
+
 @asynccontextmanager
 async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
     """Start a runtime with the given options (see ``RuntimeConfig``) and serve until exit.
 
     Every option belongs to one configuration dataclass; an unknown or bad one raises
-    ``ValidationError`` before anything is loaded.
+    ``ValidationError`` before anything is loaded. An exception raised in the ``async with``
+    block comes out as itself (not wrapped in an exception group) once the runtime has shut
+    down.
     """
     from .loader import load_model
 
@@ -392,6 +510,7 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
     num_blocks = derive_num_blocks(
         config.cache, kv_bytes_per_token(args.num_layers, args.num_kv_heads, args.head_dim, dtype), device
     )
+    _check_model_len(max_model_len, args.max_position_embeddings, num_blocks, config.cache.block_size)
     engine = Engine(
         model, args, tokenizer,
         cache=config.cache,
@@ -400,15 +519,20 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
         max_model_len=max_model_len,
         device=device,
         dtype=dtype,
+        seed=config.model.seed,
     )  # fmt: skip
     runtime = Runtime(config, engine, tokenizer)
+    body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(runtime._serve)
         try:
             yield runtime
+        except (trio.Cancelled, GeneratorExit):
+            raise  # trio's own: the cancel scope that sent it unwraps it
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, outside the nursery
+            body_error = exc
         finally:
-            runtime._closed = True
-            for request_id in list(runtime._streams) + list(runtime._pending):
-                runtime.abort(request_id)
-            runtime._apply_aborts()
+            await runtime._close()
             nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error

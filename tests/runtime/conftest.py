@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -23,3 +24,25 @@ def hf_smollm2():
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+@pytest.fixture(autouse=True)
+def runtime_leak_check(monkeypatch):
+    """Every runtime a runtime test opens must leave nothing behind once it is closed: no live
+    request, stream, queued request, id or abort, no engine request, every KV block free
+    (closing aborts whatever was still in flight, so this checks that path too)."""
+    import infinillm
+    import infinillm.runtime
+    from infinillm.testing import assert_runtime_idle
+
+    real = infinillm.runtime.open_runtime
+
+    @contextlib.asynccontextmanager
+    async def checked(**options):
+        async with real(**options) as rt:
+            yield rt
+        assert rt.closed
+        assert_runtime_idle(rt)
+
+    monkeypatch.setattr(infinillm, "open_runtime", checked)
+    monkeypatch.setattr(infinillm.runtime, "open_runtime", checked)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from infinillm import CacheConfig, CapacityError, ValidationError
-from infinillm.memory import FakeNvmlProbe, MemoryMonitor, derive_num_blocks, host_available_bytes, kv_bytes_per_token
+from infinillm import memory
+from infinillm.memory import MemoryMonitor, derive_num_blocks, host_available_bytes, kv_bytes_per_token
+from infinillm.testing import FakeNvmlProbe
 
 
 def test_kv_bytes_per_token_counts_k_and_v_of_every_layer():
@@ -34,12 +36,19 @@ def test_no_room_is_a_capacity_error_with_the_numbers():
         derive_num_blocks(CacheConfig(gpu_memory_utilization=0.5), 46080, torch.device("cuda:0"), probe=probe)
 
 
-def test_cpu_capacity_is_a_fraction_of_available_memory_split_over_instances():
+def test_cpu_capacity_is_a_fraction_of_available_memory_split_over_instances(monkeypatch):
+    # One fixed reading (the real one moves between calls): 10 GiB available.
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 10 << 30)
     cache = CacheConfig(block_size=16, cpu_kv_fraction=0.1)
-    one = derive_num_blocks(cache, 46080, torch.device("cpu"))
-    four = derive_num_blocks(cache, 46080, torch.device("cpu"), num_instances=4)
-    assert one > 0 and abs(four - one / 4) <= 2  # available memory moves a little between reads
-    assert host_available_bytes() > 0
+    per_block = 46080 * 16
+    assert derive_num_blocks(cache, 46080, torch.device("cpu")) == int((10 << 30) * 0.1) // per_block  # 1456
+    assert derive_num_blocks(cache, 46080, torch.device("cpu"), num_instances=4) == int((10 << 30) * 0.1) // 4 // per_block  # 364
+
+
+def test_host_available_bytes_reads_memavailable():
+    with open("/proc/meminfo") as f:
+        total_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    assert 0 < host_available_bytes() <= total_kib * 1024
 
 
 def test_monitor_polls_every_device():

@@ -152,12 +152,26 @@ async def test_bad_input_is_refused_at_the_call_and_the_runtime_keeps_serving(ti
         assert_all_blocks_free(rt)
 
 
-async def test_a_request_that_can_never_fit_is_rejected_with_the_numbers(tiny_model):
-    async with open_tiny(tiny_model, kv_capacity_tokens=8 * BLOCK, max_model_len=4096) as rt:
+async def test_a_request_is_capped_at_max_model_len(tiny_model):
+    # The KV cache holds max_model_len (128 tokens = 8 blocks), so every request fits: one asking
+    # for more ends with "length" at max_model_len (100 prompt + 28 new tokens).
+    async with open_tiny(tiny_model, kv_capacity_tokens=8 * BLOCK, max_model_len=128) as rt:
+        out = (await collect(rt.generate({"prompt_token_ids": [3] * 100}, SamplingParams(max_tokens=70, ignore_eos=True))))[-1]
+        assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 28
+
+
+async def test_a_request_larger_than_the_cluster_is_rejected_with_the_numbers(tiny_model):
+    # An instance whose cluster (the blocks it may borrow too) is smaller than max_model_len:
+    # the engine refuses at the call what can never fit.
+    from infinillm.config import CacheConfig, SchedulerConfig
+    from infinillm.engine import Engine
+
+    async with open_tiny(tiny_model) as rt:
+        engine = Engine(rt.engine.model, rt.engine.args, rt.tokenizer, cache=CacheConfig(block_size=BLOCK),
+                        scheduler=SchedulerConfig(), num_blocks=8, max_model_len=4096, cluster_blocks=8)
         with pytest.raises(RequestTooLongError, match=r"needs 11 KV blocks \(176 tokens\) but the cluster has 8 blocks \(128 tokens\)"):
-            rt.generate({"prompt_token_ids": [3] * 100}, SamplingParams(max_tokens=70))  # ceil(170/16) = 11
-        out = (await collect(rt.generate({"prompt_token_ids": [3] * 100}, SamplingParams(max_tokens=20, ignore_eos=True))))[-1]
-        assert len(out.outputs[0].token_ids) == 20  # ceil(120/16) = 8 blocks: fits exactly
+            engine.check_request([3] * 100, SamplingParams(max_tokens=70))  # ceil(170/16) = 11
+        assert engine.check_request([3] * 100, SamplingParams(max_tokens=28)) == 28  # ceil(128/16) = 8: fits exactly
 
 
 async def test_memory_pressure_preempts_and_recomputes_without_changing_greedy_tokens(tiny_model):
@@ -166,7 +180,7 @@ async def test_memory_pressure_preempts_and_recomputes_without_changing_greedy_t
     async with open_tiny(tiny_model, kv_capacity_tokens=4096) as rt:
         alone = [(await collect(rt.generate(p, params)))[-1].outputs[0].token_ids for p in prompts]
     # 12 blocks for 6 requests that each grow to ~4 blocks: some must be preempted and recomputed.
-    async with open_tiny(tiny_model, kv_capacity_tokens=12 * BLOCK) as rt:
+    async with open_tiny(tiny_model, kv_capacity_tokens=12 * BLOCK, max_model_len=12 * BLOCK) as rt:
         results = {}
 
         async def run(i):
@@ -210,3 +224,44 @@ async def test_a_failing_step_ends_its_requests_with_error_and_serving_goes_on(t
         out = (await collect(rt.generate("survivor", SamplingParams(max_tokens=5, ignore_eos=True))))[-1]
         assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 5
         assert rt.statistics().num_errors == 1
+
+
+async def test_a_failing_step_ends_only_the_requests_in_that_step(tiny_model):
+    # max_num_seqs=1: "doomed" runs alone while "waiting" waits in the engine; the step that
+    # fails holds only "doomed", so only it ends with "error".
+    async with open_tiny(tiny_model, max_num_seqs=1) as rt:
+        real_forward = rt.engine.model.forward
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("simulated device fault")
+            return real_forward(*args, **kwargs)
+
+        rt.engine.model.forward = flaky
+        finals = {}
+
+        async def run(name):
+            finals[name] = (await collect(rt.generate(name, SamplingParams(max_tokens=5, ignore_eos=True), request_id=name)))[-1]
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, "doomed")
+                await trio.testing.wait_all_tasks_blocked()  # "doomed" is admitted first
+                nursery.start_soon(run, "waiting")
+        assert finals["doomed"].outputs[0].finish_reason == "error" and "simulated device fault" in finals["doomed"].error
+        assert finals["waiting"].outputs[0].finish_reason == "length" and len(finals["waiting"].outputs[0].token_ids) == 5
+        assert rt.statistics().num_errors == 1 and rt.statistics().num_finished == 1
+        assert_all_blocks_free(rt)
+
+
+async def test_the_runtime_seed_reaches_the_sampler_of_unseeded_requests(tiny_model):
+    params = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)  # no per-request seed
+
+    async def sample(seed: int) -> tuple[int, ...]:
+        async with open_tiny(tiny_model, seed=seed) as rt:
+            return tuple((await collect(rt.generate("random", params)))[-1].outputs[0].token_ids)
+
+    assert await sample(1) == await sample(1)
+    assert await sample(1) != await sample(2)
