@@ -1,6 +1,7 @@
 """The public DistAttention operations: shape and dtype checks, then the chosen backend.
 
-``partial_attention``  one instance's share of attention: (out, lse) over the blocks it holds
+``partial_attention``  one instance's share of attention: (out, lse) over the blocks it holds,
+                       causal by position, optionally within a sliding window
 ``merge_partials``     the exact log-sum-exp merge of partials from several instances
 ``append_kv``          write new k, v into the paged caches
 
@@ -14,7 +15,7 @@ import torch
 
 from ..errors import ValidationError
 from .backend import resolve_backend
-from .reference import append_kv_ref, merge_partials_ref, partial_attention_torch
+from .reference import DecodePlan, append_kv_ref, merge_partials_ref, partial_attention_torch
 
 __all__ = ["partial_attention", "merge_partials", "append_kv"]
 
@@ -47,17 +48,24 @@ def partial_attention(
     scale: float | None = None,
     *,
     backend: str | None = None,
-    decode_plan=None,
+    decode_plan: DecodePlan | None = None,
     need_lse: bool = True,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention of packed queries over the blocks this instance holds.
 
     Returns ``out`` [total_q, num_heads, head_dim] (q's dtype, normalised over the visible keys
     here) and ``lse`` [total_q, num_heads] fp32 (natural log; -inf where no key is visible).
-    ``decode_plan`` (torch path only) is the step's ``build_decode_plan``, reused across layers;
-    ``need_lse=False`` says the caller will not merge (the torch path may then leave the lse of
-    decode rows unspecified).
+    ``window`` (an int >= 1, or None for full causal attention) is the sliding window: a query
+    at ``q_pos`` sees keys at ``q_pos - window < k_pos <= q_pos``.
+    ``decode_plan`` (torch path only) is the step's ``build_decode_plan`` for the same window,
+    reused across layers; ``need_lse=False`` says the caller will not merge (the torch path may
+    then leave the lse of decode rows unspecified).
     """
+    _check(window is None or (isinstance(window, int) and not isinstance(window, bool) and window >= 1),
+           "window", window, "must be an int >= 1, or None for full causal attention")
+    _check(decode_plan is None or decode_plan.window == window, "decode_plan.window",
+           None if decode_plan is None else decode_plan.window, f"must equal window={window}")
     _check_cache(k_cache, v_cache)
     _check(q.dim() == 3, "q.shape", tuple(q.shape), "must be [total_q, num_heads, head_dim]")
     total_q, num_heads, head_dim = q.shape
@@ -85,10 +93,10 @@ def partial_attention(
 
         return partial_attention_triton(
             q.contiguous() if q.stride(2) != 1 else q, cu_q, q_pos, k_cache, v_cache,
-            block_table.contiguous(), block_start.contiguous(), block_len.contiguous(), scale,
+            block_table.contiguous(), block_start.contiguous(), block_len.contiguous(), scale, window=window,
         )
     return partial_attention_torch(
-        q, cu_q, q_pos, k_cache, v_cache, block_table, block_start, block_len, scale, decode_plan, need_lse
+        q, cu_q, q_pos, k_cache, v_cache, block_table, block_start, block_len, scale, decode_plan, need_lse, window
     )
 
 

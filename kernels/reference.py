@@ -9,9 +9,12 @@ Shapes (the contract of ``infinillm.kernels``)::
     block_table       [B, max_blocks] int32            blocks of request b held here, -1 padded
     block_start       [B, max_blocks] int32            absolute position of each block's first token
     block_len         [B, max_blocks] int32            valid tokens in each block
+    window            int >= 1, or None                sliding window (None: full causal attention)
 
-A query attends to the keys of its request in these blocks whose position is <= its own
-(causal by position). ``out`` is normalised over those keys only; ``lse`` is the natural-log
+A query at position ``q_pos`` attends to the keys of its request in these blocks at positions
+``k_pos`` with ``q_pos - window < k_pos <= q_pos`` (causal by position; with ``window`` None
+just ``k_pos <= q_pos``): the last ``window`` positions, its own included, as transformers'
+sliding-window mask. ``out`` is normalised over those keys only; ``lse`` is the natural-log
 log-sum-exp of the scaled scores, so partials over disjoint key sets merge exactly::
 
     lse = logsumexp_j(lse_j)        out = sum_j exp(lse_j - lse) * out_j
@@ -40,15 +43,28 @@ __all__ = [
 _QUERY_SLICE = 1024
 
 
-def _held_keys(block_table, block_start, block_len, b: int, offsets: torch.Tensor):
-    """Request b's blocks held here and where their keys sit: ``(ids [nb], key_pos [T],
-    key_ok [T])`` with T = nb * block_size, or None when it holds none here."""
+def _visible(key_pos: torch.Tensor, key_ok: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys at ``key_pos`` (held where ``key_ok``) queries at ``q_pos`` see, broadcast:
+    ``q_pos - window < key_pos <= q_pos``."""
+    visible = key_ok & (key_pos <= q_pos)
+    if window is not None:
+        visible &= key_pos > q_pos - window
+    return visible
+
+
+def _held_keys(block_table, block_start, block_len, b: int, offsets: torch.Tensor, q_pos: torch.Tensor, window: int | None):
+    """Request b's blocks held here that queries at ``q_pos`` [n] may see (those wholly after
+    the last query or before the first one's window are left out), and where their keys sit:
+    ``(ids [nb], key_pos [T], key_ok [T])`` with T = nb * block_size, or None when there are none."""
     ids = block_table[b].long()
     lens = block_len[b].long()
-    held = (ids >= 0) & (lens > 0)
+    starts = block_start[b].long()
+    held = (ids >= 0) & (lens > 0) & (starts <= q_pos.max())
+    if window is not None:
+        held &= starts + lens - 1 > q_pos.min() - window
     if not bool(held.any()):
         return None
-    ids, lens, starts = ids[held], lens[held], block_start[b].long()[held]
+    ids, lens, starts = ids[held], lens[held], starts[held]
     key_pos = (starts[:, None] + offsets[None, :]).reshape(-1)  # [T]
     key_ok = (offsets[None, :] < lens[:, None]).reshape(-1)  # [T]
     return ids, key_pos, key_ok
@@ -64,7 +80,10 @@ def partial_attention_ref(
     block_start: torch.Tensor,
     block_len: torch.Tensor,
     scale: float | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attention (out [total_q, H, D] in q's dtype, lse [total_q, H] fp32) of the module
+    docstring, in plain matrix products: the reference every other path is tested against."""
     total_q, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -76,7 +95,7 @@ def partial_attention_ref(
     offsets = torch.arange(block_size, device=q.device)
     for b in range(len(cu) - 1):
         q0, q1 = cu[b], cu[b + 1]
-        found = _held_keys(block_table, block_start, block_len, b, offsets) if q0 < q1 else None
+        found = _held_keys(block_table, block_start, block_len, b, offsets, q_pos[q0:q1], window) if q0 < q1 else None
         if found is None:
             continue
         ids, key_pos, key_ok = found
@@ -90,7 +109,7 @@ def partial_attention_ref(
             # [n, H, D] -> [Hkv, n*G, D]: the G query heads of a KV group share its keys.
             qs = q[s0:s1].float().view(n, num_kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(num_kv_heads, n * group, head_dim)
             scores = torch.matmul(qs, k.transpose(1, 2)).mul_(scale)  # [Hkv, n*G, T]
-            mask = key_ok[None, :] & (key_pos[None, :] <= q_pos[s0:s1].long()[:, None])  # [n, T]
+            mask = _visible(key_pos[None, :], key_ok[None, :], q_pos[s0:s1].long()[:, None], window)  # [n, T]
             if not bool(mask.all()):
                 scores.masked_fill_(~mask.repeat_interleave(group, dim=0)[None], -math.inf)
             m = torch.logsumexp(scores, dim=-1, keepdim=True)  # [Hkv, n*G, 1]; -inf where no key is visible
@@ -107,13 +126,17 @@ class DecodePlan:
     """Where the keys of every single-query (decode) request of a batch sit, padded to one
     rectangle, so all of them attend in a few batched tensor operations.
 
-    Built once per step (it depends only on the block tables and positions, not on the layer)
-    by ``build_decode_plan``; ``partial_attention_torch`` builds one itself when not given.
+    Built once per step and window (it depends only on the block tables, the positions and the
+    sliding window, not on the layer: layers that share a window share a plan) by
+    ``build_decode_plan``; ``partial_attention_torch`` builds one itself when not given.
 
     ``requests`` [B'] int64: the batch's requests with exactly one query; ``rows`` [B'] int64:
     their query rows in q; ``slots`` [B', T] int64: flat cache slot of each key
     (``block * block_size + offset``, 0 where padded); ``visible`` [B', T] bool: the key is held
-    here and at or before the query's position; ``seen`` [B'] bool: at least one is.
+    here and the query sees it (``q_pos - window < k_pos <= q_pos``); ``seen`` [B'] bool: at
+    least one is; ``window``: the sliding window it was built for (None: full attention).
+    With a window only the blocks that overlap some query's window are in ``slots``, so T is
+    about ``window + block_size``, not the whole context.
     """
 
     requests: torch.Tensor
@@ -121,6 +144,7 @@ class DecodePlan:
     slots: torch.Tensor
     visible: torch.Tensor
     seen: torch.Tensor
+    window: int | None
 
 
 def build_decode_plan(
@@ -130,18 +154,31 @@ def build_decode_plan(
     block_start: torch.Tensor,
     block_len: torch.Tensor,
     block_size: int,
+    window: int | None = None,
 ) -> DecodePlan:
-    """The ``DecodePlan`` of a batch: vectorised, no per-request Python loop."""
+    """The ``DecodePlan`` of a batch for a sliding ``window`` (None: full attention):
+    vectorised, no per-request Python loop."""
     counts = (cu_q[1:] - cu_q[:-1]).long()
     requests = torch.nonzero(counts == 1).flatten()  # [B']
     rows = cu_q[:-1].long()[requests]
+    pos = q_pos.long()[rows][:, None]  # [B', 1]
     bt = block_table.long()[requests]  # [B', M]
+    starts = block_start.long()[requests]
+    lens = block_len.long()[requests]
+    if window is not None and requests.numel():
+        # Keep the blocks that overlap each query's window, packed to the left (a stable sort
+        # keeps their order): M shrinks to about window / block_size + 1.
+        near = (bt >= 0) & (lens > 0) & (starts <= pos) & (starts + lens - 1 > pos - window)  # [B', M]
+        width = max(1, int(near.sum(dim=1).max()))
+        order = torch.sort(near.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]  # [B', M']
+        bt = torch.where(near.gather(1, order), bt.gather(1, order), -1)
+        starts, lens = starts.gather(1, order), lens.gather(1, order)
     offsets = torch.arange(block_size, device=bt.device)
-    held = (bt >= 0)[:, :, None] & (offsets[None, None, :] < block_len.long()[requests][:, :, None])  # [B', M, BS]
-    key_pos = block_start.long()[requests][:, :, None] + offsets[None, None, :]
-    visible = (held & (key_pos <= q_pos.long()[rows][:, None, None])).flatten(1)  # [B', T]
+    held = (bt >= 0)[:, :, None] & (offsets[None, None, :] < lens[:, :, None])  # [B', M, BS]
+    key_pos = starts[:, :, None] + offsets[None, None, :]
+    visible = _visible(key_pos, held, pos[:, :, None], window).flatten(1)  # [B', T]
     slots = (bt.clamp(min=0)[:, :, None] * block_size + offsets[None, None, :]).flatten(1)
-    return DecodePlan(requests, rows, slots, visible, visible.any(dim=1))
+    return DecodePlan(requests, rows, slots, visible, visible.any(dim=1), window)
 
 
 def _gather_plan_keys(plan: DecodePlan, cache: torch.Tensor) -> torch.Tensor:
@@ -154,7 +191,8 @@ def _gather_plan_keys(plan: DecodePlan, cache: torch.Tensor) -> torch.Tensor:
 
 def decode_attention_sdpa(q: torch.Tensor, plan: DecodePlan, k_cache, v_cache, scale: float | None) -> torch.Tensor:
     """Attention of the plan's queries q [B', H, D] (in plan order) through torch's fused SDPA,
-    without the log-sum-exp; every query must see at least one key (``plan.seen``)."""
+    without the log-sum-exp, over the keys ``plan.visible`` marks (its window included); every
+    query must see at least one key (``plan.seen``)."""
     b, num_heads, head_dim = q.shape
     k, v = _gather_plan_keys(plan, k_cache), _gather_plan_keys(plan, v_cache)
     o = torch.nn.functional.scaled_dot_product_attention(
@@ -165,7 +203,8 @@ def decode_attention_sdpa(q: torch.Tensor, plan: DecodePlan, k_cache, v_cache, s
 
 
 def _decode_attention(q, plan: DecodePlan, k_cache, v_cache, scale: float, out, lse, need_lse: bool = True) -> None:
-    """Partial attention of the plan's single-query requests, all at once (fills out/lse rows).
+    """Partial attention of the plan's single-query requests, all at once (fills out/lse rows),
+    over the keys ``plan.visible`` marks (its window included).
 
     Without ``need_lse`` (nothing to merge with: every key of the step is here) it runs torch's
     fused SDPA, which does not give the log-sum-exp; lse rows are then left as they are.
@@ -206,22 +245,25 @@ def partial_attention_torch(
     scale: float | None = None,
     decode_plan: DecodePlan | None = None,
     need_lse: bool = True,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU production path: same contract as ``partial_attention_ref``, faster.
 
-    Requests with many queries (prefill chunks) gather the blocks held here once and run
-    torch's fused CPU flash attention (``aten::_scaled_dot_product_flash_attention_for_cpu``),
-    which returns the log-sum-exp beside the output and never materialises the
-    [queries, keys] score matrix, with an additive mask for causality by position: several times
-    faster than the reference there. Single-query requests (decode) attend all together through
-    a ``DecodePlan`` (pass the step's plan to reuse it across layers); requests with a few
+    Requests with many queries (prefill chunks) run torch's fused CPU flash attention
+    (``aten::_scaled_dot_product_flash_attention_for_cpu``), which returns the log-sum-exp
+    beside the output and never materialises the [queries, keys] score matrix, with an additive
+    mask for causality by position and the window: several times faster than the reference
+    there. Each slice of at most ``_QUERY_SLICE`` queries gathers only the blocks held here that
+    it may see (none wholly after its last query or before its first query's window).
+    Single-query requests (decode) attend all together through a ``DecodePlan`` (pass the
+    step's plan, built for the same ``window``, to reuse it across layers); requests with a few
     queries take the reference's two matrix products. Falls back to the reference where the
     fused operator is missing or the tensors are not on the CPU. ``need_lse=False`` (the caller
     will not merge: all the step's keys are on this instance) lets decode rows skip the
     log-sum-exp; their lse is then unspecified.
     """
     if _FLASH_CPU is None or q.device.type != "cpu":
-        return partial_attention_ref(q, cu_q, q_pos, k_cache, v_cache, block_table, block_start, block_len, scale)
+        return partial_attention_ref(q, cu_q, q_pos, k_cache, v_cache, block_table, block_start, block_len, scale, window)
     total_q, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -245,28 +287,31 @@ def partial_attention_torch(
         sel = torch.tensor(few, device=q.device)
         o, m = partial_attention_ref(
             q[rows], torch.cumsum(sizes, 0, dtype=torch.int32).to(q.device), q_pos[rows], k_cache, v_cache,
-            block_table[sel], block_start[sel], block_len[sel], scale,
+            block_table[sel], block_start[sel], block_len[sel], scale, window,
         )
         out[rows], lse[rows] = o, m
+
+    def heads(cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # [nb, BS, Hkv, D] -> [1, H, T, D]
+        num_keys = ids.numel() * block_size
+        x = cache.index_select(0, ids).view(num_keys, num_kv_heads, head_dim).to(work_dtype)
+        x = x.permute(1, 0, 2)
+        if group > 1:
+            x = x[:, None].expand(num_kv_heads, group, num_keys, head_dim).reshape(num_heads, num_keys, head_dim)
+        return x.unsqueeze(0)
+
     for b in range(len(cu) - 1):
         q0, q1 = cu[b], cu[b + 1]
-        found = _held_keys(block_table, block_start, block_len, b, offsets) if q1 - q0 >= _FLASH_MIN_QUERIES else None
-        if found is None:
+        if q1 - q0 < _FLASH_MIN_QUERIES:
             continue
-        ids, key_pos, key_ok = found
-        num_keys = ids.numel() * block_size
-
-        def heads(cache: torch.Tensor) -> torch.Tensor:  # [nb, BS, Hkv, D] -> [1, H, T, D]
-            x = cache.index_select(0, ids).view(num_keys, num_kv_heads, head_dim).to(work_dtype)
-            x = x.permute(1, 0, 2)
-            if group > 1:
-                x = x[:, None].expand(num_kv_heads, group, num_keys, head_dim).reshape(num_heads, num_keys, head_dim)
-            return x.unsqueeze(0)
-
-        k, v = heads(k_cache), heads(v_cache)
         for s0 in range(q0, q1, _QUERY_SLICE):
             s1 = min(q1, s0 + _QUERY_SLICE)
-            visible = key_ok[None, :] & (key_pos[None, :] <= q_pos[s0:s1].long()[:, None])  # [n, T]
+            qp = q_pos[s0:s1].long()  # [n]
+            found = _held_keys(block_table, block_start, block_len, b, offsets, qp, window)
+            if found is None:
+                continue
+            ids, key_pos, key_ok = found
+            k, v = heads(k_cache, ids), heads(v_cache, ids)
+            visible = _visible(key_pos[None, :], key_ok[None, :], qp[:, None], window)  # [n, T]
             seen = visible.any(dim=1)  # [n]
             mask = None
             if not bool(visible.all()):

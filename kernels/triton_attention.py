@@ -11,6 +11,9 @@ partials of different instances, so correctness rests on one identity.
                             blocks j = s, s+S, s+2S, ... of its request's block table
                             ──► out_s [S, total_q, H, D], lse_s [S, total_q, H] ──► merge
 
+A program skips the blocks its query cannot see: those wholly after its position and, with a
+sliding window, those wholly before ``pos - window + 1``.
+
 The host wrappers check shapes and dtypes; ``reference.py`` holds the torch reference of each.
 """
 
@@ -37,7 +40,7 @@ def _partial_attention_kernel(
     stride_os, stride_ot, stride_oh,
     stride_ls, stride_lt,
     stride_btb,
-    max_blocks, num_splits, scale_log2,
+    max_blocks, num_splits, window, scale_log2,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -45,6 +48,8 @@ def _partial_attention_kernel(
     split = tl.program_id(2)
     req = tl.load(Q_REQ + t)
     pos = tl.load(Q_POS + t)
+    # Keys at positions in (lo, pos] are visible: lo = pos - window, or -1 (window 0: full causal).
+    lo = tl.where(window > 0, pos - window, -1)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
@@ -62,12 +67,12 @@ def _partial_attention_kernel(
         blk = tl.load(BT + req * stride_btb + j)
         start = tl.load(BSTART + req * stride_btb + j)
         n_valid = tl.load(BLEN + req * stride_btb + j)
-        if (blk >= 0) & (n_valid > 0) & (start <= pos):
+        if (blk >= 0) & (n_valid > 0) & (start <= pos) & (start + n_valid - 1 > lo):
             blk64 = blk.to(tl.int64)
             k = tl.load(K + blk64 * stride_kb + offs[:, None] * stride_ks + kvh * stride_kh + d[None, :])
             v = tl.load(V + blk64 * stride_vb + offs[:, None] * stride_vs + kvh * stride_vh + d[None, :])
             s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2  # [G, BS]
-            visible = (offs < n_valid) & (start + offs <= pos)
+            visible = (offs < n_valid) & (start + offs <= pos) & (start + offs > lo)
             s = tl.where(visible[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -140,7 +145,8 @@ def _num_splits(total_q: int, num_kv_heads: int, max_blocks: int, device: torch.
 
 
 def partial_attention_triton(q, cu_q, q_pos, k_cache, v_cache, block_table, block_start, block_len, scale=None,
-                             num_splits: int | None = None):
+                             num_splits: int | None = None, window: int | None = None):
+    """``partial_attention_ref``'s contract on the GPU; ``num_splits`` overrides the split count."""
     total_q, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     batch, max_blocks = block_table.shape
@@ -167,7 +173,7 @@ def partial_attention_triton(q, cu_q, q_pos, k_cache, v_cache, block_table, bloc
         outs.stride(0), outs.stride(1), outs.stride(2),
         lses.stride(0), lses.stride(1),
         block_table.stride(0),
-        max_blocks, splits, scale * _LOG2E,
+        max_blocks, splits, window or 0, scale * _LOG2E,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
     )
     if splits == 1:

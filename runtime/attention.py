@@ -17,17 +17,24 @@ tokens to ``backend.forward(layer, q, k, v)``. The backend
 
 ``AttentionMetadata`` is what the engine builds once per step from the scheduler core's block
 tables; it is the boundary between scheduling and the kernels.
+
+Sliding-window models (Mistral v0.1; Qwen2 with ``use_sliding_window``) give the backend each
+layer's window (``ModelArgs.layer_windows``); every partial of layer i, local or remote, sees
+only keys at ``q_pos - window_i < k_pos <= q_pos``, so the merge stays exact. Blocks wholly
+before the window stay allocated (the block pool does not free them early); the kernels skip
+them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from .kernels import append_kv, merge_partials, partial_attention, resolve_backend
-from .kernels.reference import build_decode_plan, decode_attention_sdpa
+from .kernels.reference import DecodePlan, build_decode_plan, decode_attention_sdpa
 
 __all__ = ["KVCache", "AttentionMetadata", "DistAttentionBackend", "RemotePartial"]
 
@@ -72,14 +79,19 @@ class AttentionMetadata:
 
 
 class RemotePartial(Protocol):
-    """Partial attention of the step's queries over blocks another instance holds."""
+    """Partial attention of the step's queries over blocks another instance holds, with the
+    layer's sliding window (the peer serves the same model, so it knows each layer's)."""
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
 
 class DistAttentionBackend:
-    """Per-step attention: local paged partial attention, merged with remote partials."""
+    """Per-step attention: local paged partial attention, merged with remote partials.
+
+    ``layer_windows`` holds each layer's sliding window (None: full causal attention); None or
+    empty means full attention in every layer.
+    """
 
     def __init__(
         self,
@@ -88,38 +100,50 @@ class DistAttentionBackend:
         scale: float | None = None,
         remote: list[RemotePartial] | None = None,
         backend: str | None = None,
+        layer_windows: Sequence[int | None] | None = None,
     ) -> None:
         self.cache = cache
         self.meta = metadata
         self.scale = scale
         self.remote = remote or []
         self.backend = backend
+        self.layer_windows = tuple(layer_windows or ())
         # The torch path attends all decode requests at once from a plan that depends only on
-        # the block tables: build it once per step, not once per layer.
-        self._decode_plan = None
+        # the block tables and the window: build one per distinct window once per step, not
+        # once per layer.
+        self._decode_plans: dict[int | None, DecodePlan] = {}
         self._fast_decode = False
         if resolve_backend(metadata.q_pos.device.type, backend) == "torch":
             m = metadata
-            plan = build_decode_plan(m.cu_q, m.q_pos, m.block_table, m.block_start, m.block_len, cache.block_size)
-            self._decode_plan = plan
+            self._decode_plans = {
+                w: build_decode_plan(m.cu_q, m.q_pos, m.block_table, m.block_start, m.block_len, cache.block_size, w)
+                for w in set(self.layer_windows) or {None}
+            }
             # A pure decode step whose keys are all here (the common case of one instance) takes
             # a short path: the inputs were checked once, here, so each layer is four torch
             # operations (append k, append v, gather, fused SDPA) instead of the general path.
             # (Every row a single-query request means the plan's rows are 0..T-1, in order.)
-            self._fast_decode = not self.remote and plan.rows.numel() == m.q_pos.numel() and bool(plan.seen.all())
+            self._fast_decode = not self.remote and all(
+                p.rows.numel() == m.q_pos.numel() and bool(p.seen.all()) for p in self._decode_plans.values()
+            )
             if self._fast_decode:
                 self._slot_index = m.slot_mapping.long()
+
+    def window(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window (None: full causal attention)."""
+        return self.layer_windows[layer] if self.layer_windows else None
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] (after RoPE) -> attention output [T, H, D]."""
         m = self.meta
         kc, vc = self.cache.k[layer], self.cache.v[layer]
+        window = self.window(layer)
         if self._fast_decode:
-            return self._decode_layer(q, k, v, kc, vc)
+            return self._decode_layer(q, k, v, kc, vc, self._decode_plans[window])
         append_kv(k, v, kc, vc, m.slot_mapping, backend=self.backend)
         out, lse = partial_attention(
             q, m.cu_q, m.q_pos, kc, vc, m.block_table, m.block_start, m.block_len, self.scale,
-            backend=self.backend, decode_plan=self._decode_plan, need_lse=bool(self.remote),
+            backend=self.backend, decode_plan=self._decode_plans.get(window), need_lse=bool(self.remote), window=window,
         )
         if not self.remote:
             return out
@@ -131,8 +155,8 @@ class DistAttentionBackend:
         merged, _ = merge_partials(torch.stack(outs), torch.stack(lses), backend=self.backend)
         return merged
 
-    def _decode_layer(self, q, k, v, kc, vc) -> torch.Tensor:
+    def _decode_layer(self, q, k, v, kc, vc, plan: DecodePlan) -> torch.Tensor:
         num_blocks, block_size, num_kv_heads, head_dim = kc.shape
         kc.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, self._slot_index, k.to(kc.dtype))
         vc.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, self._slot_index, v.to(vc.dtype))
-        return decode_attention_sdpa(q, self._decode_plan, kc, vc, self.scale).to(q.dtype)
+        return decode_attention_sdpa(q, plan, kc, vc, self.scale).to(q.dtype)

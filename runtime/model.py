@@ -137,8 +137,12 @@ class ModelArgs:
     ``attention_out_bias`` on the output projection (Llama with ``attention_bias`` only).
     ``rope_freq_factors`` (Dh/2 values) divide the inverse frequencies one by one: llama.cpp's
     form of llama3 scaling in GGUF files (the ``rope_freqs`` tensor).
-    ``sliding_window`` (Mistral v0.1): a query sees only the last ``sliding_window`` positions;
-    None means full causal attention. The attention backend, not the model, applies it.
+    ``layer_windows`` holds each layer's sliding window: in layer i a query at ``q_pos`` sees
+    only keys at ``q_pos - layer_windows[i] < k_pos <= q_pos`` (the last ``layer_windows[i]``
+    positions, its own included); an entry None is full causal attention there, and
+    ``layer_windows`` None is full attention in every layer. Mistral v0.1 slides in every layer,
+    Qwen2 with ``use_sliding_window`` in some (``from_hf_config`` says which). The attention
+    backend, not the model, applies it.
     """
 
     vocab_size: int
@@ -156,7 +160,7 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     attention_out_bias: bool = False
-    sliding_window: int | None = None
+    layer_windows: tuple[int | None, ...] | None = None
     architecture: str = "llama"
 
     def __post_init__(self) -> None:
@@ -179,8 +183,18 @@ class ModelArgs:
             raise ValidationError(
                 "rope_freq_factors", f"{len(self.rope_freq_factors)} values", f"must have head_dim/2={self.head_dim // 2}", owner=o
             )
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValidationError("sliding_window", self.sliding_window, "must be None or >= 1", owner=o)
+        if self.layer_windows is not None:
+            if len(self.layer_windows) != self.num_layers:
+                raise ValidationError(
+                    "layer_windows", f"{len(self.layer_windows)} values", f"must have num_layers={self.num_layers}", owner=o
+                )
+            for w in self.layer_windows:
+                if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+                    raise ValidationError("layer_windows", self.layer_windows, "each must be an int >= 1 (a sliding window) or None", owner=o)
+
+    def window(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window (None: full causal attention)."""
+        return None if self.layer_windows is None else self.layer_windows[layer]
 
     @property
     def q_size(self) -> int:
@@ -195,7 +209,8 @@ class ModelArgs:
         """From a Hugging Face ``config.json`` (Llama, Mistral, Qwen2 and SmolLM2 checkpoints).
 
         Reads both the classic keys (``rope_theta``, ``rope_scaling``) and transformers 5's
-        ``rope_parameters``. An unsupported ``model_type`` is a ValidationError naming it.
+        ``rope_parameters``; the sliding windows as ``_hf_layer_windows`` says. An unsupported
+        ``model_type`` is a ValidationError naming it.
         """
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_HF_ARCHITECTURES:
@@ -210,14 +225,12 @@ class ModelArgs:
             theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
             scaling = RopeScaling.from_hf(config.get("rope_scaling") or rope, max_pos)
             bias = bool(config.get("attention_bias", False))
-            window = config.get("sliding_window")
-            if model_type == "qwen2" and not config.get("use_sliding_window", False):
-                window = None
+            num_layers = int(config["num_hidden_layers"])
             return cls(
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(config["intermediate_size"]),
-                num_layers=int(config["num_hidden_layers"]),
+                num_layers=num_layers,
                 num_heads=heads,
                 num_kv_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=int(config.get("head_dim") or hidden // heads),
@@ -228,7 +241,7 @@ class ModelArgs:
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
                 attention_bias=bias or model_type == "qwen2",  # Qwen2 always biases q, k, v (not o)
                 attention_out_bias=bias,
-                sliding_window=int(window) if window is not None else None,
+                layer_windows=_hf_layer_windows(config, model_type, num_layers),
                 architecture=model_type,
             )
         except KeyError as e:
@@ -240,6 +253,8 @@ class ModelArgs:
 
         ``tensor_names`` decide what metadata does not say: embeddings are tied when there is
         no ``output.weight``; q/k/v biases exist when ``blk.0.attn_q.bias`` does.
+        ``{arch}.attention.sliding_window`` (absent or 0: none) slides in every layer; a file
+        with a per-layer ``{arch}.attention.sliding_window_pattern`` is refused.
         """
         arch = metadata.get("general.architecture")
         if arch not in SUPPORTED_GGUF_ARCHITECTURES:
@@ -285,11 +300,19 @@ class ModelArgs:
                 raise ValidationError(f"{arch}.rope.scaling.type", kind, "unsupported; supported: 'none', 'linear', 'yarn'")
         names = set(tensor_names)
         has_bias = "blk.0.attn_q.bias" in names
+        num_layers = int(get("block_count"))
+        window = int(metadata.get(f"{arch}.attention.sliding_window") or 0)
+        pattern = metadata.get(f"{arch}.attention.sliding_window_pattern")
+        if window and pattern is not None:
+            raise ValidationError(
+                f"{arch}.attention.sliding_window_pattern", pattern,
+                "is unsupported: only a sliding window in every layer is read from GGUF files",
+            )
         return cls(
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),
-            num_layers=int(get("block_count")),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=int(get("attention.head_count_kv", heads)),
             head_dim=head_dim,
@@ -300,8 +323,38 @@ class ModelArgs:
             tie_word_embeddings="output.weight" not in names,
             attention_bias=has_bias or arch == "qwen2",
             attention_out_bias="blk.0.attn_output.bias" in names,
+            layer_windows=(window,) * num_layers if window else None,
             architecture=arch,
         )
+
+
+def _hf_layer_windows(config: Mapping[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...] | None:
+    """Each layer's sliding window from a config.json, as transformers (5.x) decides it.
+
+    ``mistral``  ``sliding_window`` in every layer (absent: MistralConfig's default 4096; null:
+                 none).
+    ``qwen2``    only with ``use_sliding_window``: ``sliding_window`` (absent: 4096; null: none)
+                 in the layers ``layer_types`` marks ``"sliding_attention"``, or, without
+                 ``layer_types``, in layers ``i >= max_window_layers`` (absent: 28).
+    ``llama``    none.
+    """
+    if model_type == "mistral":
+        window = config.get("sliding_window", 4096)
+        return None if window is None else (int(window),) * num_layers
+    if model_type != "qwen2" or not config.get("use_sliding_window", False):
+        return None
+    window = config.get("sliding_window", 4096)
+    if window is None:
+        return None
+    kinds = config.get("layer_types")
+    if kinds is None:
+        first = int(config.get("max_window_layers", 28))
+        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    allowed = ("sliding_attention", "full_attention")
+    if len(kinds) != num_layers or any(k not in allowed for k in kinds):
+        raise ValidationError("layer_types", kinds, f"must be {num_layers} of {', '.join(map(repr, allowed))}")
+    windows = tuple(int(window) if k == "sliding_attention" else None for k in kinds)
+    return windows if any(w is not None for w in windows) else None
 
 
 # ---- rotary embeddings -----------------------------------------------------------------------
@@ -382,8 +435,8 @@ class AttentionBackend(Protocol):
     to, at which position, and where each request's KV blocks live; the model only passes
     q [T, H, Dh] and the new k, v [T, Hkv, Dh] of layer ``layer_index`` (RoPE applied,
     contiguous, in the model's dtype). The backend stores k, v, attends causally by position
-    with scale 1/sqrt(Dh) (and ``ModelArgs.sliding_window`` when set), and returns [T, H, Dh]
-    in q's dtype. Query head h reads KV head h // (H / Hkv).
+    with scale 1/sqrt(Dh) (within the layer's window, ``ModelArgs.window(layer_index)``, when it
+    has one), and returns [T, H, Dh] in q's dtype. Query head h reads KV head h // (H / Hkv).
     """
 
     def forward(self, layer_index: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
@@ -572,9 +625,9 @@ class ContiguousAttention:
         hidden = model(input_ids, positions, attn)
         attn.prepare([("a", 1), ("b", 1)], positions)   # next step: one decode token each
 
-    A query sees the keys of its own sequence whose position is <= its own (and, with a
-    ``sliding_window``, > its own minus the window), the current chunk's included, just as the
-    paged DistAttention kernels do. Used by the tests as ground truth and by
+    A query sees the keys of its own sequence whose position is <= its own (and, in a layer
+    with a sliding window, > its own minus the window), the current chunk's included, just as
+    the paged DistAttention kernels do. Used by the tests as ground truth and by
     ``infinillm.testing.greedy_reference``.
     """
 
@@ -584,7 +637,7 @@ class ContiguousAttention:
         self.num_layers = args.num_layers
         self.group = args.num_heads // args.num_kv_heads
         self.scale = 1.0 / math.sqrt(args.head_dim)
-        self.sliding_window = args.sliding_window
+        self.layer_windows = args.layer_windows
         self._keys: dict[Hashable, list[Tensor | None]] = {}
         self._values: dict[Hashable, list[Tensor | None]] = {}
         self._positions: dict[Hashable, Tensor] = {}
@@ -617,17 +670,20 @@ class ContiguousAttention:
 
     def forward(self, layer_index: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out = torch.empty_like(q)  # [T, H, Dh]
+        window = None if self.layer_windows is None else self.layer_windows[layer_index]
         start = 0
         for seq, n, q_pos in self._batch:
             ks, vs = self._keys[seq], self._values[seq]
             new_k, new_v = k[start : start + n], v[start : start + n]
             ks[layer_index] = new_k if ks[layer_index] is None else torch.cat((ks[layer_index], new_k))
             vs[layer_index] = new_v if vs[layer_index] is None else torch.cat((vs[layer_index], new_v))
-            out[start : start + n] = self._attend(q[start : start + n], q_pos, ks[layer_index], vs[layer_index], self._positions[seq])
+            out[start : start + n] = self._attend(
+                q[start : start + n], q_pos, ks[layer_index], vs[layer_index], self._positions[seq], window
+            )
             start += n
         return out
 
-    def _attend(self, q: Tensor, q_pos: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor) -> Tensor:
+    def _attend(self, q: Tensor, q_pos: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, window: int | None) -> Tensor:
         """q [n, H, Dh] over keys/values [L, Hkv, Dh] at key_pos [L] -> [n, H, Dh], in fp32."""
         k = keys.float().repeat_interleave(self.group, dim=1).transpose(0, 1)  # [H, L, Dh]: KV head j serves query heads jG..jG+G-1
         v = values.float().repeat_interleave(self.group, dim=1).transpose(0, 1)
@@ -635,8 +691,8 @@ class ContiguousAttention:
         for s0 in range(0, q.shape[0], self._QUERY_SLICE):
             qs, ps = q[s0 : s0 + self._QUERY_SLICE].float().transpose(0, 1), q_pos[s0 : s0 + self._QUERY_SLICE]  # [H, n, Dh]
             visible = key_pos[None, :] <= ps[:, None]  # [n, L]; every query sees at least itself
-            if self.sliding_window is not None:
-                visible &= key_pos[None, :] > ps[:, None] - self.sliding_window
+            if window is not None:
+                visible &= key_pos[None, :] > ps[:, None] - window
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, scale=self.scale)  # [H, n, Dh]
             out[s0 : s0 + self._QUERY_SLICE] = o.transpose(0, 1).to(q.dtype)
         return out

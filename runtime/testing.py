@@ -9,6 +9,9 @@
                                  tokenizer metadata), to test the GGUF loader against the folder.
 ``greedy_reference(model, ids)`` greedy decoding through ``ContiguousAttention``: ground truth for
                                  engine tests.
+``default_device()``             where tests run the runtime: cuda where a GPU is present, else cpu.
+``assert_runtime_idle(rt)``      nothing left behind: no live request anywhere, every KV block free.
+``FakeNvmlProbe``                a test double for NVML (``MemoryProbe``) on machines without a GPU.
 ``import_transformers()``        transformers (the reference in tests and benchmarks), imported so
                                  that it works from the repository root (see its docstring).
 
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import ValidationError
+from .memory import MemoryInfo
 from .model import ContiguousAttention, LlamaModel, ModelArgs, rope_inv_freq
 from .tokenizer import bytes_to_unicode
 
@@ -40,6 +44,9 @@ __all__ = [
     "hf_folder_to_gguf",
     "greedy_reference",
     "import_transformers",
+    "FakeNvmlProbe",
+    "assert_runtime_idle",
+    "default_device",
     "TINY_CHAT_TEMPLATE",
     "TINY_SPECIAL_TOKENS",
 ]
@@ -117,6 +124,8 @@ def make_tiny_model(
     rope_scaling: dict[str, Any] | None = None,
     max_position_embeddings: int = 2048,
     num_shards: int = 1,
+    sliding_window: int | None = None,
+    max_window_layers: int = 0,
 ) -> Path:
     """Write a random-weight model as a Hugging Face folder and return the folder.
 
@@ -124,11 +133,13 @@ def make_tiny_model(
     larger pads the model's vocabulary as real checkpoints do. ``architecture`` is ``llama``,
     ``mistral`` or ``qwen2`` (q/k/v biases). ``rope_scaling`` is config.json's dict (e.g.
     ``{"rope_type": "llama3", "factor": 8.0, ...}``). ``num_shards > 1`` writes sharded
-    safetensors with an index. Weights: N(0, 1/fan_in) for q/k/v/gate/up, N(0, 9/fan_in) for
-    o/down (layers that change the residual stream enough that greedy decoding does not just
-    repeat the last token), N(0, 0.09) for embeddings, 1 + N(0, 0.01) for norms, N(0, 0.01) for
-    biases: logits are separated well enough that greedy decoding is stable under float
-    reordering.
+    safetensors with an index. ``sliding_window`` gives the model a sliding window (``mistral``:
+    every layer; ``qwen2``: ``use_sliding_window`` on, sliding from layer ``max_window_layers``
+    on, as transformers reads it; ``llama`` has none). Weights: N(0, 1/fan_in) for
+    q/k/v/gate/up, N(0, 9/fan_in) for o/down (layers that change the residual stream enough
+    that greedy decoding does not just repeat the last token), N(0, 0.09) for embeddings,
+    1 + N(0, 0.01) for norms, N(0, 0.01) for biases: logits are separated well enough that
+    greedy decoding is stable under float reordering.
     """
     from safetensors.torch import save_file
 
@@ -143,6 +154,8 @@ def make_tiny_model(
         raise ValidationError("vocab_size", vocab_size, f"must be >= the tiny tokenizer's {n_tokens} tokens")
     if num_shards < 1:
         raise ValidationError("num_shards", num_shards, "must be >= 1")
+    if sliding_window is not None and architecture == "llama":
+        raise ValidationError("sliding_window", sliding_window, "needs architecture 'mistral' or 'qwen2'")
     head_dim = hidden_size // num_heads
     config: dict[str, Any] = {
         "architectures": [_ARCHITECTURE_NAMES[architecture]],
@@ -166,9 +179,10 @@ def make_tiny_model(
         "torch_dtype": "float32",
     }
     if architecture == "qwen2":
-        config["use_sliding_window"] = False
-    if architecture == "mistral":
-        config["sliding_window"] = None
+        config["use_sliding_window"] = sliding_window is not None
+        config["max_window_layers"] = max_window_layers
+    if architecture in ("mistral", "qwen2"):
+        config["sliding_window"] = sliding_window
     args = ModelArgs.from_hf_config(config)
 
     gen = torch.Generator().manual_seed(seed)
@@ -264,8 +278,9 @@ def hf_folder_to_gguf(folder: str | os.PathLike, path: str | os.PathLike, *, qty
 
     ``qtype`` (a ``gguf.GGMLQuantizationType`` name: F32, F16, Q8_0, Q4_0, ...) quantises every
     2-D weight whose rows divide into the type's blocks; norms stay F32. llama3 rope scaling
-    becomes a ``rope_freqs`` tensor, linear scaling metadata. The tokenizer must be byte-level
-    BPE (the tiny one is).
+    becomes a ``rope_freqs`` tensor, linear scaling metadata; a sliding window in every layer
+    ``{arch}.attention.sliding_window`` (windows in only some layers are a ValidationError).
+    The tokenizer must be byte-level BPE (the tiny one is).
     """
     import gguf
     from safetensors import safe_open
@@ -297,6 +312,10 @@ def hf_folder_to_gguf(folder: str | os.PathLike, path: str | os.PathLike, *, qty
     if scaling is not None and scaling.type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling.factor)
+    if args.layer_windows is not None:
+        if len(set(args.layer_windows)) != 1:
+            raise ValidationError("layer_windows", args.layer_windows, "GGUF holds one sliding window for every layer")
+        w.add_sliding_window(args.layer_windows[0])
 
     # tokenizer: tokens in id order (padded as llama.cpp pads), merges, types
     tok_json = json.loads((folder / "tokenizer.json").read_text())
@@ -422,3 +441,41 @@ def import_transformers() -> types.ModuleType:
     finally:
         sys.path[:] = saved
     return transformers
+
+
+class FakeNvmlProbe:
+    """Test double for NVML (a ``MemoryProbe``) on machines without a GPU: reports the memory
+    it is told to; set ``free`` to play another process taking or leaving device memory."""
+
+    def __init__(self, total: int, free: int, count: int = 1) -> None:
+        self.total, self.free, self.count = total, free, count
+
+    def device_count(self) -> int:
+        return self.count
+
+    def read(self, device_index: int) -> MemoryInfo:
+        if not 0 <= device_index < self.count:
+            raise ValidationError("device_index", device_index, f"must be in [0, {self.count - 1}]")
+        return MemoryInfo(device_index, self.total, self.free, self.total - self.free)
+
+
+def assert_runtime_idle(rt) -> None:
+    """Assert a runtime holds nothing of any request: no live id, nothing queued or to abort,
+    no engine request, every KV block of every instance free and no block table left."""
+    assert not rt._requests, f"live request ids: {sorted(rt._requests)}"
+    assert not rt._queue, f"queued requests: {sorted(rt._queue)}"
+    assert not rt._aborts, f"aborts not applied: {sorted(rt._aborts)}"
+    engine = rt.engine
+    assert not engine.requests, f"engine requests: {sorted(r.request_id for r in engine.requests.values())}"
+    plan = engine.planner.statistics()
+    assert (plan.num_running, plan.num_waiting) == (0, 0), plan
+    assert engine.tables.num_requests == 0, f"{engine.tables.num_requests} block tables left"
+    for inst in rt.statistics().instances:
+        assert (inst.kv_used_blocks, inst.kv_reserved_blocks, inst.kv_lent_blocks, inst.kv_borrowed_blocks) == (0, 0, 0, 0), inst
+        assert inst.kv_free_blocks == inst.kv_capacity_blocks, inst
+
+
+def default_device() -> str:
+    """The device runtime tests run on: ``INFINILLM_TEST_DEVICE`` if set, else ``cuda`` where
+    torch sees a GPU, else ``cpu``. The tests' ``device`` fixture returns it."""
+    return os.environ.get("INFINILLM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

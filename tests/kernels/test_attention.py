@@ -1,5 +1,6 @@
 """Partial attention, merge and KV append: Triton against the torch reference, and the
-DistAttention identity (partials over any partition of the blocks merge to full attention)."""
+DistAttention identity (partials over any partition of the blocks merge to full attention),
+with and without a sliding window; every path against a plain dense masked softmax."""
 
 from __future__ import annotations
 
@@ -19,14 +20,18 @@ from .conftest import DEVICE, needs_triton
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def full_attention(q, q_pos, k, v, scale):
+def full_attention(q, q_pos, k, v, scale, window=None):
     """Plain softmax attention of queries q [n, H, D] at q_pos over keys k, v [T, Hkv, D] at
-    positions 0..T-1, causal by position. Returns out [n, H, D], lse [n, H] (fp32)."""
+    positions 0..T-1, causal by position and, with a window, only keys at
+    q_pos - window < k_pos. Returns out [n, H, D], lse [n, H] (fp32)."""
     n, h, d = q.shape
     hkv = k.shape[1]
     g = h // hkv
     s = torch.einsum("nkgd,tkd->nkgt", q.double().view(n, hkv, g, d), k.double()) * scale
-    mask = torch.arange(k.shape[0])[None, :] <= q_pos.long()[:, None]
+    k_pos = torch.arange(k.shape[0])[None, :]
+    mask = k_pos <= q_pos.long()[:, None]
+    if window is not None:
+        mask &= k_pos > q_pos.long()[:, None] - window
     s = s.masked_fill(~mask[:, None, None, :], -math.inf)
     lse = torch.logsumexp(s, -1)
     out = torch.einsum("nkgt,tkd->nkgd", torch.softmax(s, -1), v.double())
@@ -67,12 +72,12 @@ class Paged:
         return bt.to(self.device), bs.to(self.device), bl.to(self.device)
 
 
-def run_partitioned(paged, q, q_pos, parts, backend, scale):
+def run_partitioned(paged, q, q_pos, parts, backend, scale, window=None):
     cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
     outs, lses = [], []
     for part in parts:
         bt, bs, bl = paged.tables(part)
-        o, l = partial_attention(q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, scale, backend=backend)
+        o, l = partial_attention(q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, scale, backend=backend, window=window)
         outs.append(o.float())
         lses.append(l)
     return merge_partials(torch.stack(outs), torch.stack(lses), backend=backend)
@@ -97,21 +102,22 @@ def partitioned_case(draw):
     else:  # a prefill chunk: consecutive positions ending at the context's last token
         n = draw(st.integers(1, ctx))
         positions = list(range(ctx - n, ctx))
-    return block_size, ctx, hkv, group, parts, positions
+    window = draw(st.one_of(st.none(), st.integers(1, ctx + 3)))  # shorter than, equal to, longer than the context
+    return block_size, ctx, hkv, group, parts, positions, window
 
 
-@settings(max_examples=60)
+@settings(max_examples=80)
 @given(partitioned_case(), st.integers(0, 2**16))
 def test_partials_over_any_partition_merge_to_full_attention(case, seed):
-    block_size, ctx, hkv, group, parts, positions = case
+    block_size, ctx, hkv, group, parts, positions, window = case
     d = 64
     paged = Paged(ctx, block_size, hkv, d, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(len(positions), hkv * group, d, generator=gen)
     q_pos = torch.tensor(positions, dtype=torch.int32)
     scale = 1 / math.sqrt(d)
-    out, lse = run_partitioned(paged, q, q_pos, parts, "torch", scale)
-    ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, scale)
+    out, lse = run_partitioned(paged, q, q_pos, parts, "torch", scale, window)
+    ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, scale, window)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
@@ -120,15 +126,15 @@ def test_partials_over_any_partition_merge_to_full_attention(case, seed):
 @settings(max_examples=12)
 @given(partitioned_case(), st.integers(0, 2**16))
 def test_triton_partials_over_any_partition_merge_to_full_attention(case, seed):
-    block_size, ctx, hkv, group, parts, positions = case
+    block_size, ctx, hkv, group, parts, positions, window = case
     d = 64
     paged = Paged(ctx, block_size, hkv, d, seed=seed, device=DEVICE)
     gen = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(len(positions), hkv * group, d, generator=gen)
     q_pos = torch.tensor(positions, dtype=torch.int32)
     scale = 1 / math.sqrt(d)
-    out, lse = run_partitioned(paged, q.to(DEVICE), q_pos.to(DEVICE), parts, "triton", scale)
-    ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, scale)
+    out, lse = run_partitioned(paged, q.to(DEVICE), q_pos.to(DEVICE), parts, "triton", scale, window)
+    ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, scale, window)
     torch.testing.assert_close(out.cpu(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.cpu(), ref_lse, atol=1e-5, rtol=1e-5)
 
@@ -301,3 +307,164 @@ def test_a_step_plan_batches_decode_requests_exactly():
     torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-5)
     o_n, _ = partial_attention_torch(q, cu, q_pos, k_cache, v_cache, bt, bs_, bl, decode_plan=plan, need_lse=False)
     torch.testing.assert_close(o_n, o_r, atol=1e-5, rtol=1e-5)
+
+
+# ---- sliding window: every path against the dense masked softmax ------------------------------
+
+WINDOW_CASES = [
+    # (ctx, block_size, hkv, group, window, positions: "decode" | "prefill" | "chunk")
+    (70, 16, 2, 4, 24, "prefill"),  # window shorter than the context, not a multiple of block_size
+    (70, 16, 2, 4, 24, "decode"),
+    (70, 16, 2, 4, 24, "chunk"),  # a few queries: the reference's matrix products
+    (45, 8, 1, 3, 45, "prefill"),  # window equal to the context
+    (45, 8, 1, 3, 45, "decode"),
+    (30, 4, 2, 1, 100, "prefill"),  # window longer than the context
+    (30, 4, 2, 1, 100, "decode"),
+    (33, 16, 2, 2, 1, "decode"),  # window 1: a query sees only itself
+    (33, 16, 2, 2, 1, "prefill"),
+    (50, 4, 1, 8, 7, "chunk"),  # GQA 8, window of 7 over blocks of 4
+]
+
+
+def window_case(ctx, block_size, hkv, group, kind, device="cpu"):
+    """A paged context, queries at the given kind of positions, and their cu_q."""
+    paged = Paged(ctx, block_size, hkv, 64, seed=ctx + block_size, device=device)
+    positions = {"decode": [ctx - 1], "prefill": list(range(ctx)), "chunk": list(range(ctx - 5, ctx))}[kind]
+    q = torch.randn(len(positions), hkv * group, 64, generator=torch.Generator().manual_seed(ctx))
+    q_pos = torch.tensor(positions, dtype=torch.int32)
+    cu = torch.tensor([0, len(positions)], dtype=torch.int32)
+    return paged, q, q_pos, cu
+
+
+@pytest.mark.parametrize("ctx,block_size,hkv,group,window,kind", WINDOW_CASES)
+def test_torch_paths_match_dense_windowed_attention(ctx, block_size, hkv, group, window, kind):
+    from infinillm.kernels.reference import build_decode_plan, partial_attention_ref, partial_attention_torch
+
+    paged, q, q_pos, cu = window_case(ctx, block_size, hkv, group, kind)
+    ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, 1 / 8, window)
+    bt, bs, bl = paged.tables(range(paged.num_logical))
+    results = {
+        "reference": partial_attention_ref(q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, window=window),
+        "torch": partial_attention_torch(q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, window=window),
+    }
+    if kind == "decode":
+        plan = build_decode_plan(cu, q_pos, bt, bs, bl, block_size, window)
+        results["plan"] = partial_attention_torch(
+            q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, decode_plan=plan, window=window
+        )
+        out_sdpa, _ = partial_attention_torch(
+            q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, decode_plan=plan, need_lse=False, window=window
+        )
+        torch.testing.assert_close(out_sdpa, ref_out, atol=1e-5, rtol=1e-5)
+    for path, (out, lse) in results.items():
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=lambda m: f"{path}: {m}")
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5, msg=lambda m: f"{path}: {m}")
+
+
+@needs_triton
+@pytest.mark.parametrize("ctx,block_size,hkv,group,window,kind", WINDOW_CASES)
+def test_triton_matches_dense_windowed_attention(ctx, block_size, hkv, group, window, kind):
+    paged, q, q_pos, cu = window_case(ctx, block_size, hkv, group, kind, DEVICE)
+    ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, 1 / 8, window)
+    bt, bs, bl = paged.tables(range(paged.num_logical))
+    out, lse = partial_attention(q.to(DEVICE), cu.to(DEVICE), q_pos.to(DEVICE), paged.k_cache, paged.v_cache, bt, bs, bl,
+                                 backend="triton", window=window)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_long_windowed_prefill_spans_query_slices():
+    # 1100 queries: the fused path attends in two slices, each gathering only the blocks its
+    # window reaches.
+    from infinillm.kernels.reference import partial_attention_ref, partial_attention_torch
+
+    paged, q, q_pos, cu = window_case(1100, 16, 1, 2, "prefill")
+    window = 300
+    bt, bs, bl = paged.tables(range(paged.num_logical))
+    ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, 1 / 8, window)
+    for fn in (partial_attention_ref, partial_attention_torch):
+        out, lse = fn(q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, window=window)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def batch_tables(paged_list, held):
+    """block_table/start/len [B, M] of request r holding blocks held[r] of paged_list[r]."""
+    m = max(1, max(len(h) for h in held))
+    bt = torch.full((len(held), m), -1, dtype=torch.int32)
+    bs_ = torch.zeros((len(held), m), dtype=torch.int32)
+    bl = torch.zeros((len(held), m), dtype=torch.int32)
+    for r, (p, h) in enumerate(zip(paged_list, held)):
+        if h:
+            t, s_, l_ = p.tables(h)
+            bt[r, : len(h)], bs_[r, : len(h)], bl[r, : len(h)] = t[0], s_[0], l_[0]
+    return bt, bs_, bl
+
+
+def test_a_windowed_step_plan_keeps_only_the_blocks_in_reach():
+    from infinillm.kernels.reference import build_decode_plan, partial_attention_ref, partial_attention_torch
+
+    # Four requests over one 90-token context in blocks of 8, window 20: three decoding (one
+    # holding all blocks, one some, one only blocks its window does not reach), one prefill
+    # chunk of 3.
+    a = Paged(90, 8, 2, 64, seed=9)
+    all_blocks = list(range(a.num_logical))  # 12 blocks
+    held = [all_blocks, [0, 3, 8, 10], [0, 1, 2], all_blocks]
+    bt, bs_, bl = batch_tables([a] * 4, held)
+    cu = torch.tensor([0, 1, 2, 3, 6], dtype=torch.int32)
+    q_pos = torch.tensor([89, 85, 60, 40, 41, 42], dtype=torch.int32)
+    q = torch.randn(6, 6, 64, generator=torch.Generator().manual_seed(7))
+    window = 20
+    plan = build_decode_plan(cu, q_pos, bt, bs_, bl, 8, window)
+    assert plan.requests.tolist() == [0, 1, 2] and plan.window == window
+    # Position 89 reaches back to 70: blocks 8..11 (positions 64..89), 4 blocks of 8 = 32 slots
+    # per request, not 12 blocks. Request 1 (85: 66..85) sees 66..71 of block 8 and 80..85 of
+    # block 10; request 2 (60: 41..60) holds only 0..23.
+    assert tuple(plan.slots.shape) == (3, 32)
+    assert plan.visible.sum(dim=1).tolist() == [20, 6 + 6, 0]
+    assert plan.seen.tolist() == [True, True, False]
+    o_r, l_r = partial_attention_ref(q, cu, q_pos, a.k_cache, a.v_cache, bt, bs_, bl, window=window)
+    o_t, l_t = partial_attention_torch(q, cu, q_pos, a.k_cache, a.v_cache, bt, bs_, bl, decode_plan=plan, window=window)
+    torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-5)
+    assert torch.isinf(l_t[2]).all() and (o_t[2] == 0).all()  # request 2 sees nothing here
+    ref_out, _ = full_attention(q[:1], q_pos[:1], a.k, a.v, 1 / 8, window)
+    torch.testing.assert_close(o_t[:1], ref_out, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_window_with_splits_and_an_empty_request():
+    from infinillm.kernels.triton_attention import partial_attention_triton
+
+    a = Paged(50, 4, 2, 64, seed=2)
+    held = [list(range(a.num_logical)), [0, 1, 2], list(range(0, a.num_logical, 3))]
+    bt, bs_, bl = batch_tables([a] * 3, held)
+    cu = torch.tensor([0, 2, 3, 5], dtype=torch.int32)
+    q_pos = torch.tensor([48, 49, 40, 30, 31], dtype=torch.int32)  # request 1's window (31..40) misses 0..11
+    q = torch.randn(5, 4, 64, generator=torch.Generator().manual_seed(3))
+    o_r, l_r = partial_attention(q, cu, q_pos, a.k_cache, a.v_cache, bt, bs_, bl, backend="torch", window=10)
+    assert torch.isinf(l_r[2]).all()
+    for splits in (1, 2, 5):
+        o_t, l_t = partial_attention_triton(q, cu, q_pos, a.k_cache, a.v_cache, bt, bs_, bl, num_splits=splits, window=10)
+        torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, True, "16"])
+def test_a_bad_window_is_refused_naming_value_and_limit(window):
+    p = Paged(8, 4, 1, 64)
+    bt, bs, bl = p.tables([0, 1])
+    with pytest.raises(ValidationError, match=r"window=.* is invalid: must be an int >= 1, or None"):
+        partial_attention(torch.zeros(1, 1, 64), torch.tensor([0, 1], dtype=torch.int32), torch.tensor([7], dtype=torch.int32),
+                          p.k_cache, p.v_cache, bt, bs, bl, window=window)
+
+
+def test_a_plan_for_another_window_is_refused():
+    from infinillm.kernels.reference import build_decode_plan
+
+    p = Paged(8, 4, 1, 64)
+    bt, bs, bl = p.tables([0, 1])
+    cu, q_pos = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([7], dtype=torch.int32)
+    plan = build_decode_plan(cu, q_pos, bt, bs, bl, 4, window=4)
+    with pytest.raises(ValidationError, match="decode_plan.window=4 is invalid: must equal window=None"):
+        partial_attention(torch.zeros(1, 1, 64), cu, q_pos, p.k_cache, p.v_cache, bt, bs, bl, decode_plan=plan)

@@ -183,6 +183,23 @@ def test_gguf_linear_rope_scaling_metadata(tmp_path):
     assert load_model_args(path).rope_scaling == load_model_args(folder).rope_scaling
 
 
+def test_gguf_sliding_window_metadata(tmp_path):
+    # Mistral (a "llama" GGUF): one window for every layer in {arch}.attention.sliding_window.
+    folder = make_tiny_model(tmp_path / "m", architecture="mistral", sliding_window=24)
+    path = hf_folder_to_gguf(folder, tmp_path / "m.gguf")
+    assert read_gguf_metadata(gguf.GGUFReader(str(path)))["llama.attention.sliding_window"] == 24
+    assert load_model_args(path).layer_windows == load_model_args(folder).layer_windows == (24, 24)
+    assert load_model_args(hf_folder_to_gguf(make_tiny_model(tmp_path / "l"), tmp_path / "l.gguf")).layer_windows is None
+    # Windows in only some layers (Qwen2's max_window_layers) have no GGUF form.
+    qwen = make_tiny_model(tmp_path / "q", architecture="qwen2", sliding_window=24, max_window_layers=1)
+    with pytest.raises(ValidationError, match="layer_windows"):
+        hf_folder_to_gguf(qwen, tmp_path / "q.gguf")
+    # A per-layer pattern is refused rather than read wrong.
+    metadata = read_gguf_metadata(gguf.GGUFReader(str(path))) | {"llama.attention.sliding_window_pattern": 4}
+    with pytest.raises(ValidationError, match="llama.attention.sliding_window_pattern=4 is invalid"):
+        ModelArgs.from_gguf_metadata(metadata, ["token_embd.weight"])
+
+
 def test_read_gguf_metadata_values(tmp_path):
     folder = make_tiny_model(tmp_path / "m")
     path = hf_folder_to_gguf(folder, tmp_path / "m.gguf")

@@ -147,13 +147,13 @@ def test_contiguous_attention_agrees_with_the_kernel_reference():
 def test_sliding_window_limits_what_a_query_sees():
     # One layer: layer-0 keys depend only on their own token, so with a window of 3 the last
     # token's output equals running just the last 3 tokens at their positions.
-    args = dataclasses.replace(TINY, num_layers=1, sliding_window=3)
+    args = dataclasses.replace(TINY, num_layers=1, layer_windows=(3,))
     model = tiny_model(args)
     toks = [5, 17, 2, 33, 8, 41]
     full = run(model, [("s", toks, list(range(6)))], ContiguousAttention(args))
     tail = run(model, [("s", toks[3:], [3, 4, 5])], ContiguousAttention(args))
     torch.testing.assert_close(full[-1], tail[-1], rtol=1e-5, atol=1e-5)
-    unwindowed = run(model, [("s", toks, list(range(6)))], ContiguousAttention(dataclasses.replace(args, sliding_window=None)))
+    unwindowed = run(model, [("s", toks, list(range(6)))], ContiguousAttention(dataclasses.replace(args, layer_windows=None)))
     assert not torch.allclose(full[-1], unwindowed[-1], atol=1e-3)
 
 
@@ -212,13 +212,47 @@ def test_model_args_from_hf_config_flavours():
     assert (llama.num_kv_heads, llama.head_dim, llama.rope_theta, llama.attention_bias) == (2, 16, 5e5, False)
     assert llama.rope_scaling == RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
     qwen = ModelArgs.from_hf_config({**base, "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False, "tie_word_embeddings": True})
-    assert (qwen.attention_bias, qwen.attention_out_bias, qwen.sliding_window, qwen.num_kv_heads, qwen.tie_word_embeddings) == (True, False, None, 4, True)
+    assert (qwen.attention_bias, qwen.attention_out_bias, qwen.layer_windows, qwen.num_kv_heads, qwen.tie_word_embeddings) == (True, False, None, 4, True)
     mistral = ModelArgs.from_hf_config({**base, "model_type": "mistral", "sliding_window": 4096, "head_dim": 32})
-    assert (mistral.sliding_window, mistral.head_dim, mistral.q_size) == (4096, 32, 128)
+    assert (mistral.layer_windows, mistral.head_dim, mistral.q_size) == ((4096, 4096), 32, 128)
     # transformers 5 writes rope_parameters instead of rope_theta / rope_scaling
     v5 = ModelArgs.from_hf_config({**base, "model_type": "llama", "rope_parameters": {"rope_theta": 1e6, "rope_type": "linear", "factor": 2.0}})
     assert v5.rope_theta == 1e6 and v5.rope_scaling == RopeScaling(type="linear", factor=2.0)
     assert ModelArgs.from_hf_config({**base, "model_type": "llama", "rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}}).rope_scaling is None
+
+
+@pytest.mark.parametrize(
+    "config, windows",
+    [
+        ({"model_type": "llama", "sliding_window": 64}, None),  # Llama has no sliding window
+        ({"model_type": "mistral"}, (4096,) * 4),  # MistralConfig's default window
+        ({"model_type": "mistral", "sliding_window": None}, None),  # Mistral v0.2+
+        ({"model_type": "mistral", "sliding_window": 100}, (100,) * 4),
+        ({"model_type": "qwen2", "sliding_window": 100}, None),  # use_sliding_window defaults to False
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": None}, None),
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 100}, None),  # max_window_layers 28 > 4 layers
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 100, "max_window_layers": 1}, (None, 100, 100, 100)),
+        ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 3}, (None, None, None, 4096)),
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 100, "max_window_layers": 1,  # layer_types win
+          "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}, (100, None, 100, None)),
+    ],
+)
+def test_sliding_windows_per_layer_from_hf_config(config, windows):
+    base = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4}
+    args = ModelArgs.from_hf_config({**base, **config})
+    assert args.layer_windows == windows
+    assert [args.window(i) for i in range(4)] == list(windows or (None,) * 4)
+
+
+def test_bad_layer_windows_are_refused():
+    with pytest.raises(ValidationError, match="layer_windows"):
+        dataclasses.replace(TINY, layer_windows=(8,))  # 2 layers
+    with pytest.raises(ValidationError, match="layer_windows"):
+        dataclasses.replace(TINY, layer_windows=(8, 0))
+    config = {"model_type": "qwen2", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "use_sliding_window": True, "layer_types": ["sliding_attention", "chunked_attention"]}
+    with pytest.raises(ValidationError, match="layer_types"):
+        ModelArgs.from_hf_config(config)
 
 
 @pytest.mark.parametrize(
