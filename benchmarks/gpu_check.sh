@@ -3,7 +3,9 @@
 #   1. build the compiled scheduler core for that machine's Python;
 #   2. the kernel tests with the Triton kernels compiled on CUDA;
 #   3. the kernel benchmark (decode bandwidth against copy bandwidth and SDPA);
-#   4. a short generation on CUDA with a random-weight model, once the engine exists.
+#   4. the runtime's own tests on CUDA (tiny random-weight models; the `device` fixture gives
+#      cuda there): the request lifecycle, sliding windows, the engine end to end;
+#   5. a short generation on CUDA with a random-weight model.
 # Everything goes to $OUT/gpu_check.log (and the benchmark's JSON lines to $OUT/bench_kernels.jsonl).
 #
 # The machine has torch, triton, cython, pytest, hypothesis and numpy, but not trio, pyzmq,
@@ -47,6 +49,11 @@ $PY -c "import infinillm.core_sched as c, infinillm.kernels; print('core', c.IMP
 step "kernel tests, Triton compiled on CUDA"
 timeout 300 $PY -m pytest -q -p no:cacheprovider tests/kernels -o addopts="--strict-markers --import-mode=importlib" \
   -W error -x || echo "KERNEL TESTS FAILED"
+
+step "runtime tests on CUDA (tiny random-weight models)"
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests/runtime/test_runtime.py tests/runtime/test_lifecycle.py \
+  tests/runtime/test_sliding_window.py -o addopts="--strict-markers --import-mode=importlib" -W error \
+  || echo "RUNTIME TESTS FAILED"
 
 step "kernel benchmark"
 timeout 240 $PY benchmarks/bench_kernels.py | tee "$OUT/bench_kernels.jsonl" || echo "BENCHMARK FAILED"

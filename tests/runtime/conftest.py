@@ -9,6 +9,15 @@ import pytest
 import torch
 
 
+@pytest.fixture
+def device() -> str:
+    """Where the runtime's own tests run: cuda where a GPU is present (``benchmarks/gpu_check.sh``
+    runs them there), else cpu; ``INFINILLM_TEST_DEVICE`` overrides."""
+    from infinillm.testing import default_device
+
+    return default_device()
+
+
 @pytest.fixture(scope="session")
 def hf_smollm2():
     """transformers' SmolLM2 model (fp32) and tokenizer on the bundled GGUF: the reference.

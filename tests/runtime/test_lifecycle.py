@@ -30,12 +30,20 @@ def tiny_model(tmp_path_factory) -> str:
     return str(folder)
 
 
-def open_tiny(model: str, **options):
-    options.setdefault("kv_capacity_tokens", 64 * BLOCK)
-    options.setdefault("block_size", BLOCK)
-    options.setdefault("device", "cpu")
-    options.setdefault("max_model_len", 512)
-    return infinillm.open_runtime(model=model, **options)
+@pytest.fixture
+def open_tiny(tiny_model, device):
+    """``open_tiny(**options)`` opens a runtime on the tiny model, on the ``device`` fixture's
+    device, with small defaults."""
+
+    def open_(**options):
+        options.setdefault("model", tiny_model)
+        options.setdefault("kv_capacity_tokens", 64 * BLOCK)
+        options.setdefault("block_size", BLOCK)
+        options.setdefault("device", device)
+        options.setdefault("max_model_len", 512)
+        return infinillm.open_runtime(**options)
+
+    return open_
 
 
 class StepGate:
@@ -107,8 +115,8 @@ def reason(outs: list) -> str | None:
 # ---- request ids ----------------------------------------------------------------------------
 
 
-async def test_a_request_id_is_taken_at_the_call_and_free_again_when_its_stream_ends(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_a_request_id_is_taken_at_the_call_and_free_again_when_its_stream_ends(open_tiny):
+    async with open_tiny() as rt:
         first = rt.generate("one", GREEDY, request_id="dup")
         with pytest.raises(ValidationError, match="request_id='dup' is invalid: is already in use by a live request"):
             rt.generate("two", GREEDY, request_id="dup")  # before either stream is read
@@ -118,8 +126,8 @@ async def test_a_request_id_is_taken_at_the_call_and_free_again_when_its_stream_
         assert reason(again) == "length"
 
 
-async def test_a_request_id_is_free_again_once_its_stream_is_closed_or_dropped(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_a_request_id_is_free_again_once_its_stream_is_closed_or_dropped(open_tiny):
+    async with open_tiny() as rt:
         await rt.generate("never read", GREEDY, request_id="a").aclose()
         stream = rt.generate("read once", GREEDY, request_id="a")
         first = await stream.__anext__()
@@ -134,8 +142,8 @@ async def test_a_request_id_is_free_again_once_its_stream_is_closed_or_dropped(t
         assert_runtime_idle(rt)
 
 
-async def test_two_streams_with_one_id_cannot_both_exist_so_every_stream_ends(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_two_streams_with_one_id_cannot_both_exist_so_every_stream_ends(open_tiny):
+    async with open_tiny() as rt:
         results: dict[str, list] = {"a": [], "b": []}
         a = rt.generate("first", GREEDY, request_id="same")
         with pytest.raises(ValidationError, match="request_id='same'"):
@@ -148,8 +156,8 @@ async def test_two_streams_with_one_id_cannot_both_exist_so_every_stream_ends(ti
 # ---- reading after close, errors out of the block -------------------------------------------
 
 
-async def test_a_stream_first_read_after_the_runtime_closed_raises_instead_of_waiting(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_a_stream_first_read_after_the_runtime_closed_raises_instead_of_waiting(open_tiny):
+    async with open_tiny() as rt:
         stream = rt.generate("late", GREEDY)
     with trio.fail_after(10):
         with pytest.raises(InfiniLLMError, match="the runtime is closed: request '[0-9a-f]+' was never started"):
@@ -160,16 +168,16 @@ async def test_a_stream_first_read_after_the_runtime_closed_raises_instead_of_wa
         rt.generate("after close")
 
 
-async def test_an_error_raised_in_the_block_comes_out_as_itself(tiny_model):
+async def test_an_error_raised_in_the_block_comes_out_as_itself(open_tiny):
     with pytest.raises(infinillm.CapacityError, match="out of room") as info:
-        async with open_tiny(tiny_model):
+        async with open_tiny():
             raise infinillm.CapacityError("out of room")
     assert type(info.value) is infinillm.CapacityError
     with pytest.raises(KeyError):
-        async with open_tiny(tiny_model):
+        async with open_tiny():
             {}["missing"]
     try:  # the plain `except` a user writes works
-        async with open_tiny(tiny_model) as rt:
+        async with open_tiny() as rt:
             rt.generate("")
     except infinillm.ValidationError as e:
         assert "prompt='' is invalid: must be a non-empty string" in str(e)
@@ -177,9 +185,9 @@ async def test_an_error_raised_in_the_block_comes_out_as_itself(tiny_model):
         pytest.fail("no ValidationError")
 
 
-async def test_cancelling_the_block_from_outside_stops_the_runtime_cleanly(tiny_model):
+async def test_cancelling_the_block_from_outside_stops_the_runtime_cleanly(open_tiny):
     with trio.move_on_after(60) as outer:
-        async with open_tiny(tiny_model) as rt:
+        async with open_tiny() as rt:
             stream = rt.generate("cancelled", SamplingParams(max_tokens=400, ignore_eos=True))
             await stream.__anext__()
             outer.cancel()
@@ -192,8 +200,8 @@ async def test_cancelling_the_block_from_outside_stops_the_runtime_cleanly(tiny_
 # ---- aborts at every stage -------------------------------------------------------------------
 
 
-async def test_abort_before_the_first_read_ends_the_stream_with_an_abort_output(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_abort_before_the_first_read_ends_the_stream_with_an_abort_output(open_tiny):
+    async with open_tiny() as rt:
         stream = rt.generate("aborted early", GREEDY, request_id="x")
         rt.abort("x")
         outs = [out async for out in stream]
@@ -204,8 +212,8 @@ async def test_abort_before_the_first_read_ends_the_stream_with_an_abort_output(
         rt.abort("never-existed")
 
 
-async def test_abort_while_queued_behind_a_running_step_gives_a_final_abort_output(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_abort_while_queued_behind_a_running_step_gives_a_final_abort_output(open_tiny):
+    async with open_tiny() as rt:
         gate = StepGate(rt)
         long_outs, queued_outs = [], []
         async with trio.open_nursery() as nursery:
@@ -223,8 +231,8 @@ async def test_abort_while_queued_behind_a_running_step_gives_a_final_abort_outp
         assert gate.violations == []
 
 
-async def test_abort_while_waiting_in_the_engine_never_scheduled(tiny_model):
-    async with open_tiny(tiny_model, max_num_seqs=1) as rt:
+async def test_abort_while_waiting_in_the_engine_never_scheduled(open_tiny):
+    async with open_tiny(max_num_seqs=1) as rt:
         gate = StepGate(rt)
         first, waiting = [], []
         async with trio.open_nursery() as nursery:
@@ -245,9 +253,9 @@ async def test_abort_while_waiting_in_the_engine_never_scheduled(tiny_model):
         assert gate.violations == []
 
 
-async def test_abort_in_the_middle_of_a_chunked_prefill(tiny_model):
+async def test_abort_in_the_middle_of_a_chunked_prefill(open_tiny):
     # 300 prompt tokens in chunks of at most 64: five prefill steps before the first token.
-    async with open_tiny(tiny_model, max_num_batched_tokens=64) as rt:
+    async with open_tiny(max_num_batched_tokens=64) as rt:
         gate = StepGate(rt)
         outs = []
         prompt = {"prompt_token_ids": [7] * 300}
@@ -268,10 +276,10 @@ async def test_abort_in_the_middle_of_a_chunked_prefill(tiny_model):
         assert_runtime_idle(rt)
 
 
-async def test_abort_of_a_preempted_request(tiny_model):
+async def test_abort_of_a_preempted_request(open_tiny):
     # 6 blocks for three requests that each grow to 3 blocks: one is preempted (recompute).
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    async with open_tiny(tiny_model, kv_capacity_tokens=6 * BLOCK, max_model_len=96) as rt:
+    async with open_tiny(kv_capacity_tokens=6 * BLOCK, max_model_len=96) as rt:
         gate = StepGate(rt)
         outs: dict[int, list] = {i: [] for i in range(3)}
         async with trio.open_nursery() as nursery:
@@ -293,8 +301,8 @@ async def test_abort_of_a_preempted_request(tiny_model):
         assert gate.violations == []
 
 
-async def test_a_consumer_task_cancelled_mid_stream_aborts_its_request(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_a_consumer_task_cancelled_mid_stream_aborts_its_request(open_tiny):
+    async with open_tiny() as rt:
         seen = []
         with trio.CancelScope() as scope:
             async for out in rt.generate("cancel me", SamplingParams(max_tokens=300, ignore_eos=True), request_id="c"):
@@ -311,8 +319,8 @@ async def test_a_consumer_task_cancelled_mid_stream_aborts_its_request(tiny_mode
         assert_runtime_idle(rt)
 
 
-async def test_aclose_from_another_task_ends_the_consumers_loop_cleanly(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_aclose_from_another_task_ends_the_consumers_loop_cleanly(open_tiny):
+    async with open_tiny() as rt:
         gate = StepGate(rt)
         stream = rt.generate("closed elsewhere", SamplingParams(max_tokens=300, ignore_eos=True), request_id="z")
         outs = []
@@ -328,10 +336,10 @@ async def test_aclose_from_another_task_ends_the_consumers_loop_cleanly(tiny_mod
         assert_runtime_idle(rt)
 
 
-async def test_closing_the_runtime_while_a_step_runs_waits_for_it_and_ends_every_stream(tiny_model):
+async def test_closing_the_runtime_while_a_step_runs_waits_for_it_and_ends_every_stream(open_tiny):
     running, queued = [], []
     async with trio.open_nursery() as outer:  # the consumers outlive the runtime's block
-        async with open_tiny(tiny_model) as rt:
+        async with open_tiny() as rt:
             gate = StepGate(rt)
             gate.arm()
             outer.start_soon(consume, rt.generate("in flight", SamplingParams(max_tokens=300, ignore_eos=True)), running)
@@ -347,8 +355,8 @@ async def test_closing_the_runtime_while_a_step_runs_waits_for_it_and_ends_every
     assert_runtime_idle(rt)
 
 
-async def test_statistics_while_a_step_runs_do_not_read_the_engine(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_statistics_while_a_step_runs_do_not_read_the_engine(open_tiny):
+    async with open_tiny() as rt:
         gate = StepGate(rt)
         outs = []
         async with trio.open_nursery() as nursery:
@@ -364,8 +372,8 @@ async def test_statistics_while_a_step_runs_do_not_read_the_engine(tiny_model):
 # ---- what is refused, with the numbers ---------------------------------------------------------
 
 
-async def test_every_public_check_names_the_value_and_the_limit(tiny_model):
-    async with open_tiny(tiny_model, max_model_len=64) as rt:
+async def test_every_public_check_names_the_value_and_the_limit(open_tiny):
+    async with open_tiny(max_model_len=64) as rt:
         vocab = rt.engine.args.vocab_size
         with pytest.raises(ValidationError, match="request_id='' is invalid: must be a non-empty string"):
             rt.generate("x", request_id="")
@@ -405,17 +413,17 @@ async def test_cuda_without_a_gpu_is_refused_before_loading(tiny_model):
             pass  # pragma: no cover
 
 
-async def test_max_model_len_beyond_the_models_positions_is_refused_at_open(tiny_model):
+async def test_max_model_len_beyond_the_models_positions_is_refused_at_open(open_tiny):
     # The tiny model encodes 2048 positions.
     with pytest.raises(ValidationError, match="max_model_len=4096 is invalid: must be <= the model's max_position_embeddings=2048"):
-        async with open_tiny(tiny_model, max_model_len=4096, kv_capacity_tokens=8192):
+        async with open_tiny(max_model_len=4096, kv_capacity_tokens=8192):
             pass  # pragma: no cover
 
 
-async def test_a_kv_cache_smaller_than_max_model_len_is_refused_at_open(tiny_model):
+async def test_a_kv_cache_smaller_than_max_model_len_is_refused_at_open(open_tiny, tiny_model):
     # 512 tokens need ceil(512 / 16) = 32 blocks; 400 tokens of capacity are 25 blocks.
     with pytest.raises(ValidationError, match=r"max_model_len=512 is invalid: needs 32 KV blocks of 16 tokens, but the KV cache holds 25 blocks \(400 tokens\)"):
-        async with open_tiny(tiny_model, kv_capacity_tokens=400):
+        async with open_tiny(kv_capacity_tokens=400):
             pass  # pragma: no cover
     # Without max_model_len, the model's own 2048 positions need 128 blocks.
     with pytest.raises(ValidationError, match="max_model_len=2048 is invalid: needs 128 KV blocks"):
@@ -423,7 +431,7 @@ async def test_a_kv_cache_smaller_than_max_model_len_is_refused_at_open(tiny_mod
             pass  # pragma: no cover
 
 
-async def test_a_string_prompt_is_encoded_as_hugging_face_does_with_special_tokens(tmp_path):
+async def test_a_string_prompt_is_encoded_as_hugging_face_does_with_special_tokens(open_tiny, tmp_path):
     import json
 
     from infinillm.testing import import_transformers
@@ -439,7 +447,7 @@ async def test_a_string_prompt_is_encoded_as_hugging_face_does_with_special_toke
     }
     (folder / "tokenizer.json").write_text(json.dumps(tok))
     theirs = import_transformers().AutoTokenizer.from_pretrained(folder)
-    async with open_tiny(str(folder)) as rt:
+    async with open_tiny(model=str(folder)) as rt:
         outs = [o async for o in rt.generate("hello world", SamplingParams(max_tokens=1))]
         assert list(outs[-1].prompt_token_ids) == theirs("hello world")["input_ids"]
         assert outs[-1].prompt_token_ids[0] == 0  # the BOS
@@ -448,9 +456,9 @@ async def test_a_string_prompt_is_encoded_as_hugging_face_does_with_special_toke
         assert outs[-1].prompt_token_ids[0] == 1  # <|im_start|>: the template's own, no BOS added
 
 
-async def test_generation_tokens_per_s_falls_to_zero_when_idle(tiny_model, mock_clock):
+async def test_generation_tokens_per_s_falls_to_zero_when_idle(open_tiny, mock_clock):
     mock_clock.rate = 1.0  # virtual time follows real time, and can jump
-    async with open_tiny(tiny_model) as rt:
+    async with open_tiny() as rt:
         assert rt.statistics().generation_tokens_per_s == 0.0
         outs = [o async for o in rt.generate("busy", SamplingParams(max_tokens=30, ignore_eos=True))]
         assert len(outs) == 30

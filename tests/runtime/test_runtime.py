@@ -25,12 +25,20 @@ def tiny_model(tmp_path_factory) -> str:
     return str(folder)
 
 
-def open_tiny(model: str, **options):
-    options.setdefault("kv_capacity_tokens", 64 * BLOCK)
-    options.setdefault("block_size", BLOCK)
-    options.setdefault("device", "cpu")
-    options.setdefault("max_model_len", 512)
-    return infinillm.open_runtime(model=model, **options)
+@pytest.fixture
+def open_tiny(tiny_model, device):
+    """``open_tiny(**options)`` opens a runtime on the tiny model, on the ``device`` fixture's
+    device, with small defaults."""
+
+    def open_(**options):
+        options.setdefault("model", tiny_model)
+        options.setdefault("kv_capacity_tokens", 64 * BLOCK)
+        options.setdefault("block_size", BLOCK)
+        options.setdefault("device", device)
+        options.setdefault("max_model_len", 512)
+        return infinillm.open_runtime(**options)
+
+    return open_
 
 
 async def collect(stream):
@@ -45,8 +53,8 @@ def assert_all_blocks_free(rt) -> None:
     assert rt.engine.tables.num_requests == 0
 
 
-async def test_generate_streams_cumulative_outputs_and_finishes_once(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_generate_streams_cumulative_outputs_and_finishes_once(open_tiny):
+    async with open_tiny() as rt:
         outs = await collect(rt.generate("hello there", SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)))
         assert len(outs) == 7  # one snapshot per generated token
         assert [o.finished for o in outs] == [False] * 6 + [True]
@@ -61,8 +69,8 @@ async def test_generate_streams_cumulative_outputs_and_finishes_once(tiny_model)
         assert s.num_finished == 1 and s.instances[0].generated_tokens == 7
 
 
-async def test_prompt_forms_and_logprobs(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_prompt_forms_and_logprobs(open_tiny):
+    async with open_tiny() as rt:
         ids = rt.tokenizer.encode("one two three")
         by_text = await collect(rt.generate("one two three", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))
         by_ids = await collect(rt.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)))
@@ -78,9 +86,9 @@ async def test_prompt_forms_and_logprobs(tiny_model):
         assert math.isclose(c.cumulative_logprob, sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)), rel_tol=1e-6)
 
 
-async def test_seeded_sampling_is_reproducible(tiny_model):
+async def test_seeded_sampling_is_reproducible(open_tiny):
     params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
-    async with open_tiny(tiny_model) as rt:
+    async with open_tiny() as rt:
         a = (await collect(rt.generate("seeded", params)))[-1].outputs[0].token_ids
         async with trio.open_nursery() as nursery:  # the same request again, inside a busy batch
             results = {}
@@ -94,8 +102,8 @@ async def test_seeded_sampling_is_reproducible(tiny_model):
         assert results[0].outputs[0].token_ids == a
 
 
-async def test_fifty_streams_ten_aborted_midway_the_rest_complete_and_blocks_are_free(tiny_model):
-    async with open_tiny(tiny_model, kv_capacity_tokens=2048) as rt:
+async def test_fifty_streams_ten_aborted_midway_the_rest_complete_and_blocks_are_free(open_tiny):
+    async with open_tiny(kv_capacity_tokens=2048) as rt:
         finals: dict[int, infinillm.RequestOutput] = {}
 
         async def consume(i: int) -> None:
@@ -130,8 +138,8 @@ async def test_fifty_streams_ten_aborted_midway_the_rest_complete_and_blocks_are
         assert_all_blocks_free(rt)
 
 
-async def test_bad_input_is_refused_at_the_call_and_the_runtime_keeps_serving(tiny_model):
-    async with open_tiny(tiny_model, max_model_len=64) as rt:
+async def test_bad_input_is_refused_at_the_call_and_the_runtime_keeps_serving(open_tiny):
+    async with open_tiny(max_model_len=64) as rt:
         with pytest.raises(ValidationError, match="prompt=''"):
             rt.generate("")
         with pytest.raises(ValidationError, match="must be shorter than max_model_len=64 tokens"):
@@ -152,21 +160,21 @@ async def test_bad_input_is_refused_at_the_call_and_the_runtime_keeps_serving(ti
         assert_all_blocks_free(rt)
 
 
-async def test_a_request_is_capped_at_max_model_len(tiny_model):
+async def test_a_request_is_capped_at_max_model_len(open_tiny):
     # The KV cache holds max_model_len (128 tokens = 8 blocks), so every request fits: one asking
     # for more ends with "length" at max_model_len (100 prompt + 28 new tokens).
-    async with open_tiny(tiny_model, kv_capacity_tokens=8 * BLOCK, max_model_len=128) as rt:
+    async with open_tiny(kv_capacity_tokens=8 * BLOCK, max_model_len=128) as rt:
         out = (await collect(rt.generate({"prompt_token_ids": [3] * 100}, SamplingParams(max_tokens=70, ignore_eos=True))))[-1]
         assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 28
 
 
-async def test_a_request_larger_than_the_cluster_is_rejected_with_the_numbers(tiny_model):
+async def test_a_request_larger_than_the_cluster_is_rejected_with_the_numbers(open_tiny):
     # An instance whose cluster (the blocks it may borrow too) is smaller than max_model_len:
     # the engine refuses at the call what can never fit.
     from infinillm.config import CacheConfig, SchedulerConfig
     from infinillm.engine import Engine
 
-    async with open_tiny(tiny_model) as rt:
+    async with open_tiny() as rt:
         engine = Engine(rt.engine.model, rt.engine.args, rt.tokenizer, cache=CacheConfig(block_size=BLOCK),
                         scheduler=SchedulerConfig(), num_blocks=8, max_model_len=4096, cluster_blocks=8)
         with pytest.raises(RequestTooLongError, match=r"needs 11 KV blocks \(176 tokens\) but the cluster has 8 blocks \(128 tokens\)"):
@@ -174,13 +182,13 @@ async def test_a_request_larger_than_the_cluster_is_rejected_with_the_numbers(ti
         assert engine.check_request([3] * 100, SamplingParams(max_tokens=28)) == 28  # ceil(128/16) = 8: fits exactly
 
 
-async def test_memory_pressure_preempts_and_recomputes_without_changing_greedy_tokens(tiny_model):
+async def test_memory_pressure_preempts_and_recomputes_without_changing_greedy_tokens(open_tiny):
     prompts = [f"pressure test {i} " * 3 for i in range(6)]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    async with open_tiny(tiny_model, kv_capacity_tokens=4096) as rt:
+    async with open_tiny(kv_capacity_tokens=4096) as rt:
         alone = [(await collect(rt.generate(p, params)))[-1].outputs[0].token_ids for p in prompts]
     # 12 blocks for 6 requests that each grow to ~4 blocks: some must be preempted and recomputed.
-    async with open_tiny(tiny_model, kv_capacity_tokens=12 * BLOCK, max_model_len=12 * BLOCK) as rt:
+    async with open_tiny(kv_capacity_tokens=12 * BLOCK, max_model_len=12 * BLOCK) as rt:
         results = {}
 
         async def run(i):
@@ -203,8 +211,8 @@ async def test_unknown_option_and_bad_config_fail_before_loading(tiny_model):
             pass  # pragma: no cover
 
 
-async def test_a_failing_step_ends_its_requests_with_error_and_serving_goes_on(tiny_model):
-    async with open_tiny(tiny_model) as rt:
+async def test_a_failing_step_ends_its_requests_with_error_and_serving_goes_on(open_tiny):
+    async with open_tiny() as rt:
         real_forward = rt.engine.model.forward
         calls = {"n": 0}
 
@@ -226,10 +234,10 @@ async def test_a_failing_step_ends_its_requests_with_error_and_serving_goes_on(t
         assert rt.statistics().num_errors == 1
 
 
-async def test_a_failing_step_ends_only_the_requests_in_that_step(tiny_model):
+async def test_a_failing_step_ends_only_the_requests_in_that_step(open_tiny):
     # max_num_seqs=1: "doomed" runs alone while "waiting" waits in the engine; the step that
     # fails holds only "doomed", so only it ends with "error".
-    async with open_tiny(tiny_model, max_num_seqs=1) as rt:
+    async with open_tiny(max_num_seqs=1) as rt:
         real_forward = rt.engine.model.forward
         calls = {"n": 0}
 
@@ -256,11 +264,11 @@ async def test_a_failing_step_ends_only_the_requests_in_that_step(tiny_model):
         assert_all_blocks_free(rt)
 
 
-async def test_the_runtime_seed_reaches_the_sampler_of_unseeded_requests(tiny_model):
+async def test_the_runtime_seed_reaches_the_sampler_of_unseeded_requests(open_tiny):
     params = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)  # no per-request seed
 
     async def sample(seed: int) -> tuple[int, ...]:
-        async with open_tiny(tiny_model, seed=seed) as rt:
+        async with open_tiny(seed=seed) as rt:
             return tuple((await collect(rt.generate("random", params)))[-1].outputs[0].token_ids)
 
     assert await sample(1) == await sample(1)
