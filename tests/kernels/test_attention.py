@@ -177,16 +177,16 @@ def test_triton_batch_with_empty_request_and_splits():
     from infinillm.kernels.triton_attention import partial_attention_triton
 
     hkv, group, d, bs = 2, 2, 64, 4
-    a = Paged(11, bs, hkv, d, seed=1)
+    a = Paged(11, bs, hkv, d, seed=1, device=DEVICE)
     # Request 0: 3 blocks here; request 1: no block here (its queries see nothing).
-    bt = torch.full((2, 3), -1, dtype=torch.int32)
-    st_ = torch.zeros((2, 3), dtype=torch.int32)
-    bl = torch.zeros((2, 3), dtype=torch.int32)
+    bt = torch.full((2, 3), -1, dtype=torch.int32, device=DEVICE)
+    st_ = torch.zeros((2, 3), dtype=torch.int32, device=DEVICE)
+    bl = torch.zeros((2, 3), dtype=torch.int32, device=DEVICE)
     bt0, bs0, bl0 = a.tables(range(3))
     bt[0], st_[0], bl[0] = bt0[0], bs0[0], bl0[0]
-    q = torch.randn(3, hkv * group, d)
-    cu = torch.tensor([0, 2, 3], dtype=torch.int32)
-    q_pos = torch.tensor([9, 10, 5], dtype=torch.int32)
+    q = torch.randn(3, hkv * group, d).to(DEVICE)
+    cu = torch.tensor([0, 2, 3], dtype=torch.int32, device=DEVICE)
+    q_pos = torch.tensor([9, 10, 5], dtype=torch.int32, device=DEVICE)
     o_r, l_r = partial_attention(q, cu, q_pos, a.k_cache, a.v_cache, bt, st_, bl, backend="torch")
     for splits in (1, 2, 3):
         o_t, l_t = partial_attention_triton(q, cu, q_pos, a.k_cache, a.v_cache, bt, st_, bl, num_splits=splits)
@@ -202,6 +202,7 @@ def test_triton_merge_matches_reference_and_handles_all_empty():
     lses = torch.randn(3, 5, 6, generator=gen)
     lses[:, 0] = -math.inf  # token 0: every partial empty
     lses[1, 1] = -math.inf  # token 1: one partial empty
+    outs, lses = outs.to(DEVICE), lses.to(DEVICE)
     o_t, l_t = merge_partials(outs, lses, backend="triton")
     o_r, l_r = merge_partials(outs, lses, backend="torch")
     torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
@@ -211,11 +212,11 @@ def test_triton_merge_matches_reference_and_handles_all_empty():
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_append_kv_writes_flat_slots(backend):
-    kc = torch.zeros(4, 4, 2, 64)
-    vc = torch.zeros(4, 4, 2, 64)
-    k = torch.randn(3, 2, 64)
-    v = torch.randn(3, 2, 64)
-    slots = torch.tensor([5, 0, 15], dtype=torch.int64)  # block 1 offset 1, block 0 offset 0, block 3 offset 3
+    kc = torch.zeros(4, 4, 2, 64, device=DEVICE)
+    vc = torch.zeros(4, 4, 2, 64, device=DEVICE)
+    k = torch.randn(3, 2, 64).to(DEVICE)
+    v = torch.randn(3, 2, 64).to(DEVICE)
+    slots = torch.tensor([5, 0, 15], dtype=torch.int64, device=DEVICE)  # block 1 offset 1, block 0 offset 0, block 3 offset 3
     append_kv(k, v, kc, vc, slots, backend=backend)
     assert torch.equal(kc[1, 1], k[0]) and torch.equal(kc[0, 0], k[1]) and torch.equal(kc[3, 3], k[2])
     assert torch.equal(vc[3, 3], v[2])
@@ -436,12 +437,12 @@ def test_a_windowed_step_plan_keeps_only_the_blocks_in_reach():
 def test_triton_window_with_splits_and_an_empty_request():
     from infinillm.kernels.triton_attention import partial_attention_triton
 
-    a = Paged(50, 4, 2, 64, seed=2)
+    a = Paged(50, 4, 2, 64, seed=2, device=DEVICE)
     held = [list(range(a.num_logical)), [0, 1, 2], list(range(0, a.num_logical, 3))]
-    bt, bs_, bl = batch_tables([a] * 3, held)
-    cu = torch.tensor([0, 2, 3, 5], dtype=torch.int32)
-    q_pos = torch.tensor([48, 49, 40, 30, 31], dtype=torch.int32)  # request 1's window (31..40) misses 0..11
-    q = torch.randn(5, 4, 64, generator=torch.Generator().manual_seed(3))
+    bt, bs_, bl = (t.to(DEVICE) for t in batch_tables([a] * 3, held))
+    cu = torch.tensor([0, 2, 3, 5], dtype=torch.int32, device=DEVICE)
+    q_pos = torch.tensor([48, 49, 40, 30, 31], dtype=torch.int32, device=DEVICE)  # request 1's window (31..40) misses 0..11
+    q = torch.randn(5, 4, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     o_r, l_r = partial_attention(q, cu, q_pos, a.k_cache, a.v_cache, bt, bs_, bl, backend="torch", window=10)
     assert torch.isinf(l_r[2]).all()
     for splits in (1, 2, 5):
