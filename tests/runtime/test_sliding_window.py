@@ -53,13 +53,13 @@ def transformers_greedy(folder, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-async def runtime_greedy(folder, batch: list[list[int]], n: int) -> list[list[int]]:
+async def runtime_greedy(folder, batch: list[list[int]], n: int, device: str) -> list[list[int]]:
     """Greedy tokens of every prompt, all generated concurrently (batched prefill chunks and
     decode steps)."""
     results: list[list[int]] = [[] for _ in batch]
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     async with infinillm.open_runtime(
-        model=str(folder), device="cpu", block_size=BLOCK, kv_capacity_tokens=32 * BLOCK, max_model_len=256,
+        model=str(folder), device=device, block_size=BLOCK, kv_capacity_tokens=32 * BLOCK, max_model_len=256,
         max_num_batched_tokens=16,
     ) as rt:
 
@@ -81,7 +81,7 @@ async def runtime_greedy(folder, batch: list[list[int]], n: int) -> list[list[in
     ],
     ids=["mistral", "qwen2"],
 )
-async def test_greedy_tokens_equal_transformers_past_the_window(tmp_path, flavour, windows):
+async def test_greedy_tokens_equal_transformers_past_the_window(tmp_path, flavour, windows, device):
     folder = make_tiny_model(tmp_path / "m", seed=2, sliding_window=WINDOW, **flavour)
     model, _, args = load_model(folder, progress=False)
     assert args.layer_windows == windows
@@ -91,7 +91,7 @@ async def test_greedy_tokens_equal_transformers_past_the_window(tmp_path, flavou
     # The window matters on these prompts: full attention picks other tokens.
     assert all(transformers_greedy(full, p, NEW_TOKENS) != t for p, t in zip(batch, theirs))
     assert [greedy_reference(model, p, NEW_TOKENS)[0] for p in batch] == theirs  # ContiguousAttention
-    assert await runtime_greedy(folder, batch, NEW_TOKENS) == theirs
+    assert await runtime_greedy(folder, batch, NEW_TOKENS, device) == theirs
 
 
 @pytest.mark.parametrize("with_chunk", [False, True], ids=["decode-only", "mixed"])
