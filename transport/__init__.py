@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ..config import TransportConfig
 from ..errors import TransportError
-from .auth import CurveKeys, ZapHandler, ZapStats, generate_keypair, load_public_key, load_secret_key
+from .auth import CurveKeys, ZapHandler, ZapStats, generate_keypair, key_files, load_public_key, load_secret_key
 from .codec import MAX_DIMS, PROTOCOL_VERSION, SMALL_TENSOR_BYTES, Codec, DecodeError
 from .context import Transport, open_transport
 from .endpoint import (
@@ -104,6 +104,7 @@ __all__ = [
     "ZapHandler",
     "ZapStats",
     "generate_keypair",
+    "key_files",
     "load_public_key",
     "load_secret_key",
     # endpoints

@@ -18,13 +18,16 @@ possible between libzmq and the tensors:
 ``codec.py`` stays the specification: this module never refuses anything itself. On any input
 it does not take (a malformed frame, a tensor on another device, a neg-bit view, a field its
 kinds do not cover...) ``encode`` / ``decode`` return None and the caller runs the Python path,
-which accepts it or raises the exact error. So the two agree by construction on what is refused;
+which accepts it or raises the exact error. Declining is explicit: a check that returns None,
+``_Decline`` from the header's msgpack, or what the codec names as a refusal (a field check's
+``_Bad``, what ``Message._check`` raises); any other exception is a bug and propagates. So the
+two agree by construction on what is refused;
 ``tests/transport/test_codec.py`` checks that they agree on what is accepted, field by field and
 byte by byte.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.object cimport PyObject_GenericSetAttr
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsule_New
@@ -110,6 +113,10 @@ cdef dict _BY_CODE = {}  # wire code str -> _DType
 cdef dict _BY_DL = {}  # DLPack (code << 8 | bits) -> _DType
 cdef dict _PLANS_BY_ID = {}  # type id -> FastPlan
 cdef dict _PLANS_BY_CLASS = {}  # class -> FastPlan
+# Set by configure(): the codec's field checks' refusal (codec._Bad), and what Message._check
+# raises for a value it refuses (codec._CHECK_ERRORS). Both mean "the Python path decides".
+cdef object _FIELD_REFUSED = None
+cdef object _CHECK_REFUSED = None
 
 
 cdef class _DType:
@@ -138,15 +145,20 @@ _DL_CODES = {torch.float16: kDLFloat, torch.float32: kDLFloat, torch.float64: kD
              torch.int8: kDLInt, torch.int16: kDLInt, torch.int32: kDLInt, torch.int64: kDLInt, torch.uint8: kDLUInt}
 
 
-def configure(*, int version, Py_ssize_t small_tensor_bytes, Py_ssize_t align, int max_dims, dict dtypes):
-    """The codec's constants; ``dtypes`` maps wire code -> (torch dtype, itemsize)."""
-    global _VERSION, _SMALL, _ALIGN, _MAX_DIMS
+def configure(*, int version, Py_ssize_t small_tensor_bytes, Py_ssize_t align, int max_dims, dict dtypes,
+              declined, tuple check_errors):
+    """The codec's constants; ``dtypes`` maps wire code -> (torch dtype, itemsize);
+    ``declined``: what the codec's field checks raise to refuse a value; ``check_errors``:
+    what ``Message._check`` raises to refuse one."""
+    global _VERSION, _SMALL, _ALIGN, _MAX_DIMS, _FIELD_REFUSED, _CHECK_REFUSED
     if max_dims > 8:
         raise ValueError(f"max_dims={max_dims}: the compiled codec holds at most 8 dims")
     _VERSION = version
     _SMALL = small_tensor_bytes
     _ALIGN = align
     _MAX_DIMS = max_dims
+    _FIELD_REFUSED = declined
+    _CHECK_REFUSED = check_errors
     _BY_CODE.clear()
     _BY_DL.clear()
     cdef _DType d
@@ -257,7 +269,10 @@ cdef class FastPlan:
                 # One call tells where the bytes are, their type and geometry: DLPack.
                 if type(v) is not _Tensor or num_tensors == MAX_TENSORS or v.is_neg():
                     return None
-                cap = _to_dlpack(v)
+                try:
+                    cap = _to_dlpack(v)
+                except (RuntimeError, BufferError):  # torch cannot export it (sparse, meta): not ours
+                    return None
                 dl = &(<DLManagedTensor*>PyCapsule_GetPointer(cap, "dltensor")).dl_tensor
                 if dl.device.device_type != kDLCPU or dl.dtype.lanes != 1 or dl.ndim > _MAX_DIMS:
                     return None
@@ -280,12 +295,18 @@ cdef class FastPlan:
                 nbytes[num_tensors] = numel * dt.itemsize
                 num_tensors += 1
             elif kind == K_OTHER:
-                h.append(self.encoders[i](v))
+                try:
+                    h.append(self.encoders[i](v))
+                except _FIELD_REFUSED:
+                    return None
             else:
                 if not _scalar_ok(kind, v):
                     return None
                 h.append(v)
-        head = _pack_header(h)
+        try:
+            head = _pack_header(h)
+        except _Decline:
+            return None
         if len(head) > max_header:
             return None
         if num_tensors == 0:
@@ -315,6 +336,8 @@ cdef class FastPlan:
         for j in range(num_tensors):
             if nbytes[j] >= _SMALL:  # zero-copy: ZeroMQ holds the tensor's memory until sent
                 v = tensors[j]
+                if v.requires_grad:  # numpy will not view it otherwise (the memory is the same)
+                    v = v.detach()
                 if v.dtype == _bfloat16:
                     v = v.view(_int16)
                 frames.append(memoryview(v.numpy()).cast("B"))
@@ -373,7 +396,10 @@ cdef class FastPlan:
                 num_specs += 1
                 values[i] = spec
             elif kind == K_OTHER:
-                values[i] = self.decoders[i](v)
+                try:
+                    values[i] = self.decoders[i](v)
+                except _FIELD_REFUSED:
+                    return None
             else:
                 if not _scalar_ok(kind, v):
                     return None
@@ -405,7 +431,10 @@ cdef class FastPlan:
         names = self.names
         for i in range(self.n):
             PyObject_GenericSetAttr(msg, names[i], values[i])
-        msg._check()
+        try:
+            msg._check()
+        except _CHECK_REFUSED:
+            return None
         j = 0
         for i in range(self.n):
             if values[i] is not None and type(values[i]) is Spec:
@@ -495,6 +524,7 @@ cdef object _tensor_at(object buf, Spec spec):
 # hands the message to the Python path, which uses msgpack itself.
 
 DEF MAX_DEPTH = 32
+cdef object _UINT64_MAX = (1 << 64) - 1
 
 
 class _Decline(Exception):
@@ -572,6 +602,8 @@ cdef int _pack(_Writer w, object v, int depth) except -1:
     if t is int:
         i = PyLong_AsLongLongAndOverflow(v, &overflow)
         if overflow > 0:  # beyond int64: uint64 if it fits
+            if v > _UINT64_MAX:
+                raise _Decline()
             return _head(w, 0xCF, PyLong_AsUnsignedLongLong(v), 8)
         if overflow < 0:
             raise _Decline()
@@ -598,7 +630,10 @@ cdef int _pack(_Writer w, object v, int depth) except -1:
         memcpy(&bits, &d, 8)
         return _head(w, 0xCB, bits, 8)
     if t is str:
-        text = PyUnicode_AsUTF8AndSize(v, &n)
+        try:
+            text = PyUnicode_AsUTF8AndSize(v, &n)
+        except UnicodeEncodeError:  # a lone surrogate: not UTF-8
+            raise _Decline() from None
         _pack_len(w, n, 0xA0, 31, 0xD9, 0xDA, 0xDB)
         at = w.room(n)
         memcpy(at, text, n)
@@ -746,6 +781,8 @@ cdef object _unpack(_Reader* r, int depth):
 cdef object _unpack_header(object head):
     cdef Py_buffer view
     cdef _Reader r
+    if not PyObject_CheckBuffer(head):  # msgpack refuses it: the Python path says so
+        raise _Decline()
     PyObject_GetBuffer(head, &view, PyBUF_SIMPLE)
     try:
         r.p = <const uint8_t*>view.buf
@@ -934,10 +971,7 @@ def encode(msg, seq, Py_ssize_t max_header, Py_ssize_t max_message):
     cdef FastPlan plan = _PLANS_BY_CLASS.get(type(msg))
     if plan is None or not _is_int64(seq) or seq < 0:
         return None
-    try:
-        return plan.encode(msg, seq, max_header, max_message)
-    except Exception:
-        return None
+    return plan.encode(msg, seq, max_header, max_message)
 
 
 def decode(frames, Py_ssize_t max_message, Py_ssize_t max_header):
@@ -956,7 +990,7 @@ def decode(frames, Py_ssize_t max_message, Py_ssize_t max_header):
         return None
     try:
         header = _unpack_header(head)
-    except Exception:
+    except _Decline:
         return None
     if type(header) is not tuple or len(<tuple>header) < 3:
         return None
@@ -966,10 +1000,7 @@ def decode(frames, Py_ssize_t max_message, Py_ssize_t max_header):
     plan = _PLANS_BY_ID.get(type_id)
     if plan is None or len(<tuple>header) - 3 != plan.n:
         return None
-    try:
-        msg = plan.decode(<tuple>header, frames, n_frames, max_message)
-    except Exception:
-        return None
+    msg = plan.decode(<tuple>header, frames, n_frames, max_message)
     if msg is None:
         return None
     return seq, msg

@@ -7,7 +7,13 @@ A cluster's sockets over tcp use ZeroMQ CURVE (elliptic-curve encryption and aut
   format (the one ``zmq.auth.load_certificate`` and czmq read).
 - ``TransportConfig.curve_secret_key_file`` / ``curve_public_key_file`` name this process's
   pair; ``curve_server_public_key_file`` the servers' public key (default: our own, when the
-  whole cluster shares one pair).
+  whole cluster shares one pair). ``CurveKeys.from_directory(DIR, NAME)`` loads the same files
+  by key name.
+- Key files are checked when loaded, and every problem is a ``TransportError`` naming the file
+  and what was wrong with it: a missing or unreadable file, content that is not a ZeroMQ
+  certificate or not a Z85 key, a public key that does not belong to the secret key, a secret
+  key file that group or others may access (it must be mode 0600 or stricter), a key name the
+  directory does not hold.
 - A server admits a client only if the client's public key is authorized: our own public key
   and the server key, plus any given in ``authorized_keys``. Anyone else's handshake is refused
   by the ZAP handler (``ZapHandler``), and a client that does not know the server's public key
@@ -39,6 +45,7 @@ __all__ = [
     "ZapHandler",
     "ZapStats",
     "generate_keypair",
+    "key_files",
     "load_public_key",
     "load_secret_key",
     "ZAP_DOMAIN",
@@ -49,15 +56,21 @@ log = logging.getLogger("infinillm.transport")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP specification (RFC 27)
 ZAP_DOMAIN = "infinillm"
-_Z85_KEY = re.compile(rb"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+_Z85_CHARS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+_Z85_LEN = 40  # a 32-byte curve25519 key in Z85
 _LINE = re.compile(r'^\s*(public|secret)-key\s*=\s*"([^"]*)"\s*$')
+_KEY_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_SECRET_MODE_MASK = stat.S_IRWXG | stat.S_IRWXO  # no access at all for group and others
 
 
 def _z85(key: bytes | str, what: str) -> bytes:
     if isinstance(key, str):
-        key = key.encode("ascii", "replace")
-    if not _Z85_KEY.match(key):
-        raise TransportError(f"{what} is not a CURVE key: must be 40 Z85 characters, got {len(key)} bytes")
+        key = key.encode("ascii", "backslashreplace")  # a non-ASCII character is then not Z85
+    if len(key) != _Z85_LEN:
+        raise TransportError(f"{what} is not a CURVE key: must be {_Z85_LEN} Z85 characters, got {len(key)}")
+    for i, c in enumerate(key):  # (the character itself is not shown: it may be a secret's)
+        if c not in _Z85_CHARS:
+            raise TransportError(f"{what} is not a CURVE key: character {i} of {_Z85_LEN} is not a Z85 character")
     return key
 
 
@@ -87,28 +100,59 @@ def load_public_key(path: str | os.PathLike) -> bytes:
 
 def load_secret_key(path: str | os.PathLike) -> tuple[bytes, bytes]:
     """``(public, secret)`` Z85 keys from a secret certificate file; checks they belong
-    together, and warns when the file is readable by others."""
+    together, and refuses a file that group or others may access (it must be mode 0600 or
+    stricter: anyone who reads it can pose as this process)."""
     keys = _read_keys(path)
     if "secret" not in keys:
         raise TransportError(f"CURVE key file {str(path)!r} holds no secret-key line: is it the .key_secret file?")
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as e:  # read a moment ago: gone or replaced since
+        raise TransportError(f"cannot check the mode of CURVE secret key file {str(path)!r}: {e}") from None
+    if mode & _SECRET_MODE_MASK:
+        raise TransportError(
+            f"CURVE secret key file {str(path)!r} has mode {mode:04o}: group or others may access it; "
+            f"it must be 0600 or stricter (chmod 600 {str(path)!r})"
+        )
     secret = keys["secret"]
     public = zmq.curve_public(secret)
     if "public" in keys and keys["public"] != public:
-        raise TransportError(f"CURVE key file {str(path)!r}: its public-key does not belong to its secret-key")
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        mode = 0
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("CURVE secret key file %s is accessible by others (mode %o); chmod 600 it", path, mode & 0o777)
+        raise TransportError(
+            f"CURVE key file {str(path)!r}: its public-key {keys['public'].decode()} does not belong to its "
+            f"secret-key (whose public key is {public.decode()})"
+        )
     return public, secret
+
+
+def _key_name(name: str) -> str:
+    if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
+        raise TransportError(f"key name {name!r} must be letters, digits, '_', '.' or '-'")
+    return name
+
+
+def key_files(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """``(public, secret)`` paths of the pair called ``name`` in ``directory`` (as
+    ``generate_keypair`` writes them); ``TransportError`` naming the keys the directory holds
+    when it has no public key of that name. The secret file is not checked here."""
+    d = Path(directory)
+    public_path, secret_path = d / f"{_key_name(name)}.key", d / f"{name}.key_secret"
+    if not d.is_dir():
+        raise TransportError(f"CURVE key directory {str(d)!r} does not exist (make a pair in it with: "
+                             f"python -m infinillm.transport.keys {str(d)!r} --name {name})")
+    if not public_path.is_file():
+        held = sorted(p.name[: -len(".key")] for p in d.glob("*.key") if p.is_file())
+        raise TransportError(
+            f"no CURVE key named {name!r} in {str(d)!r}: it holds "
+            + (", ".join(repr(h) for h in held) if held else "no keys")
+            + f" (make one with: python -m infinillm.transport.keys {str(d)!r} --name {name})"
+        )
+    return public_path, secret_path
 
 
 def generate_keypair(directory: str | os.PathLike, name: str = "infinillm", *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write a new pair: ``directory/name.key`` (public) and ``directory/name.key_secret``
     (mode 0600). Refuses to replace existing files unless ``overwrite``."""
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise TransportError(f"key name {name!r} must be letters, digits, '_', '.' or '-'")
+    _key_name(name)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     public_path, secret_path = d / f"{name}.key", d / f"{name}.key_secret"
@@ -163,8 +207,11 @@ class CurveKeys:
         _z85(self.public_key, "public_key")
         _z85(self.secret_key, "secret_key")
         _z85(self.server_public_key, "server_public_key")
-        if zmq.curve_public(self.secret_key) != self.public_key:
-            raise TransportError("public_key does not belong to secret_key")
+        own = zmq.curve_public(self.secret_key)
+        if own != self.public_key:
+            raise TransportError(
+                f"public_key {self.public_key.decode()} does not belong to secret_key (whose public key is {own.decode()})"
+            )
         for key in self.authorized_keys:
             _z85(key, "an authorized key")
 
@@ -192,12 +239,37 @@ class CurveKeys:
     ) -> CurveKeys:
         """From certificate files (``authorized_key_files``: public keys of more clients)."""
         public, secret = load_secret_key(secret_key_file)
-        if public_key_file is not None and load_public_key(public_key_file) != public:
-            raise TransportError(
-                f"curve_public_key_file {str(public_key_file)!r} does not match curve_secret_key_file {str(secret_key_file)!r}"
-            )
+        if public_key_file is not None:
+            given = load_public_key(public_key_file)
+            if given != public:
+                raise TransportError(
+                    f"curve_public_key_file {str(public_key_file)!r} holds public key {given.decode()}, which does not "
+                    f"match curve_secret_key_file {str(secret_key_file)!r} (whose public key is {public.decode()}): "
+                    f"they are not one pair"
+                )
         server = load_public_key(server_public_key_file) if server_public_key_file is not None else None
         return cls.create(public, secret, server, [load_public_key(p) for p in authorized_key_files])
+
+    @classmethod
+    def from_directory(
+        cls,
+        directory: str | os.PathLike,
+        name: str = "infinillm",
+        *,
+        server_name: str | None = None,
+        authorized_names: tuple[str, ...] | list[str] = (),
+    ) -> CurveKeys:
+        """By key name from a directory of pairs (``generate_keypair``'s files): ``name`` is
+        this process's pair, ``server_name`` the servers' public key (default: ours), and
+        ``authorized_names`` the public keys of more clients."""
+        public_path, secret_path = key_files(directory, name)
+        if not secret_path.is_file():
+            raise TransportError(
+                f"CURVE key {name!r} in {str(directory)!r} has no secret key file {secret_path.name!r}, only its "
+                f"public key: this process cannot use it as its own"
+            )
+        server = key_files(directory, server_name)[0] if server_name is not None else None
+        return cls.load(secret_path, public_path, server, [key_files(directory, n)[0] for n in authorized_names])
 
     @classmethod
     def from_config(cls, config) -> CurveKeys | None:

@@ -29,7 +29,9 @@ send (messages are immutable).
 Two implementations of the hot path. This module is the specification: its generic encoder and
 decoder, with straight-line Python compiled per message type for well-formed input. The
 compiled ``_wire`` extension (Cython) does the same for well-formed input and hands everything
-else to the Python path, so only Python ever refuses input or explains why. ``INFINILLM_CORE``
+else to the Python path, so only Python ever refuses input or explains why. A fast path says
+"not mine" in one way only (``_Slow`` here, None from ``_wire``); any other exception out of it
+is a bug, and surfaces as one instead of quietly taking the slow path. ``INFINILLM_CORE``
 chooses, as for the scheduler core: ``compiled`` (the default; an error if the extension is
 missing), ``python``, or ``auto``; ``Codec(compiled=...)`` overrides it per codec.
 """
@@ -108,6 +110,11 @@ def _short(value: Any, limit: int = 60) -> str:
 
 class _Bad(Exception):
     pass
+
+
+# What ``Message._check`` (and a record's constructor) raises for a value it refuses: the
+# decoders turn these into DecodeError, the fast ones into "declined".
+_CHECK_ERRORS = (ValidationError, TypeError, ValueError)
 
 
 def _check_int(v: Any) -> int:
@@ -195,6 +202,15 @@ def _record_check(cls: type) -> tuple[Callable[[Any], Any], Callable[[Any], Any]
         checks.append(kind)
     n = len(names)
 
+    def bad_field(values: Sequence[Any]) -> _Bad:
+        # (off the hot path: a record failed its checks) which field, with what value
+        for check, name, x in zip(checks, names, values):
+            try:
+                check(x)
+            except _Bad as e:
+                return _Bad(f"holds a {cls.__name__} whose {name}={_short(x)} {e}")
+        raise AssertionError("a record check failed, then passed")  # pragma: no cover
+
     def encode(v: Any) -> list:
         if not isinstance(v, (tuple, list)):
             raise _Bad(f"must be a tuple of {cls.__name__}")
@@ -202,7 +218,11 @@ def _record_check(cls: type) -> tuple[Callable[[Any], Any], Callable[[Any], Any]
         for item in v:
             if type(item) is not cls:
                 raise _Bad(f"must hold only {cls.__name__}, not {type(item).__name__}")
-            out.append([check(getattr(item, name)) for check, name in zip(checks, names)])
+            values = [getattr(item, name) for name in names]
+            try:
+                out.append([check(x) for check, x in zip(checks, values)])
+            except _Bad:
+                raise bad_field(values) from None
         return out
 
     def decode(v: Any) -> tuple:
@@ -213,8 +233,12 @@ def _record_check(cls: type) -> tuple[Callable[[Any], Any], Callable[[Any], Any]
             if type(item) is not tuple or len(item) != n:
                 raise _Bad(f"must hold {cls.__name__} records of {n} fields")
             try:
-                out.append(cls(*[check(x) for check, x in zip(checks, item)]))
-            except (ValidationError, TypeError, ValueError) as e:
+                values = [check(x) for check, x in zip(checks, item)]
+            except _Bad:
+                raise bad_field(item) from None
+            try:
+                out.append(cls(*values))
+            except _CHECK_ERRORS as e:
                 raise _Bad(f"holds a bad {cls.__name__}: {e}") from None
         return tuple(out)
 
@@ -279,12 +303,18 @@ class _Plan:
 # field's kind. On the hot path (an attention query per creditor per layer) that dispatch is a
 # good share of the cost, so each plan also gets an encoder and a decoder compiled from its
 # fields (as dataclasses compile __init__). They accept only what the generic path accepts and
-# produce the same result; on anything unusual they raise, and the caller runs the generic path,
-# which gives the exact error (or handles the case: a bf16, strided or CUDA tensor...).
+# produce the same result; on anything unusual they raise _Slow (or a field check's _Bad), and
+# the caller runs the generic path, which gives the exact error (or handles the case: a
+# strided, empty or CUDA tensor...). Nothing else is caught: any other exception is a bug. The
+# fast decoder's DecodeError comes from the generic path's own helpers (``_parse_spec``,
+# ``_layout``), reached in the same field order: it is the error the generic path would raise.
 
 
 class _Slow(Exception):
     """The fast path declines: let the generic path decide."""
+
+
+_DECLINED = (_Slow, _Bad)  # all a fast path raises to say "not mine"
 
 
 _LO, _HI = _INT64_MIN, _INT64_MAX
@@ -343,10 +373,11 @@ def _compile_encoder(plan: _Plan, kinds: list[str]) -> Callable[..., Any]:
                 ind = "        "
             lines += [
                 f"{ind}if type({v}) is not _Tensor: raise _Slow",
-                f"{ind}_c = _DTYPE_NAMES[{v}.dtype]",
-                f"{ind}views.append(_mv(({v}.view(_int16) if _c == 'bf16' else {v}).numpy()).cast('B'))",
+                f"{ind}_c = _plain_code({v})",
+                f"{ind}if _c is None: raise _Slow",
                 f"{ind}_s = {v}.shape",
                 f"{ind}if len(_s) > {MAX_DIMS}: raise _Slow",
+                f"{ind}views.append(_mv(({v}.view(_int16) if _c == 'bf16' else {v}).numpy()).cast('B'))",
                 f"{ind}h.append([_c, *_s])",
             ]
         elif kind == "other":
@@ -356,7 +387,7 @@ def _compile_encoder(plan: _Plan, kinds: list[str]) -> Callable[..., Any]:
             lines.append(f"    h.append({v})")
     lines.append("    return h, views")
     namespace: dict[str, Any] = {
-        "_Slow": _Slow, "_LO": _LO, "_HI": _HI, "_Tensor": torch.Tensor, "_DTYPE_NAMES": _DTYPE_NAMES,
+        "_Slow": _Slow, "_LO": _LO, "_HI": _HI, "_Tensor": torch.Tensor, "_plain_code": _plain_code,
         "_mv": memoryview, "_int16": torch.int16,
         **{f"enc{i}": enc for i, enc in enumerate(plan.encoders)},
     }
@@ -385,12 +416,14 @@ def _compile_decoder(plan: _Plan, kinds: list[str]) -> Callable[..., Any]:
     lines.append("    elif len(frames) != 1: raise _Slow")
     lines.append("    msg = _new(cls)")
     lines += [f"    _setattr(msg, {name!r}, f{i})" for i, name in enumerate(plan.names)]
-    lines.append("    msg._check()")
+    lines.append("    try: msg._check()")
+    lines.append("    except _CHECK_ERRORS: raise _Slow from None  # the generic path says why")
     lines.append("    if specs:")
     lines.append("        for spec, buf in zip(specs, buffers): _setattr(msg, spec.name, _tensor_at(buf, spec))")
     lines.append("    return msg")
     namespace: dict[str, Any] = {
-        "_Slow": _Slow, "_LO": _LO, "_HI": _HI, "plan": plan, "cls": plan.cls, "_new": plan.cls.__new__,
+        "_Slow": _Slow, "_CHECK_ERRORS": _CHECK_ERRORS, "_LO": _LO, "_HI": _HI, "plan": plan, "cls": plan.cls,
+        "_new": plan.cls.__new__,
         "_setattr": object.__setattr__, "_tensor_at": _tensor_at,
         **{f"dec{i}": dec for i, dec in enumerate(plan.decoders)},
     }
@@ -481,7 +514,7 @@ class Codec:
             raise TransportError(f"cannot encode {type(msg).__name__}: not a registered message type")
         try:
             header, views = plan.fast_encode(msg, seq)
-        except Exception:  # the fast path declined: the generic one decides (and explains)
+        except _DECLINED:  # the generic path decides (and explains)
             header, views = self._encode_fields(plan, msg, seq)
         return self._frames(plan, header, views)
 
@@ -496,15 +529,10 @@ class Codec:
                         raise TransportError(f"cannot encode {plan.name}.{name}=None: must be a tensor")
                     header.append(None)
                     continue
-                try:  # fast path: a contiguous CPU tensor that numpy can view
-                    code = _DTYPE_NAMES[value.dtype]
-                    if code == "bf16":  # numpy has no bfloat16: the same bytes as int16
-                        view = memoryview(value.view(torch.int16).numpy()).cast("B")
-                    else:
-                        view = memoryview(value.numpy()).cast("B")
-                except (KeyError, AttributeError, TypeError, RuntimeError):
+                code = _plain_code(value) if isinstance(value, torch.Tensor) else None
+                if code is None:  # not viewable as it is: check it, make it contiguous on the CPU
                     code, value = _normalize(plan, name, value)
-                    view = _bytes_of(value)
+                view = _bytes_of(value)
                 shape = value.shape
                 if len(shape) > MAX_DIMS:
                     raise TransportError(f"cannot encode {plan.name}.{name}: {len(shape)} dims exceed MAX_DIMS={MAX_DIMS}")
@@ -598,9 +626,8 @@ class Codec:
             )
         try:
             return seq, plan.fast_decode(self, header, frames, seq)
-        except Exception:  # the fast path declined: the generic one decides (and explains)
-            pass
-        return seq, self._decode_fields(plan, header, frames, seq)
+        except _DECLINED:  # the generic path decides (and explains)
+            return seq, self._decode_fields(plan, header, frames, seq)
 
     def _decode_fields(self, plan: _Plan, header: tuple, frames: Sequence[Any], seq: int) -> Message:
         n_frames = len(frames)
@@ -631,7 +658,7 @@ class Codec:
             _setattr(msg, name, v)
         try:
             msg._check()
-        except (ValidationError, TypeError, ValueError) as e:
+        except _CHECK_ERRORS as e:
             raise DecodeError(f"malformed {plan.name}: {e}", seq=seq) from None
         for spec, buf in zip(specs, buffers):
             _setattr(msg, spec.name, _tensor_at(buf, spec))
@@ -753,6 +780,17 @@ def _normalize(plan: _Plan, name: str, t: Any) -> tuple[str, torch.Tensor]:
     return code, t
 
 
+def _plain_code(t: torch.Tensor) -> str | None:
+    """The wire dtype of a tensor whose memory goes on the wire as it is (numpy views it, no
+    copy): a non-empty, contiguous, strided CPU tensor of a wire dtype, without grad or a lazy
+    negation; None for any other, which ``_normalize`` makes so first."""
+    code = _DTYPE_NAMES.get(t.dtype)
+    if (code is None or t.layout is not torch.strided or not t.is_cpu or t.requires_grad or t.is_neg()
+            or not t.is_contiguous() or t.numel() == 0):
+        return None
+    return code
+
+
 def _tensor_at(buf: memoryview, spec: _Spec) -> torch.Tensor:
     """The tensor ``spec`` describes, viewing ``buf`` (copied only if misaligned)."""
     if spec.nbytes == 0:
@@ -780,5 +818,6 @@ if _wire is not None:
     _wire.configure(
         version=PROTOCOL_VERSION, small_tensor_bytes=SMALL_TENSOR_BYTES, align=_ALIGN, max_dims=MAX_DIMS,
         dtypes={code: (dtype, _ITEMSIZE[code]) for code, dtype in _DTYPES.items()},
+        declined=_Bad, check_errors=_CHECK_ERRORS,
     )
 _plans()  # after everything the compiled fast paths refer to

@@ -469,6 +469,9 @@ class RequestDelta:
     logprobs: tuple[float, ...] = ()
     finish_reason: str | None = None
 
+    def __post_init__(self) -> None:  # (a record, not a Message: checked the same way)
+        self._check()
+
     def _check(self) -> None:
         if self.finish_reason not in (None, "stop", "length", "abort", "error"):
             _fail("RequestDelta", "finish_reason", self.finish_reason, "must be None, 'stop', 'length', 'abort' or 'error'")

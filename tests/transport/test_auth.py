@@ -4,6 +4,7 @@ missing key gets nothing; tcp stays on loopback unless keys (or an explicit opt-
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -42,24 +43,134 @@ def test_keys_command_runs_as_a_module(tmp_path):
     assert (tmp_path / "infinillm.key_secret").exists()
 
 
-def test_key_files_are_checked(tmp_path):
+def _q(path) -> str:
+    """``path`` as an error message quotes it, as a regular expression."""
+    return re.escape(repr(str(path)))
+
+
+def test_key_files_load_from_a_config(tmp_path):
     public, secret = generate_keypair(tmp_path)
     other_public, _ = generate_keypair(tmp_path, "other")
-    with pytest.raises(TransportError, match="does not exist"):
-        CurveKeys.load(tmp_path / "missing")
-    with pytest.raises(TransportError, match="holds no secret-key line: is it the .key_secret file"):
-        CurveKeys.load(public)
-    with pytest.raises(TransportError, match="does not match curve_secret_key_file"):
-        CurveKeys.load(secret, other_public)
-    bad = tmp_path / "bad.key_secret"
-    bad.write_text('curve\n    secret-key = "short"\n')
-    with pytest.raises(TransportError, match="not a CURVE key: must be 40 Z85 characters"):
-        CurveKeys.load(bad)
     config = TransportConfig(curve_secret_key_file=str(secret), curve_public_key_file=str(public),
                              curve_server_public_key_file=str(other_public))
     keys = CurveKeys.from_config(config)
     assert keys.server_public_key == load_public_key(other_public)
     assert CurveKeys.from_config(TransportConfig()) is None
+
+
+def test_a_missing_or_swapped_key_file_is_named(tmp_path):
+    missing = tmp_path / "missing.key_secret"
+    with pytest.raises(TransportError, match=rf"CURVE key file {_q(missing)} does not exist \(make one with: "
+                                             r"python -m infinillm.transport.keys DIR\)"):
+        CurveKeys.load(missing)
+    public, secret = generate_keypair(tmp_path)
+    with pytest.raises(TransportError, match=rf"CURVE key file {_q(tmp_path / 'nope.key')} does not exist"):
+        CurveKeys.load(secret, tmp_path / "nope.key")
+    with pytest.raises(TransportError, match=rf"CURVE key file {_q(public)} holds no secret-key line: is it the "
+                                             r"\.key_secret file\?"):
+        CurveKeys.load(public)  # the public file given as the secret one
+
+
+def test_a_public_key_file_that_does_not_match_the_secret_key_file_is_refused(tmp_path):
+    public, secret = generate_keypair(tmp_path)
+    other_public, _ = generate_keypair(tmp_path, "other")
+    own, other = load_public_key(public).decode(), load_public_key(other_public).decode()
+    with pytest.raises(TransportError, match=(
+        rf"curve_public_key_file {_q(other_public)} holds public key {re.escape(other)}, which does not match "
+        rf"curve_secret_key_file {_q(secret)} \(whose public key is {re.escape(own)}\): they are not one pair"
+    )):
+        CurveKeys.load(secret, other_public)
+    # within one secret file: a public-key line that is not the secret key's
+    third_public, third_secret = generate_keypair(tmp_path, "third")
+    third = load_public_key(third_public).decode()
+    mixed = tmp_path / "mixed.key_secret"
+    mixed.write_text(third_secret.read_text().replace(third, other))
+    mixed.chmod(0o600)
+    with pytest.raises(TransportError, match=(
+        rf"CURVE key file {_q(mixed)}: its public-key {re.escape(other)} does not belong to its secret-key "
+        rf"\(whose public key is {re.escape(third)}\)"
+    )):
+        CurveKeys.load(mixed)
+    public_key, secret_key = zmq.curve_keypair()
+    with pytest.raises(TransportError, match=(
+        rf"public_key {re.escape(other)} does not belong to secret_key \(whose public key is "
+        rf"{re.escape(public_key.decode())}\)"
+    )):
+        CurveKeys.create(other.encode(), secret_key)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o620, 0o660, 0o700 | 0o001])
+def test_a_secret_key_file_that_group_or_others_may_access_is_refused(tmp_path, mode):
+    public, secret = generate_keypair(tmp_path)
+    secret.chmod(mode)
+    with pytest.raises(TransportError, match=(
+        rf"CURVE secret key file {_q(secret)} has mode {mode:04o}: group or others may access it; "
+        rf"it must be 0600 or stricter \(chmod 600 {_q(secret)}\)"
+    )):
+        CurveKeys.load(secret, public)
+    secret.chmod(0o400)  # stricter than 0600 is fine
+    assert CurveKeys.load(secret, public).public_key == load_public_key(public)
+
+
+def test_an_unknown_key_name_is_refused_naming_the_keys_the_directory_holds(tmp_path):
+    keys_dir = tmp_path / "keys"
+    generate_keypair(keys_dir, "node0")
+    generate_keypair(keys_dir, "node1")
+    keys = CurveKeys.from_directory(keys_dir, "node0", server_name="node1", authorized_names=["node1"])
+    assert keys.public_key == load_public_key(keys_dir / "node0.key")
+    assert keys.server_public_key == load_public_key(keys_dir / "node1.key")
+    make = rf"\(make one with: python -m infinillm.transport.keys {_q(keys_dir)} --name node2\)"
+    with pytest.raises(TransportError, match=rf"no CURVE key named 'node2' in {_q(keys_dir)}: it holds 'node0', 'node1' {make}"):
+        CurveKeys.from_directory(keys_dir, "node2")
+    with pytest.raises(TransportError, match=rf"no CURVE key named 'node2' in {_q(keys_dir)}: it holds 'node0', 'node1'"):
+        CurveKeys.from_directory(keys_dir, "node0", server_name="node2")
+    with pytest.raises(TransportError, match=rf"no CURVE key named 'node2' in {_q(keys_dir)}: it holds 'node0', 'node1'"):
+        CurveKeys.from_directory(keys_dir, "node0", authorized_names=["node1", "node2"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TransportError, match=rf"no CURVE key named 'infinillm' in {_q(tmp_path / 'empty')}: it holds no keys"):
+        CurveKeys.from_directory(tmp_path / "empty")
+    with pytest.raises(TransportError, match=rf"CURVE key directory {_q(tmp_path / 'nowhere')} does not exist"):
+        CurveKeys.from_directory(tmp_path / "nowhere", "node0")
+    with pytest.raises(TransportError, match=r"key name '\.\./node0' must be letters, digits, '_', '\.' or '-'"):
+        CurveKeys.from_directory(keys_dir, "../node0")
+    (keys_dir / "node1.key_secret").unlink()  # a peer's public key only
+    with pytest.raises(TransportError, match=(
+        rf"CURVE key 'node1' in {_q(keys_dir)} has no secret key file 'node1.key_secret', only its public key: "
+        r"this process cannot use it as its own"
+    )):
+        CurveKeys.from_directory(keys_dir, "node1")
+
+
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        (b"\xff\xfe garbage", r"cannot read CURVE key file {path}: 'ascii' codec can't decode byte 0xff in position 0"),
+        (b"", r"CURVE key file {path} holds no secret-key line: is it the \.key_secret file\?"),
+        (b"just some text\n", r"CURVE key file {path} holds no secret-key line"),
+        (b'curve\n    secret-key = "short"\n', r"secret-key in {path} is not a CURVE key: must be 40 Z85 characters, got 5"),
+        (b'curve\n    secret-key = "' + b"a" * 41 + b'"\n', r"secret-key in {path} is not a CURVE key: must be 40 Z85 characters, got 41"),
+        (b'curve\n    secret-key = "' + b"a" * 7 + b"~" + b"a" * 32 + b'"\n',
+         r"secret-key in {path} is not a CURVE key: character 7 of 40 is not a Z85 character"),
+        (b'curve\n    public-key = "' + b"b" * 39 + b'"\n', r"public-key in {path} is not a CURVE key: must be 40 Z85 characters, got 39"),
+    ],
+    ids=["binary", "empty", "no-key-lines", "short-key", "long-key", "not-z85", "short-public-key"],
+)
+def test_garbage_key_files_are_refused(tmp_path, content, pattern):
+    bad = tmp_path / "bad.key_secret"
+    bad.write_bytes(content)
+    bad.chmod(0o600)
+    with pytest.raises(TransportError, match=pattern.format(path=_q(bad))):
+        CurveKeys.load(bad)
+
+
+def test_a_public_key_file_without_a_public_key_is_refused(tmp_path):
+    bad = tmp_path / "bad.key"
+    bad.write_text("metadata\ncurve\n")
+    with pytest.raises(TransportError, match=rf"CURVE key file {_q(bad)} holds no public-key line"):
+        load_public_key(bad)
+    _, secret = generate_keypair(tmp_path)
+    with pytest.raises(TransportError, match=rf"CURVE key file {_q(bad)} holds no public-key line"):
+        CurveKeys.load(secret, bad)
 
 
 def _pair():
@@ -120,11 +231,13 @@ async def test_tcp_binds_to_loopback_unless_told_otherwise():
 
     async with open_transport(TransportConfig(transport="tcp")) as tp:
         assert tp.default_address("x").startswith("tcp://127.0.0.1:")
-        with pytest.raises(TransportError, match=r"refusing to bind 'tcp://0.0.0.0:\*' without CURVE keys"):
+        with pytest.raises(TransportError, match=r"refusing to bind 'tcp://0\.0\.0\.0:\*' without CURVE keys: only "
+                                                 r"loopback tcp may be unauthenticated"):
             async with tp.open_server(handler, "tcp://0.0.0.0:*"):
                 pass
     async with open_transport(TransportConfig(transport="tcp", bind_host="0.0.0.0", base_port=0)) as tp:
-        with pytest.raises(TransportError, match="refusing to bind"):
+        with pytest.raises(TransportError, match=r"refusing to bind 'tcp://0\.0\.0\.0:\*' without CURVE keys: only "
+                                                 r"loopback tcp may be unauthenticated"):
             async with tp.open_server(handler):
                 pass
     async with open_transport(TransportConfig(transport="tcp"), allow_insecure_tcp=True) as tp:
