@@ -127,7 +127,9 @@ class AttentionQuery(Message):
 
     Request b (``request_ids[b]``) owns query rows ``cu_q[b]:cu_q[b+1]`` of ``q`` (``cu_q``
     None: one row each, the decode case, which saves a frame on the hot path); row i sits at
-    position ``q_pos[i]`` and sees keys at positions ``<= q_pos[i]`` (causal). Its keys on
+    position ``q_pos[i]`` and sees keys at positions ``<= q_pos[i]`` (causal), and, in a layer
+    with a sliding window W, only those ``> q_pos[i] - W``: the creditor serves the same model,
+    so it applies ``ModelArgs.window(layer)`` itself and the window never travels. Its keys on
     the creditor are in the blocks ``block_table[b, j]``, block j holding positions
     ``block_start[b, j] .. block_start[b, j] + block_len[b, j] - 1`` (``block_len`` 0 pads);
     the three tables travel stacked as ``blocks`` (one frame instead of three). When the
