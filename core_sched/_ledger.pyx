@@ -15,6 +15,8 @@ from libcpp.map cimport map
 from libcpp.utility cimport pair
 from libcpp.vector cimport vector
 
+from block_pool cimport CPoolCounters
+
 from ledger cimport (
     CLedgerDelta, CLedgerInstance, CLedgerPart, CLedgerRequest, CLedgerTotals, CPlanMove,
     CppDebtLedger, CppPlanner, CppThroughputModel,
@@ -135,9 +137,12 @@ cdef class DebtLedger:
             raise SchedulerError(
                 f"instance {instance_id}: delta goes back from version {d.base_version} to {d.version}")
         cdef const CLedgerInstance* x = self.c.instance(instance_id)
+        cdef CPoolCounters c = x.counters
+        # The sums in Python ints, as the twin has them (in int64 they may overflow).
         raise _counters_error(
-            instance_id, x.counters.capacity + d.capacity, x.counters.free + d.free, x.counters.used + d.used,
-            x.counters.lent + d.lent, x.counters.reserved + d.reserved, x.counters.borrowed + d.borrowed)
+            instance_id, <object>c.capacity + delta.capacity, <object>c.free + delta.free,
+            <object>c.used + delta.used, <object>c.lent + delta.lent, <object>c.reserved + delta.reserved,
+            <object>c.borrowed + delta.borrowed)
 
     def apply_snapshot(self, int64_t instance_id, counters):
         """Replace an instance's counters with a full snapshot (authoritative, whatever its version)."""

@@ -10,7 +10,7 @@ from libc.stdint cimport int32_t, int64_t
 from libcpp.vector cimport vector
 
 from block_pool cimport (
-    CppBlockPool, CPoolCounters, POOL_OK, POOL_BAD_REQUEST, POOL_BAD_RESERVATION, POOL_EXPIRED,
+    CppBlockPool, CPoolCounters, CReservation, POOL_OK, POOL_BAD_REQUEST, POOL_EXPIRED,
 )
 
 import numpy as np
@@ -124,20 +124,20 @@ cdef class BlockPool:
         """Free the named blocks of a request; all must be its own, else nothing is freed."""
         cdef vector[int32_t] ids
         cdef int32_t status
+        blocks = list(blocks)
         for b in blocks:
-            if not 0 <= b <= INT32_MAX:
-                raise SchedulerError(f"instance {self.c.instance_id()}: block {b} is not held by request {request_id}")
-            ids.push_back(<int32_t>b)
+            # An id past int32 is no block of this pool: -1 fails the C++ check just the same.
+            ids.push_back(<int32_t>b if 0 <= b <= INT32_MAX else -1)
         status = self.c.free_blocks(request_id, ids.data(), <int32_t>ids.size())
         if status == POOL_OK:
             return None
         if status == POOL_BAD_REQUEST:
             raise SchedulerError(f"instance {self.c.instance_id()}: request {request_id} holds no blocks here")
-        # Name the first offending block, as the twin does.
+        # Name the first offending block as given, as the twin does.
         seen = set()
-        for b in ids:
-            if (b >= self.c.num_blocks() or self.c.state(b) != BLOCK_USED
-                    or self.c.owner_request(b) != request_id):
+        for b in blocks:
+            if (not 0 <= b < self.c.num_blocks() or self.c.state(<int32_t>b) != BLOCK_USED
+                    or self.c.owner_request(<int32_t>b) != request_id):
                 raise SchedulerError(f"instance {self.c.instance_id()}: block {b} is not held by request {request_id}")
             if b in seen:
                 raise SchedulerError(f"instance {self.c.instance_id()}: block {b} named twice")
@@ -219,13 +219,15 @@ cdef class BlockPool:
         """Reserve ``n`` blocks for instance ``borrower`` until ``now + ttl``.
 
         Returns a reservation id, or None when the blocks are not there (free memory or the
-        lending cap): first come, first served.
+        lending cap): first come, first served. Times are seconds as doubles, as in the C++.
         """
         if n <= 0:
             raise ValidationError("n", n, "must be >= 1")
+        if not 0 <= borrower <= INT32_MAX:
+            raise ValidationError("borrower", borrower, f"must be in [0, {INT32_MAX}]")
         if borrower == self.c.instance_id():
             raise SchedulerError(f"instance {self.c.instance_id()} cannot lend to itself")
-        if n > INT32_MAX or borrower < 0 or borrower > INT32_MAX:
+        if n > INT32_MAX:  # more than any pool has free
             return None
         cdef int64_t rid = self.c.try_reserve(<int32_t>borrower, <int32_t>n, now, ttl)
         if rid < 0:
@@ -236,18 +238,21 @@ cdef class BlockPool:
         """Turn a reservation into blocks of the borrower's request ``request_id``."""
         cdef vector[int32_t] out
         cdef const vector[int32_t]* held
+        cdef const CReservation* r = self.c.reservation(reservation_id)
+        me = self.c.instance_id()
+        if r == NULL:
+            raise SchedulerError(f"instance {me}: unknown reservation {reservation_id}")
+        # Kept for the messages: an expired commit releases the reservation.
+        cdef int32_t borrower = r.borrower
+        cdef double expires_at = r.expires_at
         cdef int32_t status = self.c.commit(reservation_id, request_id, now, out)
         if status >= 0:
             return out
-        me = self.c.instance_id()
-        if status == POOL_BAD_RESERVATION:
-            raise SchedulerError(f"instance {me}: unknown reservation {reservation_id}")
         if status == POOL_EXPIRED:
-            raise CapacityError(f"instance {me}: reservation {reservation_id} expired (now {now})")
+            raise CapacityError(f"instance {me}: reservation {reservation_id} expired at {expires_at} (now {now})")
         held = self.c.blocks_of(request_id)
-        home = self.c.owner_home(held[0][0]) if held != NULL and held.size() else -1
-        raise SchedulerError(f"instance {me}: request {request_id} is held here for instance {home}, "
-                             f"not the reservation's borrower")
+        raise SchedulerError(f"instance {me}: request {request_id} is held here for instance "
+                             f"{self.c.owner_home(held[0][0])}, not {borrower}")
 
     def cancel(self, int64_t reservation_id):
         cdef int32_t n = self.c.cancel(reservation_id)
@@ -265,8 +270,9 @@ cdef class BlockPool:
         if home != self.c.instance_id():
             raise SchedulerError(
                 f"instance {self.c.instance_id()} never borrows for request {request_id} of instance {home}")
-        if n < 0:
-            raise ValidationError("n", n, "must be >= 0")
+        cdef int64_t room = INT32_MAX - self.c.num_borrowed()  # the counters are int32
+        if not 0 <= n <= room:
+            raise ValidationError("n", n, f"must be in [0, {room}] (at most {INT32_MAX} blocks borrowed in all)")
         self.c.add_borrowed(request_id, <int32_t>home, <int32_t>n)
 
     def remove_borrowed(self, int64_t request_id, int64_t n):

@@ -13,6 +13,8 @@ from .types import BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, PoolCounters, PoolDel
 
 __all__ = ["BlockPool"]
 
+INT32_MAX = 2147483647
+
 
 class _Reservation:
     __slots__ = ("borrower", "expires_at", "blocks")
@@ -235,10 +237,12 @@ class BlockPool:
         """Reserve ``n`` blocks for instance ``borrower`` until ``now + ttl``.
 
         Returns a reservation id, or None when the blocks are not there (free memory or the
-        lending cap): first come, first served.
+        lending cap): first come, first served. Times are seconds as doubles, as in the C++.
         """
         if n <= 0:
             raise ValidationError("n", n, "must be >= 1")
+        if not 0 <= borrower <= INT32_MAX:
+            raise ValidationError("borrower", borrower, f"must be in [0, {INT32_MAX}]")
         if borrower == self._instance_id:
             raise SchedulerError(f"instance {self._instance_id} cannot lend to itself")
         if n > len(self._free_stack) or self._lent + self._reserved + n > self._max_lent:
@@ -251,13 +255,14 @@ class BlockPool:
             self._state[b] = BLOCK_RESERVED
             self._owner_home[b] = borrower
             blocks.append(b)
-        self._reservations[rid] = _Reservation(borrower, now + ttl, blocks)
+        self._reservations[rid] = _Reservation(borrower, float(now) + float(ttl), blocks)
         self._reserved += n
         self._version += 1
         return rid
 
     def commit(self, reservation_id: int, request_id: int, now: float) -> list[int]:
         """Turn a reservation into blocks of the borrower's request ``request_id``."""
+        now = float(now)
         r = self._reservations.get(reservation_id)
         if r is None:
             raise SchedulerError(f"instance {self._instance_id}: unknown reservation {reservation_id}")
@@ -295,6 +300,7 @@ class BlockPool:
 
     def expire(self, now: float) -> int:
         """Give back every reservation that expired before ``now``; returns blocks released."""
+        now = float(now)
         dead = [rid for rid, r in self._reservations.items() if now > r.expires_at]
         n = sum(self._release_reservation(rid) for rid in dead)
         if n:
@@ -308,8 +314,10 @@ class BlockPool:
             raise SchedulerError(
                 f"instance {self._instance_id} never borrows for request {request_id} of instance {home}"
             )
-        if n < 0:
-            raise ValidationError("n", n, "must be >= 0")
+        if not 0 <= n <= INT32_MAX - self._borrowed:  # the counters are int32 in the C++
+            raise ValidationError(
+                "n", n, f"must be in [0, {INT32_MAX - self._borrowed}] (at most {INT32_MAX} blocks borrowed in all)"
+            )
         self._borrowed_by_request[request_id] = self._borrowed_by_request.get(request_id, 0) + n
         self._borrowed += n
         if n:
@@ -364,9 +372,9 @@ class BlockPool:
 
 
 def _check_args(instance_id: int, num_blocks: int, max_lent_blocks: int | None) -> None:
-    if not 0 <= instance_id < (1 << 31):
-        raise ValidationError("instance_id", instance_id, f"must be in [0, {(1 << 31) - 1}]")
-    if not 1 <= num_blocks < (1 << 31):
-        raise ValidationError("num_blocks", num_blocks, f"must be in [1, {(1 << 31) - 1}]")
+    if not 0 <= instance_id <= INT32_MAX:
+        raise ValidationError("instance_id", instance_id, f"must be in [0, {INT32_MAX}]")
+    if not 1 <= num_blocks <= INT32_MAX:
+        raise ValidationError("num_blocks", num_blocks, f"must be in [1, {INT32_MAX}]")
     if max_lent_blocks is not None and not 0 <= max_lent_blocks <= num_blocks:
         raise ValidationError("max_lent_blocks", max_lent_blocks, f"must be in [0, {num_blocks}] (num_blocks)")

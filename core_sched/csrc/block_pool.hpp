@@ -254,6 +254,12 @@ class BlockPool {
 
   int32_t num_reservations() const { return static_cast<int32_t>(reservations_.size()); }
 
+  // A pending reservation, or nullptr (unknown, committed, cancelled or expired).
+  const Reservation* reservation(int64_t reservation_id) const {
+    auto it = reservations_.find(reservation_id);
+    return it == reservations_.end() ? nullptr : &it->second;
+  }
+
   // ---- what this instance's own requests hold elsewhere -------------------------------------
 
   int32_t add_borrowed(int64_t request_id, int32_t home, int32_t n) {

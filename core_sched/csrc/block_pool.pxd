@@ -27,6 +27,11 @@ cdef extern from "block_pool.hpp":
         int32_t reserved
         int32_t borrowed
 
+    cdef cppclass CReservation "infinillm::Reservation":
+        int32_t borrower
+        double expires_at
+        vector[int32_t] blocks
+
     cdef cppclass CppBlockPool "infinillm::BlockPool":
         CppBlockPool(int32_t instance_id, int32_t num_blocks, int32_t max_lent) except +
         int32_t instance_id()
@@ -54,6 +59,7 @@ cdef extern from "block_pool.hpp":
         int32_t commit(int64_t reservation_id, int64_t request_id, double now, vector[int32_t]& out) except +
         int32_t cancel(int64_t reservation_id) except +
         int32_t expire(double now) except +
+        const CReservation* reservation(int64_t reservation_id)
         int32_t add_borrowed(int64_t request_id, int32_t home, int32_t n) except +
         int32_t remove_borrowed(int64_t request_id, int32_t n) except +
         int32_t borrowed_by(int64_t request_id)

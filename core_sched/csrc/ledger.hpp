@@ -185,6 +185,10 @@ class DebtLedger {
     PoolCounters& c = it->second.counters;
     if (d.base_version != c.version) return LEDGER_STALE;
     if (d.version < d.base_version) return LEDGER_VERSION_BACK;
+    // Counters sit in [0, INT32_MAX], so a change outside +-INT32_MAX can only break them;
+    // refusing it first also keeps the sums below from overflowing int64.
+    for (int64_t v : {d.capacity, d.free, d.used, d.lent, d.reserved, d.borrowed})
+      if (v < -LEDGER_INT32_MAX || v > LEDGER_INT32_MAX) return LEDGER_INCONSISTENT;
     int64_t capacity = c.capacity + d.capacity, free = c.free + d.free, used = c.used + d.used,
             lent = c.lent + d.lent, reserved = c.reserved + d.reserved,
             borrowed = c.borrowed + d.borrowed;

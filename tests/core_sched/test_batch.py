@@ -391,7 +391,7 @@ class Engine:
         local = remote = 0
         for rid in running:
             assert tables.num_tokens(rid) == bp.num_computed(rid) <= bp.num_tokens(rid)
-            assert sorted(tables.blocks_on(rid, HOME)) == sorted(pool.blocks_of(rid))
+            assert tables.blocks_on(rid, HOME) == pool.blocks_of(rid)  # the same ids, in allocation order
             for instance, ids in tables.runs(rid):
                 if instance == HOME:
                     local += len(ids)
@@ -402,6 +402,12 @@ class Engine:
             assert not tables.has_request(rid) and bp.num_computed(rid) == 0 and not pool.blocks_of(rid)
         assert pool.num_used == local and pool.num_free == pool.num_blocks - local
         assert pool.num_borrowed == remote == len(self.lent)
+
+    def blocks(self):
+        """Which blocks each request holds: its table's runs (local ids, and the lenders') and the pool's view."""
+        bp, pool, tables = self.bp, self.bp.pool, self.bp.tables
+        held = [(rid, tables.runs(rid), pool.blocks_of(rid), pool.borrowed_by(rid)) for rid in bp.running_ids()]
+        return held, pool.counters(), [pool.state(b) for b in range(pool.num_blocks)]
 
 
 def random_workload(seed, num_ops=150):
@@ -443,6 +449,7 @@ def test_compiled_and_twin_make_identical_plans_and_account_for_every_block(
             results.append(e.apply(op))
             e.check()
         assert results[0] == results[1], op
+        assert engines[0].blocks() == engines[1].blocks(), op  # the same block ids, not only as many
         if isinstance(results[0], StepPlan):
             plan = results[0]
             assert plan.num_batched_tokens == sum(c.num_tokens for c in plan.chunks) <= max_num_batched_tokens

@@ -3,9 +3,10 @@
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from infinillm import SchedulerError, ValidationError
-from infinillm.core_sched import PoolCounters, PoolDelta, implementation
+from infinillm.core_sched import PoolCounters, PoolDelta, compiled_available, implementation
 
 
 def counts(view):
@@ -72,6 +73,9 @@ def test_inconsistent_heartbeats_are_refused_and_change_nothing(core):
         ledger.apply_delta(delta(2, 0, 1, free=-2, used=2, lent=3))  # lent > used
     with pytest.raises(SchedulerError, match="delta goes back from version 0 to -1"):
         ledger.apply_delta(delta(2, 0, -1))
+    # 8 free + (2**63 - 1) overflows int64: the message has the true sum, 2**63 + 7
+    with pytest.raises(SchedulerError, match=r"capacity=8 free=9223372036854775815 used=0 lent=0 reserved=-8"):
+        ledger.apply_delta(delta(2, 0, 1, free=2**63 - 1, reserved=-8))
     with pytest.raises(SchedulerError, match="free=-1"):
         ledger.apply_snapshot(2, PoolCounters(4, 8, -1, 9, 0, 0, 0))
     with pytest.raises(SchedulerError, match="unknown instance 3"):
@@ -298,3 +302,162 @@ def test_after_every_delta_the_ledger_equals_each_pool(core, ops):
             ledger.apply_snapshot(i, pool.counters())
         assert counts(ledger.instance(i)) == counts(pool.counters())
 
+
+
+# ---- the compiled ledger against its twin, on random call sequences ----------------------------
+#
+# Both ledgers get the same calls, valid and not (unknown or duplicate instances, stale, backward
+# and inconsistent heartbeats, placements below 0 or past int32, bad arguments). After every
+# call they must agree on what it returned or raised (type and message), and on every view:
+# instances, placements, debts, totals, and the plan a planner makes of them. Arguments stay
+# within int64, where the compiled signatures are. The strategies are weighted (repeats in
+# sampled_from) so that most calls succeed and the ledgers fill up.
+
+INSTANCES = [0, 1, 2, 3]
+REQUESTS = [0, 1, 2, 3, 4]
+INT64_EXTREMES = [2**63 - 1, -(2**63)]
+
+
+def outcome(obj, name, *args):
+    """What a call returned (dicts as item lists, to compare their order), or what it raised."""
+    try:
+        result = getattr(obj, name)(*args)
+    except Exception as exc:  # noqa: BLE001 - the very exception is what is compared
+        return ("raised", type(exc), str(exc))
+    if isinstance(result, dict):
+        return (dict, list(result.items()))
+    return (type(result), result)
+
+
+def observe(ledger):
+    views = [repr(ledger), ledger.totals(), ledger.instance_ids(), ledger.num_instances, ledger.num_requests]
+    for i in [-1, *INSTANCES]:
+        views += [outcome(ledger, name, i) for name in ("has_instance", "instance", "requests_on", "debtors_of",
+                                                         "creditors_of")]  # fmt: skip
+    for rid in [-1, *REQUESTS]:
+        views += [outcome(ledger, name, rid) for name in ("has_request", "placement", "home_of")]
+    return views
+
+
+@st.composite
+def pool_counters(draw, capacity):
+    """Counters a pool of about ``capacity`` blocks could report; one in five breaks a rule."""
+    capacity = draw(st.sampled_from([capacity] * 4 + [capacity + 2, max(capacity - 1, 1)]))  # may resize
+    reserved = draw(st.integers(0, capacity))
+    used = draw(st.integers(0, capacity - reserved))
+    values = [capacity, capacity - used - reserved, used, draw(st.integers(0, used)), reserved, draw(st.integers(0, 5))]
+    if draw(st.integers(0, 4)) == 0:  # inconsistent, negative or past int32
+        i = draw(st.integers(0, 5), label="broken field")
+        values[i] = draw(st.sampled_from([values[i] + 1, values[i] - 1, -1, 2**31, 2**40]), label="broken value")
+    return values  # capacity, free, used, lent, reserved, borrowed
+
+
+class LedgerTwins(RuleBasedStateMachine):
+    """One call sequence, two ledgers: the compiled ``DebtLedger`` and its twin never differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.impls = [implementation(name) for name in ("compiled", "python")]
+        self.compiled, self.twin = (impl.DebtLedger() for impl in self.impls)
+
+    @initialize(sizes=st.lists(st.tuples(st.sampled_from([4, 8, 16]), st.sampled_from([1.0, 0.5, 0]),
+                                         st.integers(0, 1)), min_size=2, max_size=4))  # fmt: skip
+    def register_some(self, sizes):
+        for i, (capacity, lend, host) in enumerate(sizes):
+            self.call("register_instance", i, capacity, int(capacity * lend), host)
+
+    def call(self, name, *args):
+        compiled, twin = outcome(self.compiled, name, *args), outcome(self.twin, name, *args)
+        assert compiled == twin, (name, args)
+        return twin
+
+    def draw_instance(self, data, label="instance"):
+        registered = self.twin.instance_ids()
+        return data.draw(st.sampled_from(registered * 6 + [-1, 7, 2**40]), label=label)
+
+    def current(self, instance):
+        """The twin's counters of a registered instance (a fresh one's for any other id)."""
+        if not self.twin.has_instance(instance):
+            return PoolCounters(0, 8, 8, 0, 0, 0, 0)
+        v = self.twin.instance(instance)
+        return PoolCounters(v.version, v.capacity, v.free, v.used, v.lent, v.reserved, v.borrowed)
+
+    # ---- instances ------------------------------------------------------------------------------
+
+    @rule(instance=st.sampled_from(INSTANCES + [-1, 2**31]), capacity=st.sampled_from([1, 4, 8, 16, 16, 0, 2**31]),
+          data=st.data(), host=st.sampled_from([0, 0, 1, 2, -1, 2**31]))  # fmt: skip
+    def register_instance(self, instance, capacity, data, host):
+        max_lent = data.draw(st.sampled_from([capacity] * 3 + [capacity // 2, 0, capacity + 1, -1]), label="max_lent")
+        self.call("register_instance", instance, capacity, max_lent, host)
+
+    @rule(instance=st.sampled_from(INSTANCES + [-1, 7]))
+    def remove_instance(self, instance):
+        self.call("remove_instance", instance)
+
+    # ---- heartbeats -----------------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def apply_delta(self, data):
+        instance = self.draw_instance(data)
+        now = self.current(instance)
+        target = data.draw(pool_counters(now.capacity), label="counters")
+        base = now.version + data.draw(st.sampled_from([0, 0, 0, 0, -1, 1]), label="base - version")  # stale
+        version = base + data.draw(st.sampled_from([1, 1, 2, 0, -1]), label="version - base")  # -1: backward
+        changes = [t - c for t, c in zip(target, (now.capacity, now.free, now.used, now.lent, now.reserved,
+                                                  now.borrowed))]  # fmt: skip
+        if data.draw(st.integers(0, 9), label="overflow") == 0:  # sums that overflow int64 in C++
+            changes[data.draw(st.integers(0, 5))] = data.draw(st.sampled_from(INT64_EXTREMES))
+        self.call("apply_delta", PoolDelta(instance, base, version, *changes))
+
+    @rule(data=st.data())
+    def apply_snapshot(self, data):
+        instance = self.draw_instance(data)
+        now = self.current(instance)
+        version = now.version + data.draw(st.sampled_from([1, 5, 0, -3]), label="version step")  # any version
+        counters = PoolCounters(version, *data.draw(pool_counters(now.capacity), label="counters"))
+        self.call("apply_snapshot", instance, counters)
+
+    @rule(data=st.data(), load=st.tuples(*[st.sampled_from([0, 1, 2, 5, -1, 2**31])] * 3))
+    def set_load(self, data, load):
+        self.call("set_load", self.draw_instance(data), *load)
+
+    # ---- placement ------------------------------------------------------------------------------
+
+    @rule(rid=st.sampled_from(REQUESTS * 2 + [-1, 2**63 - 1, 2**63]), data=st.data())
+    def record_blocks(self, rid, data):
+        home = self.draw_instance(data, "home")
+        if self.twin.has_request(rid) and data.draw(st.integers(0, 4), label="its own home") > 0:
+            home = self.twin.home_of(rid)
+        instance = self.draw_instance(data)
+        have = self.twin.placement(rid).get(instance, 0) if self.twin.has_request(rid) else 0
+        delta = data.draw(st.sampled_from([1, 2, 3] * 3 + [0, -have, -have, -1, -have - 1, 2**31 - 1, 2**31]),
+                          label="delta")  # fmt: skip
+        self.call("record_blocks", rid, home, instance, delta)
+
+    @rule(rid=st.sampled_from([-1, *REQUESTS]))
+    def forget_request(self, rid):
+        self.call("forget_request", rid)
+
+    # ---- queries --------------------------------------------------------------------------------
+
+    @rule(data=st.data(), n=st.sampled_from([1, 1, 2, 4, 8, 0, 2**31]), limit=st.sampled_from([None, 0, 1, 3, -1]))
+    def creditors(self, data, n, limit):
+        self.call("creditors", self.draw_instance(data, "borrower"), n, limit)
+
+    @rule(budget=st.sampled_from([0, 4, 16]), headroom=st.sampled_from([0, 2]))
+    def plan(self, budget, headroom):
+        plans = []
+        for impl, ledger in zip(self.impls, (self.compiled, self.twin)):
+            model = impl.ThroughputModel([1, 8], [1024.0, 4096.0], [16, 1024], [65536.0, 2**20], 2, 16)
+            plans.append(impl.Planner(model, budget, home_headroom=headroom).plan(ledger))
+        assert plans[0] == plans[1]
+
+    @invariant()
+    def the_ledgers_look_the_same(self):
+        assert observe(self.compiled) == observe(self.twin)
+
+
+TestLedgerTwins = pytest.mark.skipif(not compiled_available(), reason="the compiled core is not built")(
+    LedgerTwins.TestCase
+)
+TestLedgerTwins.settings = settings(max_examples=100, stateful_step_count=50)

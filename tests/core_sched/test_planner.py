@@ -375,5 +375,5 @@ def test_record_and_forget_keep_the_indexes_consistent(core, cluster):
         assert ledger.forget_request(rid) == sum(placements.pop(rid).values())
     for i in ids:
         assert ledger.requests_on(i) == {rid: where[i] for rid, where in sorted(placements.items()) if i in where}
-    with pytest.raises(SchedulerError):
+    with pytest.raises(SchedulerError, match="unknown request -5"):
         ledger.home_of(-5)

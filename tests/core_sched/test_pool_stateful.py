@@ -1,11 +1,12 @@
 """Stateful property tests of the block pools of a small cluster, against a plain model.
 
-Hypothesis drives random sequences of allocate / grow / truncate / reserve / commit / cancel /
-expire / abort / heartbeat over three instances. After every step:
+Hypothesis drives random sequences of allocate / grow / truncate / reserve / commit (in time or
+late) / cancel / expire / abort / heartbeat over three instances. After every step:
 
 - every block is free, reserved for exactly one reservation, or owned by exactly one request
   (the model says which, and the pool agrees block by block);
-- each pool's counters equal totals recomputed from the model;
+- each pool's counters equal totals recomputed from the model, and the lending cap holds:
+  ``lent + reserved <= max_lent`` (``lendable`` is what is left of it, capped by free blocks);
 - the global ledger (the real ``DebtLedger`` of the same implementation), fed only the heartbeat
   deltas, equals each pool's counters as of its last heartbeat (and, after a final heartbeat of
   every pool, their counters now); its per-request placements equal where the blocks really are,
@@ -16,8 +17,10 @@ The machine runs once per implementation (compiled and twin).
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -26,7 +29,7 @@ from infinillm.core_sched import BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, impleme
 
 NUM_INSTANCES = 3
 NUM_BLOCKS = 12
-MAX_LENT = 6
+MAX_LENT = 4
 TTL = 1.0
 
 
@@ -45,12 +48,13 @@ class PoolModel:
 class ClusterMachine(RuleBasedStateMachine):
     impl_name = "compiled"
 
-    @initialize()
-    def start(self) -> None:
+    @initialize(homes=st.lists(st.integers(0, NUM_INSTANCES - 1), min_size=1, max_size=3))
+    def start(self, homes: list[int]) -> None:
         impl = implementation(self.impl_name)
         self.pools = [impl.BlockPool(i, NUM_BLOCKS, MAX_LENT) for i in range(NUM_INSTANCES)]
         self.models = [PoolModel() for _ in range(NUM_INSTANCES)]
         self.homes: dict[int, int] = {}  # live request -> home instance
+        self.pending: dict[tuple[int, int], int] = {}  # (creditor, reservation) -> the request it is for
         self.next_request = 1
         self.now = 0.0
         # The ledger as the gManager sees it: the sum of the heartbeat deltas.
@@ -58,6 +62,8 @@ class ClusterMachine(RuleBasedStateMachine):
         for i in range(NUM_INSTANCES):
             self.ledger.register_instance(i, NUM_BLOCKS, MAX_LENT, host=0)
         self.reported = {i: p.counters() for i, p in enumerate(self.pools)}
+        for home in homes:  # some requests to lend to from the first step
+            self.new_request(home, 2)
 
     # ---- rules -----------------------------------------------------------------------------
 
@@ -65,7 +71,8 @@ class ClusterMachine(RuleBasedStateMachine):
         pool, model = self.pools[home], self.models[home]
         free_before = NUM_BLOCKS - len(model.owner) - len(model.reserved_blocks())
         if n > free_before:
-            with pytest.raises(CapacityError):
+            message = f"cannot allocate {n} blocks for request {rid}: {free_before} of {NUM_BLOCKS} free"
+            with pytest.raises(CapacityError, match=re.escape(f"instance {home}: {message}")):
                 pool.allocate(rid, n)
             return
         blocks = pool.allocate(rid, n)
@@ -103,7 +110,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.ledger.record_blocks(rid, home, home, -k)
 
     @precondition(lambda self: self.homes)
-    @rule(data=st.data(), n=st.integers(1, 4))
+    @rule(data=st.data(), n=st.integers(1, 5))
     def reserve(self, data, n: int) -> None:
         rid = data.draw(st.sampled_from(sorted(self.homes)))
         home = self.homes[rid]
@@ -112,6 +119,8 @@ class ClusterMachine(RuleBasedStateMachine):
         free = NUM_BLOCKS - len(model.owner) - len(model.reserved_blocks())
         lent = sum(1 for (_, h) in model.owner.values() if h != creditor)
         expect_ok = n <= free and lent + len(model.reserved_blocks()) + n <= MAX_LENT
+        if n <= free and not expect_ok:
+            event("a reservation was refused by the lending cap")
         res = self.pools[creditor].try_reserve(home, n, self.now, TTL)
         assert (res is not None) == expect_ok
         if res is not None:
@@ -122,27 +131,27 @@ class ClusterMachine(RuleBasedStateMachine):
             assert len(blocks) == n
             assert not set(blocks) & set(model.owner)
             model.reservations[res] = (home, self.now + TTL, blocks)
-            self.pending = getattr(self, "pending", {})
             self.pending[(creditor, res)] = rid
 
-    def _pending(self):
-        return sorted(getattr(self, "pending", {}).items())
-
-    @precondition(lambda self: getattr(self, "pending", None))
-    @rule(data=st.data())
-    def commit(self, data) -> None:
-        (creditor, res), rid = data.draw(st.sampled_from(self._pending()))
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data(), late=st.sampled_from([0.0, 0.0, 0.0, 1.5]))
+    def commit(self, data, late: float) -> None:
+        """Commit a pending reservation; ``late``: the borrower's commit comes after this clock."""
+        (creditor, res), rid = data.draw(st.sampled_from(sorted(self.pending.items())))
         del self.pending[(creditor, res)]
         model = self.models[creditor]
         borrower, expiry, blocks = model.reservations.pop(res)
         if rid not in self.homes:  # the request was aborted meanwhile: give the blocks back
             assert self.pools[creditor].cancel(res) == len(blocks)
             return
-        if self.now > expiry:
-            with pytest.raises(CapacityError):
-                self.pools[creditor].commit(res, rid, self.now)
+        now = self.now + late
+        if now > expiry:  # nobody expired it yet: the commit does
+            event("a late commit found its reservation expired")
+            message = f"instance {creditor}: reservation {res} expired at {expiry} (now {now})"
+            with pytest.raises(CapacityError, match=re.escape(message)):
+                self.pools[creditor].commit(res, rid, now)
             return
-        got = self.pools[creditor].commit(res, rid, self.now)
+        got = self.pools[creditor].commit(res, rid, now)
         assert sorted(got) == sorted(blocks)
         for b in got:
             model.owner[b] = (rid, borrower)
@@ -151,24 +160,27 @@ class ClusterMachine(RuleBasedStateMachine):
         hm = self.models[borrower]
         hm.borrowed[rid] = hm.borrowed.get(rid, 0) + len(got)
 
-    @precondition(lambda self: getattr(self, "pending", None))
+    @precondition(lambda self: self.pending)
     @rule(data=st.data())
     def cancel(self, data) -> None:
-        (creditor, res), _ = data.draw(st.sampled_from(self._pending()))
+        (creditor, res), _ = data.draw(st.sampled_from(sorted(self.pending.items())))
         del self.pending[(creditor, res)]
         _, _, blocks = self.models[creditor].reservations.pop(res)
         assert self.pools[creditor].cancel(res) == len(blocks)
 
     @rule(dt=st.sampled_from([0.25, 0.5, 1.5]))
-    def advance_and_expire(self, dt: float) -> None:
+    def advance(self, dt: float) -> None:
         self.now += dt
+
+    @rule()
+    def expire(self) -> None:
         for i, (pool, model) in enumerate(zip(self.pools, self.models)):
             dead = [r for r, (_, exp, _) in model.reservations.items() if self.now > exp]
             expected = sum(len(model.reservations[r][2]) for r in dead)
             assert pool.expire(self.now) == expected
             for r in dead:
                 del model.reservations[r]
-                getattr(self, "pending", {}).pop((i, r), None)
+                self.pending.pop((i, r), None)
 
     @precondition(lambda self: self.homes)
     @rule(data=st.data())
@@ -230,8 +242,14 @@ class ClusterMachine(RuleBasedStateMachine):
             assert (c.capacity, c.free, c.used, c.lent, c.reserved, c.borrowed) == (
                 NUM_BLOCKS, NUM_BLOCKS - used - reserved, used, lent, reserved, sum(model.borrowed.values())
             )
-            assert c.lent <= MAX_LENT or c.lent + c.reserved <= MAX_LENT
             assert pool.num_reservations == len(model.reservations)
+
+    @invariant()
+    def lending_stays_under_the_cap(self) -> None:
+        for pool in self.pools:
+            c = pool.counters()
+            assert c.lent + c.reserved <= MAX_LENT, (pool.instance_id, c)
+            assert pool.lendable == min(c.free, max(0, MAX_LENT - c.lent - c.reserved))
 
     @invariant()
     def ledger_equals_sum_of_deltas(self) -> None:
