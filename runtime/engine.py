@@ -178,6 +178,9 @@ class Engine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValidationError("prompt_token_ids", bad[0], f"must be token ids in [0, {vocab - 1}]")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValidationError("stop_token_ids", bad[0], f"must be token ids in [0, {vocab - 1}]")
         room = self.max_model_len - n
         max_new = room if params.max_tokens is None else min(params.max_tokens, room)
         need = -(-(n + max_new) // self.block_size)

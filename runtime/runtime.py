@@ -64,7 +64,12 @@ _THROUGHPUT_WINDOW_S = 10.0
 
 @dataclass(frozen=True, slots=True)
 class RuntimeStats:
-    """A frozen snapshot of the runtime (``Runtime.statistics()``)."""
+    """A frozen snapshot of the runtime (``Runtime.statistics()``).
+
+    ``num_finished``, ``num_aborted`` and ``num_errors`` count the requests that were started
+    (their stream read at least once) by how they ended: a stop or length limit, an abort, an
+    error. A stream closed or dropped before its first read started nothing and is not counted.
+    """
 
     num_running: int
     num_waiting: int
@@ -138,6 +143,9 @@ class RequestStream:
                 raise
         try:
             out = await self._recv.receive()
+        except trio.EndOfChannel:  # another task reading this stream took the final output
+            self._done = True
+            raise StopAsyncIteration from None
         except trio.ClosedResourceError:
             if not self._done:
                 raise
@@ -169,7 +177,7 @@ class RequestStream:
         if self._recv is None:
             self._runtime._release(self._request)
         else:
-            self._runtime.abort(self._request.request_id)
+            self._runtime._abort_request(self._request)
             self._recv.close()
 
     def __del__(self) -> None:
@@ -247,17 +255,33 @@ class Runtime:
         final output whose ``finish_reason`` is ``"abort"``; its blocks are freed between two
         steps."""
         request = self._requests.get(request_id)
-        if request is None:
+        if request is not None:
+            self._abort_request(request)
+
+    def _abort_request(self, request: _Request) -> None:
+        """Abort this request, if it is still the live one of its id (a stream closed after its
+        request ended must not abort a newer request that took the id)."""
+        if self._requests.get(request.request_id) is not request:
             return
         if request.send is None:
             request.aborted = True  # its first read gives the abort output
             return
-        self._aborts.add(request_id)
+        self._aborts.add(request.request_id)
         self._wake.set()
 
     def statistics(self) -> RuntimeStats:
         """A frozen snapshot. While a step runs, the instance's figures are those from just
-        before it (the engine is not read while a step changes it)."""
+        before it (the engine is not read while a step changes it). Safe from any thread: from
+        another one it is taken on the runtime's trio thread; after the run has ended, the last
+        figures with a rate of 0."""
+        if threading.get_ident() != self._thread:
+            try:
+                return trio.from_thread.run_sync(self._statistics, trio_token=self._token)
+            except trio.RunFinishedError:
+                return self._statistics(idle=True)
+        return self._statistics(idle=self._run_finished())
+
+    def _statistics(self, idle: bool = False) -> RuntimeStats:
         stats = self._stats_before_step if self._stepping else self.engine.statistics()
         return RuntimeStats(
             num_running=stats.num_running,
@@ -265,9 +289,17 @@ class Runtime:
             num_finished=self._num_finished,
             num_aborted=self._num_aborted,
             num_errors=self._num_errors,
-            generation_tokens_per_s=self._tokens_per_s(),
+            generation_tokens_per_s=0.0 if idle else self._tokens_per_s(),
             instances=(stats,),
         )
+
+    @staticmethod
+    def _run_finished() -> bool:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:  # on the runtime's thread after trio.run returned
+            return True
+        return False
 
     # ---- the request stream ------------------------------------------------------------------
 
@@ -295,6 +327,7 @@ class Runtime:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValidationError("prompt", prompt, "must be a non-empty string")
+            _check_unicode("prompt", prompt)
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, Mapping):
             if set(prompt) != {"prompt_token_ids"}:
@@ -311,6 +344,7 @@ class Runtime:
             for i, m in enumerate(prompt):
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise ValidationError(f"prompt[{i}]", dict(m), "a chat message needs string 'role' and 'content'")
+                _check_unicode(f"prompt[{i}]['content']", m["content"])
             # The rendered template holds its own special tokens: encode it without adding any.
             text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
             return text, self.tokenizer.encode(text)
@@ -441,6 +475,14 @@ class Runtime:
             await self._stopped.wait()
 
 
+def _check_unicode(field: str, text: str) -> None:
+    """Text must be encodable (a lone surrogate such as '\\ud800' is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValidationError(field, text[max(0, e.start - 8) : e.end + 8], f"must be valid Unicode: {e.reason} at index {e.start}") from None
+
+
 def _final_output(request: _Request, reason: str, error: str | None = None) -> RequestOutput:
     """The last output of a request that never reached the engine."""
     return RequestOutput(
@@ -471,6 +513,8 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def _check_model_len(max_model_len: int, max_position_embeddings: int, num_blocks: int, block_size: int) -> None:
     """Refuse at open what would make requests fail later: a length the model cannot encode
     positions for, or one the KV cache cannot hold (every ``max_tokens=None`` request would)."""
+    if max_model_len < 2:
+        raise ValidationError("max_model_len", max_model_len, "must be >= 2 (a prompt token and a generated one)")
     if max_model_len > max_position_embeddings:
         raise ValidationError(
             "max_model_len", max_model_len,

@@ -59,6 +59,13 @@ GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 """The largest ``logprobs`` a request may ask for (vLLM's default ``max_logprobs``)."""
 
+MAX_TEMPERATURE = 1e6
+"""The largest temperature: logits divided by it stay finite in float32 (and sampling is
+uniform long before)."""
+
+MAX_REPETITION_PENALTY = 1e6
+"""Repetition penalties lie in [1 / this, this], so penalised logits stay finite in float32."""
+
 MAX_SEED = (1 << 64) - 1
 """The largest seed ``torch.Generator.manual_seed`` takes."""
 
@@ -146,15 +153,18 @@ class SamplingParams:
             raise ValidationError(
                 "min_tokens", self.min_tokens, f"must be <= max_tokens={self.max_tokens}", owner=_OWNER
             )
-        _check_float("temperature", self.temperature, "must be a finite number >= 0 (0 is greedy)", 0.0, math.inf)
+        # Upper and lower limits keep logits / temperature and the penalties finite in float32.
+        _check_float("temperature", self.temperature, f"must be in [0, {MAX_TEMPERATURE:g}] (0 is greedy)", 0.0,
+                     MAX_TEMPERATURE)
         _check_float("top_p", self.top_p, "must be in (0, 1] (1 is off)", 0.0, 1.0, lo_open=True)
         _check_int("top_k", self.top_k, -1, allowed="must be -1 or 0 (off) or an integer >= 1")
         _check_float("min_p", self.min_p, "must be in [0, 1] (0 is off)", 0.0, 1.0)
         _check_float("presence_penalty", self.presence_penalty, "must be in [-2, 2]", -2.0, 2.0)
         _check_float("frequency_penalty", self.frequency_penalty, "must be in [-2, 2]", -2.0, 2.0)
         _check_float(
-            "repetition_penalty", self.repetition_penalty, "must be a finite number > 0 (1 is off)", 0.0, math.inf,
-            lo_open=True,
+            "repetition_penalty", self.repetition_penalty,
+            f"must be in [{1 / MAX_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 is off)",
+            1 / MAX_REPETITION_PENALTY, MAX_REPETITION_PENALTY,
         )
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED, f"must be None or an integer in [0, {MAX_SEED}]")

@@ -465,3 +465,76 @@ async def test_generation_tokens_per_s_falls_to_zero_when_idle(open_tiny, mock_c
         assert rt.statistics().generation_tokens_per_s > 0
         mock_clock.jump(11)  # idle for longer than the 10 s window
         assert rt.statistics().generation_tokens_per_s == 0.0
+
+
+# ---- found by trying to break it -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["aclose", "drop"])
+async def test_closing_a_finished_unread_stream_leaves_the_request_that_reused_its_id_alone(open_tiny, how):
+    async with open_tiny() as rt:
+        a = rt.generate("first", SamplingParams(max_tokens=3, ignore_eos=True), request_id="x")
+        await a.__anext__()
+        await a._request.ended.wait()  # a has finished; its last outputs sit unread in its stream
+        b = rt.generate("second", SamplingParams(max_tokens=20, ignore_eos=True), request_id="x")
+        outs = [await b.__anext__()]
+        if how == "aclose":
+            await a.aclose()
+        else:
+            del a
+            gc.collect()
+        outs += [out async for out in b]
+        assert reason(outs) == "length" and len(outs[-1].outputs[0].token_ids) == 20
+
+
+async def test_two_tasks_reading_one_stream_both_end_cleanly(open_tiny):
+    async with open_tiny() as rt:
+        stream = rt.generate("shared", SamplingParams(max_tokens=10, ignore_eos=True))
+        seen: list = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume, stream, seen)
+            nursery.start_soon(consume, stream, seen)
+        assert len(seen) == 10 and seen[-1].finished  # every output once, between the two
+
+
+async def test_stop_token_ids_outside_the_vocabulary_are_refused_at_the_call(open_tiny):
+    async with open_tiny() as rt:
+        vocab = rt.engine.args.vocab_size
+        with pytest.raises(ValidationError, match=rf"stop_token_ids=100000 is invalid: must be token ids in \[0, {vocab - 1}\]"):
+            rt.generate("hi", SamplingParams(max_tokens=8, min_tokens=2, stop_token_ids=[3, 100_000]))
+        outs = [o async for o in rt.generate("hi", SamplingParams(max_tokens=8, min_tokens=2, stop_token_ids=[vocab - 1]))]
+        assert outs[-1].finished
+
+
+async def test_a_prompt_that_is_not_valid_unicode_is_refused(open_tiny):
+    async with open_tiny() as rt:
+        with pytest.raises(ValidationError, match=r"prompt='a\\ud800b' is invalid: must be valid Unicode: surrogates not allowed at index 1"):
+            rt.generate("a\ud800b")
+        with pytest.raises(ValidationError, match=r"prompt\[0\]\['content'\]='a\\ud800b' is invalid: must be valid Unicode"):
+            rt.generate([{"role": "user", "content": "a\ud800b"}])
+
+
+async def test_statistics_from_another_thread_and_after_the_run(open_tiny):
+    async with open_tiny() as rt:
+        outs = [o async for o in rt.generate("count me", SamplingParams(max_tokens=4, ignore_eos=True))]
+        s = await trio.to_thread.run_sync(rt.statistics)  # taken on the runtime's thread
+        assert s.num_finished == 1 and s.instances[0].generated_tokens == 4 == len(outs)
+
+
+def test_statistics_after_trio_run_returned(tmp_path):
+    folder = make_tiny_model(tmp_path / "m")
+
+    async def main():
+        async with infinillm.open_runtime(model=str(folder), device="cpu", kv_capacity_tokens=1024, max_model_len=512) as rt:
+            [o async for o in rt.generate("count me", SamplingParams(max_tokens=4, ignore_eos=True))]
+        return rt
+
+    rt = trio.run(main)
+    s = rt.statistics()
+    assert s.num_finished == 1 and s.generation_tokens_per_s == 0.0 and s.instances[0].generated_tokens == 4
+
+
+async def test_max_model_len_below_two_is_refused_at_open(open_tiny):
+    with pytest.raises(ValidationError, match=r"max_model_len=1 is invalid: must be >= 2 \(a prompt token and a generated one\)"):
+        async with open_tiny(max_model_len=1):
+            pass  # pragma: no cover

@@ -78,7 +78,9 @@ def test_every_bad_value_raises_a_validation_error_naming_field_and_value(field,
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": -1}, "SamplingParams.temperature=-1 is invalid: must be a finite number >= 0 (0 is greedy)"),
+        ({"temperature": -1}, "SamplingParams.temperature=-1 is invalid: must be in [0, 1e+06] (0 is greedy)"),
+        ({"temperature": 1e39}, "SamplingParams.temperature=1e+39 is invalid: must be in [0, 1e+06] (0 is greedy)"),
+        ({"repetition_penalty": 1e-50}, "SamplingParams.repetition_penalty=1e-50 is invalid: must be in [1e-06, 1e+06] (1 is off)"),
         ({"top_p": 0}, "SamplingParams.top_p=0 is invalid: must be in (0, 1] (1 is off)"),
         ({"top_p": 1.5}, "SamplingParams.top_p=1.5 is invalid: must be in (0, 1] (1 is off)"),
         ({"top_k": -2}, "SamplingParams.top_k=-2 is invalid: must be -1 or 0 (off) or an integer >= 1"),
