@@ -126,7 +126,7 @@ def main() -> None:
 
         model = tempfile.mkdtemp(prefix="infinillm-bench-")
         make_tiny_model(model, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
-                        vocab_size=49152)
+                        vocab_size=49152, max_position_embeddings=8192)
     ours = trio.run(bench_ours, args, model)
     for name, value in ours.items():
         emit(name, value, "s" if name.startswith("ttft") else "tok/s", device=args.device, dtype=args.dtype)
