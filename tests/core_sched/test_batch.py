@@ -52,17 +52,17 @@ def test_a_request_too_long_for_the_cluster_is_rejected_with_the_numbers(core):
 
 def test_constructor_and_schedule_checks(core):
     pool, tables = core.BlockPool(HOME, 16), core.BlockTables(4)
-    with pytest.raises(ValidationError, match="max_num_seqs=0"):
+    with pytest.raises(ValidationError, match=r"max_num_seqs=0 is invalid: must be >= 1"):
         core.BatchPlanner(pool, tables, 0, 32, 64)
-    with pytest.raises(ValidationError, match="max_num_batched_tokens=0"):
+    with pytest.raises(ValidationError, match=r"max_num_batched_tokens=0 is invalid: must be >= 1"):
         core.BatchPlanner(pool, tables, 4, 0, 64)
     with pytest.raises(ValidationError, match=r"cluster_blocks=8 is invalid: must be >= 16 \(this instance's blocks\)"):
         core.BatchPlanner(pool, tables, 4, 32, 8)
     bp = core.BatchPlanner(pool, tables, 4, 32, 64)
-    with pytest.raises(ValidationError, match="loan_available=-1"):
+    with pytest.raises(ValidationError, match=r"loan_available=-1 is invalid: must be >= 0"):
         bp.schedule(-1)
     bp.cluster_blocks = 32  # an instance left the cluster
-    with pytest.raises(RequestTooLongError, match="needs 33 blocks"):
+    with pytest.raises(RequestTooLongError, match=r"request 1 needs 33 blocks \(132 tokens\) but the cluster has 32 blocks"):
         bp.add_request(1, 128, 4)  # ceil(132 / 4) = 33 > 32
 
 

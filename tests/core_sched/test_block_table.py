@@ -81,16 +81,16 @@ def test_argument_ranges(core):
     bt.add_request(1)
     with pytest.raises(ValidationError, match="instance=-1 is invalid: must be in \\[0, 2147483647\\]"):
         bt.append_blocks(1, -1, [0])
-    with pytest.raises(ValidationError, match="block_ids\\[1\\]=-1 is invalid"):
+    with pytest.raises(ValidationError, match=r"block_ids\[1\]=-1 is invalid: must be in \[0, 2147483647\]"):
         bt.append_blocks(1, 0, [0, -1])
     assert bt.num_blocks(1) == 0  # all or nothing
-    with pytest.raises(ValidationError, match="block_ids\\[0\\]=2147483648"):
+    with pytest.raises(ValidationError, match=r"block_ids\[0\]=2147483648 is invalid: must be in \[0, 2147483647\]"):
         bt.append_blocks(1, 0, [1 << 31])
-    with pytest.raises(ValidationError, match="request_id=9223372036854775808 is invalid"):
+    with pytest.raises(ValidationError, match=r"request_id=9223372036854775808 is invalid: must be in \[-9223372036854775808, 9223372036854775807\]"):
         bt.add_request(1 << 63)
-    with pytest.raises(ValidationError, match="request_ids\\[1\\]=-9223372036854775809"):
+    with pytest.raises(ValidationError, match=r"request_ids\[1\]=-9223372036854775809 is invalid: must be in \[-9223372036854775808, 9223372036854775807\]"):
         bt.batch_tables([1, -(1 << 63) - 1], 0)
-    with pytest.raises(ValidationError, match="dst=2147483648"):
+    with pytest.raises(ValidationError, match=r"dst=2147483648 is invalid: must be in \[0, 2147483647\]"):
         bt.move_blocks(1, 0, 1 << 31, [])
 
 
@@ -159,7 +159,7 @@ def test_locate_position_zero_block_boundaries_and_the_partial_tail(core):
     assert bt.locate(7, 13) == (1, 6, 1)  # 13 = 3*4 + 1, the partially filled tail
     with pytest.raises(ValidationError, match=r"position=14 is invalid: must be in \[0, 13\] \(tokens of request 7\)"):
         bt.locate(7, 14)  # block 6 has room but the token is not written
-    with pytest.raises(ValidationError, match="position=-1 is invalid"):
+    with pytest.raises(ValidationError, match=r"position=-1 is invalid: must be in \[0, 13\] \(tokens of request 7\)"):
         bt.locate(7, -1)
     bt.add_request(8)
     with pytest.raises(ValidationError, match="position=0 is invalid: request 8 holds no tokens"):
@@ -192,7 +192,7 @@ def test_truncate_drops_blocks_allocated_ahead(core):
     message = r"num_tokens=6 is invalid: must be in \[0, 5\] \(tokens request 1 holds\)"
     with pytest.raises(ValidationError, match=message):
         bt.truncate(1, 6)
-    with pytest.raises(ValidationError, match="num_tokens=-1"):
+    with pytest.raises(ValidationError, match=r"num_tokens=-1 is invalid: must be in \[0, 5\] \(tokens request 1 holds\)"):
         bt.truncate(1, -1)
 
 

@@ -37,9 +37,9 @@ def test_register_checks(core):
         ledger.register_instance(1, 0, 0)
     with pytest.raises(ValidationError, match=r"max_lent=9 is invalid: must be in \[0, 8\] \(capacity\)"):
         ledger.register_instance(1, 8, 9)
-    with pytest.raises(ValidationError, match="instance_id=-1"):
+    with pytest.raises(ValidationError, match=r"instance_id=-1 is invalid: must be in \[0, 2147483647\]"):
         ledger.register_instance(-1, 8, 4)
-    with pytest.raises(ValidationError, match="host=-2"):
+    with pytest.raises(ValidationError, match=r"host=-2 is invalid: must be in \[0, 2147483647\]"):
         ledger.register_instance(1, 8, 4, host=-2)
     with pytest.raises(SchedulerError, match="unknown instance 5"):
         ledger.instance(5)
@@ -106,7 +106,7 @@ def test_load_is_validated_and_feeds_lendable_and_totals(core):
     ledger.set_load(0, batch_size=3, num_waiting=2, waiting_blocks=7)
     view = ledger.instance(0)
     assert (view.batch_size, view.num_waiting, view.waiting_blocks, view.load) == (3, 2, 7, 5)
-    with pytest.raises(ValidationError, match="num_waiting=-1"):
+    with pytest.raises(ValidationError, match=r"num_waiting=-1 is invalid: must be in \[0, 2147483647\]"):
         ledger.set_load(0, 1, -1, 0)
     with pytest.raises(SchedulerError, match="unknown instance 4"):
         ledger.set_load(4, 1, 1, 1)
@@ -159,7 +159,7 @@ def test_record_blocks_refuses_what_breaks_the_placement(core):
         ledger.record_blocks(5, 0, 4, 1)
     with pytest.raises(SchedulerError, match="unknown instance 6"):
         ledger.record_blocks(6, 6, 0, 1)
-    with pytest.raises(ValidationError, match="request_id=-1"):
+    with pytest.raises(ValidationError, match=r"request_id=-1 is invalid: must be in \[0, 9223372036854775807\]"):
         ledger.record_blocks(-1, 0, 0, 1)
     with pytest.raises(SchedulerError, match="request 9 holds 0 blocks on instance 0: cannot remove 1"):
         ledger.record_blocks(9, 0, 0, -1)
@@ -184,9 +184,9 @@ def test_creditors_are_ranked_by_free_then_load_then_host_then_id(core):
     # Borrower 5 is on host 1: of the load-2 ones 2 comes first, then 3, 4; then 1 (load 4), 0, 6.
     assert ledger.creditors(5, 1) == [2, 3, 4, 1, 0, 6]
     assert ledger.creditors(0, 51) == []
-    with pytest.raises(ValidationError, match="n=0"):
+    with pytest.raises(ValidationError, match=r"n=0 is invalid: must be in \[1, 2147483647\]"):
         ledger.creditors(0, 0)
-    with pytest.raises(ValidationError, match="limit=-1"):
+    with pytest.raises(ValidationError, match=r"limit=-1 is invalid: must be >= 0 or None"):
         ledger.creditors(0, 1, limit=-1)
     with pytest.raises(SchedulerError, match="unknown instance 9"):
         ledger.creditors(9, 1)
@@ -223,21 +223,26 @@ def test_remove_instance_returns_the_requests_it_touched(core):
 
 
 def test_both_implementations_raise_the_same_messages():
-    calls = [
-        lambda L: L.register_instance(0, 8, 4),
-        lambda L: L.register_instance(7, 8, 99),
-        lambda L: L.instance(42),
-        lambda L: L.apply_delta(delta(0, 0, 1, free=1)),
-        lambda L: L.apply_delta(delta(0, 0, -3)),
-        lambda L: L.apply_snapshot(0, PoolCounters(1, 8, 8, 0, 1, 0, 0)),
-        lambda L: L.set_load(0, 1, 2, -5),
-        lambda L: L.record_blocks(1, 0, 1, -9),
-        lambda L: L.record_blocks(1, 1, 1, 1),
-        lambda L: L.record_blocks(1, 0, 1, 2**31),
-        lambda L: L.home_of(77),
-        lambda L: L.creditors(0, 2**31),
-        lambda L: L.debtors_of(5),
-        lambda L: L.remove_instance(5),
+    counters = "need each in [0, 2147483647], capacity == free + used + reserved and lent <= used"
+    calls_and_errors = [
+        (lambda L: L.register_instance(0, 8, 4), ("SchedulerError", "instance 0 is already registered")),
+        (lambda L: L.register_instance(7, 8, 99), ("ValidationError", "max_lent=99 is invalid: must be in [0, 8] (capacity)")),
+        (lambda L: L.instance(42), ("SchedulerError", "unknown instance 42")),
+        (lambda L: L.apply_delta(delta(0, 0, 1, free=1)),
+         ("SchedulerError", f"instance 0: counters would become capacity=8 free=9 used=0 lent=0 reserved=0 borrowed=0: {counters}")),
+        (lambda L: L.apply_delta(delta(0, 0, -3)), ("SchedulerError", "instance 0: delta goes back from version 0 to -3")),
+        (lambda L: L.apply_snapshot(0, PoolCounters(1, 8, 8, 0, 1, 0, 0)),
+         ("SchedulerError", f"instance 0: counters would become capacity=8 free=8 used=0 lent=1 reserved=0 borrowed=0: {counters}")),
+        (lambda L: L.set_load(0, 1, 2, -5), ("ValidationError", "waiting_blocks=-5 is invalid: must be in [0, 2147483647]")),
+        (lambda L: L.record_blocks(1, 0, 1, -9), ("SchedulerError", "request 1 holds 2 blocks on instance 1: cannot remove 9")),
+        (lambda L: L.record_blocks(1, 1, 1, 1), ("SchedulerError", "request 1 has home 0, not 1")),
+        (lambda L: L.record_blocks(1, 0, 1, 2**31),
+         ("ValidationError", "delta_blocks=2147483648 is invalid: would put 2147483650 blocks of request 1 on instance 1 "
+                             "(at most 2147483647)")),
+        (lambda L: L.home_of(77), ("SchedulerError", "unknown request 77")),
+        (lambda L: L.creditors(0, 2**31), ("ValidationError", "n=2147483648 is invalid: must be in [1, 2147483647]")),
+        (lambda L: L.debtors_of(5), ("SchedulerError", "unknown instance 5")),
+        (lambda L: L.remove_instance(5), ("SchedulerError", "unknown instance 5")),
     ]
     messages = {}
     for name in ("compiled", "python"):
@@ -246,12 +251,13 @@ def test_both_implementations_raise_the_same_messages():
         ledger.register_instance(1, 8, 4)
         ledger.record_blocks(1, 0, 1, 2)
         out = []
-        for call in calls:
+        for call, _ in calls_and_errors:
             with pytest.raises((SchedulerError, ValidationError)) as info:
                 call(ledger)
             out.append((type(info.value).__name__, str(info.value)))
         messages[name] = out
     assert messages["compiled"] == messages["python"]
+    assert messages["python"] == [error for _, error in calls_and_errors]
 
 
 # ---- the invariant: the ledger fed deltas equals each pool ---------------------------------------

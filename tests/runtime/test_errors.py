@@ -18,7 +18,7 @@ def test_validation_error_is_a_value_error_naming_field_value_and_limit():
 def test_request_too_long_is_a_capacity_error_and_a_value_error():
     assert issubclass(errors.RequestTooLongError, errors.CapacityError)
     assert issubclass(errors.RequestTooLongError, ValueError)
-    with pytest.raises(errors.CapacityError):
+    with pytest.raises(errors.CapacityError, match=r"needs 300 blocks, the cluster has 256"):
         raise errors.RequestTooLongError("needs 300 blocks, the cluster has 256")
 
 

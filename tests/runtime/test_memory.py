@@ -32,8 +32,13 @@ def test_gpu_capacity_comes_from_nvml_free_memory():
 
 def test_no_room_is_a_capacity_error_with_the_numbers():
     probe = FakeNvmlProbe(total=1 << 30, free=100 << 20)
-    with pytest.raises(CapacityError, match="no room for a KV cache on cuda:0"):
+    with pytest.raises(CapacityError) as e:
         derive_num_blocks(CacheConfig(gpu_memory_utilization=0.5), 46080, torch.device("cuda:0"), probe=probe)
+    # 100 MiB free * 0.5 - 512 MiB workspace = -484442112 bytes; one block: 46080 * 16 bytes
+    assert str(e.value) == (
+        "no room for a KV cache on cuda:0: -484442112 bytes available for KV, one block of 16 tokens needs 737280 bytes; "
+        "give kv_capacity_tokens or more memory"
+    )
 
 
 def test_cpu_capacity_is_a_fraction_of_available_memory_split_over_instances(monkeypatch):
@@ -56,5 +61,5 @@ def test_monitor_polls_every_device():
     readings = MemoryMonitor(probe).poll()
     assert sorted(readings) == [0, 1]
     assert readings[1].used == 75 and readings[1].used_fraction == 0.75
-    with pytest.raises(ValidationError, match="device_index=2"):
+    with pytest.raises(ValidationError, match=r"device_index=2 is invalid: must be in \[0, 1\]"):
         probe.read(2)

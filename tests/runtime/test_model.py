@@ -245,41 +245,52 @@ def test_sliding_windows_per_layer_from_hf_config(config, windows):
 
 
 def test_bad_layer_windows_are_refused():
-    with pytest.raises(ValidationError, match="layer_windows"):
+    with pytest.raises(ValidationError, match=r"ModelArgs\.layer_windows='1 values' is invalid: must have num_layers=2"):
         dataclasses.replace(TINY, layer_windows=(8,))  # 2 layers
-    with pytest.raises(ValidationError, match="layer_windows"):
+    with pytest.raises(ValidationError) as e:
         dataclasses.replace(TINY, layer_windows=(8, 0))
+    assert str(e.value) == "ModelArgs.layer_windows=(8, 0) is invalid: each must be an int >= 1 (a sliding window) or None"
     config = {"model_type": "qwen2", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "use_sliding_window": True, "layer_types": ["sliding_attention", "chunked_attention"]}
-    with pytest.raises(ValidationError, match="layer_types"):
+    with pytest.raises(ValidationError) as e:
         ModelArgs.from_hf_config(config)
+    assert str(e.value) == (
+        "layer_types=['sliding_attention', 'chunked_attention'] is invalid: must be 2 of 'sliding_attention', 'full_attention'"
+    )
 
 
 @pytest.mark.parametrize(
-    "change, field, named",
+    "change, field, message",
     [
-        ({"model_type": "gpt2"}, "model_type", "'gpt2'"),
-        ({"num_key_value_heads": 3}, "num_kv_heads", "=3"),
-        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type", "'dynamic'"),
-        ({"hidden_size": None}, "config.json", "'hidden_size'"),
+        ({"model_type": "gpt2"}, "model_type", "model_type='gpt2' is invalid: unsupported architecture; supported: llama, mistral, qwen2"),
+        ({"num_key_value_heads": 3}, "num_kv_heads", "ModelArgs.num_kv_heads=3 is invalid: must divide num_heads=4 (GQA groups)"),
+        (
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            "rope_scaling.rope_type",
+            "rope_scaling.rope_type='dynamic' is invalid: unsupported; supported: 'default', 'linear', 'llama3', 'yarn'",
+        ),
+        ({"hidden_size": None}, "config.json", "config.json='hidden_size' is invalid: is a required key of a Llama-family config"),
     ],
 )
-def test_bad_configs_raise_validation_errors_naming_the_value(change, field, named):
+def test_bad_configs_raise_validation_errors_naming_the_value(change, field, message):
     config = {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
     config = {k: v for k, v in (config | change).items() if v is not None}
     with pytest.raises(ValidationError) as e:
         ModelArgs.from_hf_config(config)
-    assert e.value.field == field and named in str(e.value)
+    assert e.value.field == field and str(e.value) == message
 
 
 def test_forward_rejects_mismatched_inputs():
     model = tiny_model()
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError) as e:
         model(torch.tensor([1, 2, 3]), torch.tensor([0, 1]), ContiguousAttention(TINY))
-    with pytest.raises(ValidationError):
+    assert str(e.value) == "input_ids.shape=((3,), (2,)) is invalid: input_ids and positions must both be [T]"
+    with pytest.raises(ValidationError) as e:
         LlamaModel(TINY, dtype=torch.int32)
-    with pytest.raises(ValidationError):
+    assert str(e.value) == "dtype=torch.int32 is invalid: must be torch.float32, torch.bfloat16 or torch.float16"
+    with pytest.raises(ValidationError) as e:
         ContiguousAttention(TINY).prepare([("a", 2)], torch.arange(3))
+    assert str(e.value) == "seqs=[2] is invalid: token counts must be >= 1 and sum to len(positions)=3"
 
 
 def test_bfloat16_model_runs_and_stays_close_to_float32():

@@ -21,58 +21,73 @@ from infinillm.sampling import (
 
 # ---- SamplingParams -------------------------------------------------------------------------
 
+# (field, value, what the message says is allowed)
+ONE_COMPLETION = "must be 1 (only one completion per request is supported)"
+MAX_TOKENS = "must be None or an integer >= 1"
+TEMPERATURE = "must be in [0, 1e+06] (0 is greedy)"
+TOP_P = "must be in (0, 1] (1 is off)"
+TOP_K = "must be -1 or 0 (off) or an integer >= 1"
+MIN_P = "must be in [0, 1] (0 is off)"
+PENALTY = "must be in [-2, 2]"
+REPETITION_PENALTY = "must be in [1e-06, 1e+06] (1 is off)"
+SEED = f"must be None or an integer in [0, {MAX_SEED}]"
+STOP = "must be a non-empty string or a list of non-empty strings"
+STOP_TOKEN_IDS = "must be a list of integers >= 0"
+BOOL = "must be True or False"
+LOGPROBS = "must be None or an integer in [0, 20]"
 BAD_VALUES = [
-    ("n", 2),
-    ("n", 0),
-    ("max_tokens", 0),
-    ("max_tokens", -1),
-    ("max_tokens", 1.5),
-    ("max_tokens", True),
-    ("min_tokens", -1),
-    ("min_tokens", 2.0),
-    ("temperature", -1),
-    ("temperature", -1e-9),
-    ("temperature", math.inf),
-    ("temperature", math.nan),
-    ("temperature", "1"),
-    ("top_p", 0),
-    ("top_p", 1.0001),
-    ("top_p", -0.5),
-    ("top_k", -2),
-    ("top_k", 1.5),
-    ("min_p", -0.1),
-    ("min_p", 1.1),
-    ("presence_penalty", 2.5),
-    ("frequency_penalty", -3.0),
-    ("repetition_penalty", 0.0),
-    ("repetition_penalty", -1.0),
-    ("seed", -1),
-    ("seed", MAX_SEED + 1),
-    ("seed", 1.0),
-    ("stop", ""),
-    ("stop", [""]),
-    ("stop", ["ok", 1]),
-    ("stop", 5),
-    ("stop_token_ids", [-1]),
-    ("stop_token_ids", [True]),
-    ("stop_token_ids", "3"),
-    ("ignore_eos", 1),
-    ("include_stop_str_in_output", "yes"),
-    ("skip_special_tokens", None),
-    ("logprobs", 21),
-    ("logprobs", -1),
-    ("logprobs", 2.0),
+    ("n", 2, ONE_COMPLETION),
+    ("n", 0, ONE_COMPLETION),
+    ("max_tokens", 0, MAX_TOKENS),
+    ("max_tokens", -1, MAX_TOKENS),
+    ("max_tokens", 1.5, MAX_TOKENS),
+    ("max_tokens", True, MAX_TOKENS),
+    ("min_tokens", -1, "must be an integer >= 0"),
+    ("min_tokens", 2.0, "must be an integer >= 0"),
+    ("temperature", -1, TEMPERATURE),
+    ("temperature", -1e-9, TEMPERATURE),
+    ("temperature", math.inf, TEMPERATURE),
+    ("temperature", math.nan, TEMPERATURE),
+    ("temperature", "1", TEMPERATURE),
+    ("top_p", 0, TOP_P),
+    ("top_p", 1.0001, TOP_P),
+    ("top_p", -0.5, TOP_P),
+    ("top_k", -2, TOP_K),
+    ("top_k", 1.5, TOP_K),
+    ("min_p", -0.1, MIN_P),
+    ("min_p", 1.1, MIN_P),
+    ("presence_penalty", 2.5, PENALTY),
+    ("frequency_penalty", -3.0, PENALTY),
+    ("repetition_penalty", 0.0, REPETITION_PENALTY),
+    ("repetition_penalty", -1.0, REPETITION_PENALTY),
+    ("seed", -1, SEED),
+    ("seed", MAX_SEED + 1, SEED),
+    ("seed", 1.0, SEED),
+    ("stop", "", STOP),
+    ("stop", [""], STOP),
+    ("stop", ["ok", 1], STOP),
+    ("stop", 5, STOP),
+    ("stop_token_ids", [-1], STOP_TOKEN_IDS),
+    ("stop_token_ids", [True], STOP_TOKEN_IDS),
+    ("stop_token_ids", "3", STOP_TOKEN_IDS),
+    ("ignore_eos", 1, BOOL),
+    ("include_stop_str_in_output", "yes", BOOL),
+    ("skip_special_tokens", None, BOOL),
+    ("logprobs", 21, LOGPROBS),
+    ("logprobs", -1, LOGPROBS),
+    ("logprobs", 2.0, LOGPROBS),
 ]
 
 
-@pytest.mark.parametrize(("field", "value"), BAD_VALUES)
-def test_every_bad_value_raises_a_validation_error_naming_field_and_value(field, value):
+@pytest.mark.parametrize(("field", "value", "allowed"), BAD_VALUES)
+def test_every_bad_value_raises_a_validation_error_naming_field_and_value(field, value, allowed):
     with pytest.raises(ValidationError) as info:
         SamplingParams(**{field: value})
     e = info.value
     assert isinstance(e, ValueError)
     assert e.field == field and e.value is value and e.owner == "SamplingParams"
     assert str(e).startswith(f"SamplingParams.{field}={value!r} is invalid: ")
+    assert str(e) == f"SamplingParams.{field}={value!r} is invalid: {allowed}"
 
 
 @pytest.mark.parametrize(

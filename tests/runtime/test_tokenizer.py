@@ -85,9 +85,19 @@ def test_template_raise_exception_and_bad_messages_are_validation_errors(tok):
     with pytest.raises(ValidationError, match="Unknown role: robot") as e:
         tok.apply_chat_template([{"role": "robot", "content": "beep"}])
     assert e.value.field == "messages"
-    for bad in ([], "hello", [{"role": "user"}], [{"role": "user", "content": 3}], [["user", "hi"]]):
-        with pytest.raises(ValidationError):
+    assert str(e.value) == "messages=['robot'] is invalid: rejected by the chat template: Unknown role: robot"
+    not_a_list = "must be a non-empty list of {'role', 'content'} dicts"
+    not_a_message = "must be a dict with a str 'role' and a str 'content'"
+    for bad, message in (
+        ([], f"messages='list' is invalid: {not_a_list}"),
+        ("hello", f"messages='str' is invalid: {not_a_list}"),
+        ([{"role": "user"}], f"messages[0]={{'role': 'user'}} is invalid: {not_a_message}"),
+        ([{"role": "user", "content": 3}], f"messages[0]={{'role': 'user', 'content': 3}} is invalid: {not_a_message}"),
+        ([["user", "hi"]], f"messages[0]=['user', 'hi'] is invalid: {not_a_message}"),
+    ):
+        with pytest.raises(ValidationError) as e:
             tok.apply_chat_template(bad)
+        assert str(e.value) == message
 
 
 def test_template_variables_filters_and_formats(tmp_path):
@@ -110,8 +120,11 @@ def test_chat_template_jinja_file_and_no_template(tmp_path):
     config = json.loads((folder / "tokenizer_config.json").read_text())
     del config["chat_template"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValidationError, match="no chat template"):
+    with pytest.raises(ValidationError) as e:
         Tokenizer.from_hf_folder(folder).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert str(e.value) == (
+        "chat_template=None is invalid: this model has no chat template; pass a text prompt or prompt_token_ids"
+    )
     (folder / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
     assert Tokenizer.from_hf_folder(folder).apply_chat_template([{"role": "user", "content": "hi"}]).endswith("assistant\n")
 
@@ -119,8 +132,9 @@ def test_chat_template_jinja_file_and_no_template(tmp_path):
 def test_missing_tokenizer_json(tmp_path):
     folder = make_tiny_model(tmp_path / "m")
     (folder / "tokenizer.json").unlink()
-    with pytest.raises(ValidationError, match="tokenizer.json"):
+    with pytest.raises(ValidationError) as e:
         Tokenizer.from_hf_folder(folder)
+    assert str(e.value) == f"model={str(folder)!r} is invalid: a Hugging Face folder needs a tokenizer.json"
 
 
 # ---- GGUF metadata ---------------------------------------------------------------------------
@@ -160,6 +174,10 @@ def test_gguf_unsupported_tokenizer_model():
     with pytest.raises(ValidationError) as e:
         Tokenizer.from_gguf_metadata({**_byte_level_metadata("gpt2"), "tokenizer.ggml.model": "bert"})
     assert e.value.field == "tokenizer.ggml.model" and e.value.value == "bert"
+    assert str(e.value) == (
+        "tokenizer.ggml.model='bert' is invalid: unsupported tokenizer; supported: 'gpt2' (byte-level BPE), "
+        "'llama' (SentencePiece BPE)"
+    )
 
 
 def test_smollm2_tokenizer_quirks():
