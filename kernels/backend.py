@@ -49,7 +49,9 @@ def resolve_backend(device_type: str, backend: str | None = None) -> Backend:
             raise ValidationError("backend", choice, "needs the triton package, which is not installed")
         if not triton_ok:
             raise ValidationError(
-                "backend", choice, f"runs on cuda tensors, or on {device_type} with TRITON_INTERPRET=1"
+                "backend", choice,
+                f"runs on cuda tensors, or on {device_type} tensors with TRITON_INTERPRET=1 "
+                f"(these are {device_type} tensors and TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET', 'unset')})",
             )
         return "triton"
     return "triton" if triton_available() and device_type == "cuda" else "torch"

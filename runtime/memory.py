@@ -121,13 +121,19 @@ def derive_num_blocks(
     if device.type == "cuda":
         probe = probe or NvmlProbe()
         info = probe.read(device.index or 0)
-        budget = int(info.free * cache.gpu_memory_utilization) - _GPU_WORKSPACE_BYTES
+        share = int(info.free * cache.gpu_memory_utilization)
+        budget = share - _GPU_WORKSPACE_BYTES
+        where = (f"{info.free} bytes free x gpu_memory_utilization={cache.gpu_memory_utilization} = {share}, "
+                 f"less a {_GPU_WORKSPACE_BYTES}-byte workspace, leaves {budget} bytes for KV")
     else:
-        budget = int(host_available_bytes() * cache.cpu_kv_fraction) // num_instances
+        available = host_available_bytes()
+        budget = int(available * cache.cpu_kv_fraction) // num_instances
+        where = (f"{available} bytes available x cpu_kv_fraction={cache.cpu_kv_fraction} / {num_instances} "
+                 f"instances leaves {budget} bytes for KV")
     blocks = budget // bytes_per_block
     if blocks < 1:
         raise CapacityError(
-            f"no room for a KV cache on {device}: {budget} bytes available for KV, one block of "
-            f"{cache.block_size} tokens needs {bytes_per_block} bytes; give kv_capacity_tokens or more memory"
+            f"no room for a KV cache on {device}: {where}, and one block of {cache.block_size} tokens "
+            f"needs {bytes_per_block} bytes; give kv_capacity_tokens or more memory"
         )
     return int(blocks)

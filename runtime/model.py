@@ -186,7 +186,7 @@ class ModelArgs:
         if self.layer_windows is not None:
             if len(self.layer_windows) != self.num_layers:
                 raise ValidationError(
-                    "layer_windows", f"{len(self.layer_windows)} values", f"must have num_layers={self.num_layers}", owner=o
+                    "layer_windows", self.layer_windows, f"must hold one window per layer ({self.num_layers})", owner=o
                 )
             for w in self.layer_windows:
                 if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
@@ -306,7 +306,7 @@ class ModelArgs:
         if window and pattern is not None:
             raise ValidationError(
                 f"{arch}.attention.sliding_window_pattern", pattern,
-                "is unsupported: only a sliding window in every layer is read from GGUF files",
+                "must be absent: only a sliding window in every layer is read from GGUF files",
             )
         return cls(
             vocab_size=int(vocab),
@@ -552,7 +552,8 @@ class LlamaModel(nn.Module):
         """Hidden states [T, D] after the final norm, for input_ids and positions [T] (int64)."""
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValidationError(
-                "input_ids.shape", (tuple(input_ids.shape), tuple(positions.shape)), "input_ids and positions must both be [T]"
+                "input_ids.shape", tuple(input_ids.shape),
+                f"must be [T], the shape of positions {tuple(positions.shape)}",
             )
         h = self.embed(input_ids)  # [T, D]
         cos, sin = self.rope(positions)

@@ -273,7 +273,7 @@ def _jinja_env() -> jinja2.Environment:
 
 def _check_messages(messages: Any) -> None:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise ValidationError("messages", type(messages).__name__, "must be a non-empty list of {'role', 'content'} dicts")
+        raise ValidationError("messages", messages, "must be a non-empty list of {'role', 'content'} dicts")
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValidationError(f"messages[{i}]", m, "must be a dict with a str 'role' and a str 'content'")

@@ -24,7 +24,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     if not backend.triton_available():
         pytest.skip("triton is not installed here")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValidationError, match=r"backend='triton' is invalid: runs on cuda tensors, or on cpu with TRITON_INTERPRET=1"):
+    with pytest.raises(ValidationError, match=r"backend='triton' is invalid: runs on cuda tensors, or on cpu tensors with TRITON_INTERPRET=1 \(these are cpu tensors and TRITON_INTERPRET is 0\)"):
         backend.resolve_backend("cpu", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backend.resolve_backend("cpu", "triton") == "triton"

@@ -200,7 +200,7 @@ def test_gguf_sliding_window_metadata(tmp_path):
         ModelArgs.from_gguf_metadata(metadata, ["token_embd.weight"])
     assert str(e.value) == (
         "llama.attention.sliding_window_pattern=4 is invalid: "
-        "is unsupported: only a sliding window in every layer is read from GGUF files"
+        "must be absent: only a sliding window in every layer is read from GGUF files"
     )
 
 

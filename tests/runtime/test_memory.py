@@ -36,7 +36,8 @@ def test_no_room_is_a_capacity_error_with_the_numbers():
         derive_num_blocks(CacheConfig(gpu_memory_utilization=0.5), 46080, torch.device("cuda:0"), probe=probe)
     # 100 MiB free * 0.5 - 512 MiB workspace = -484442112 bytes; one block: 46080 * 16 bytes
     assert str(e.value) == (
-        "no room for a KV cache on cuda:0: -484442112 bytes available for KV, one block of 16 tokens needs 737280 bytes; "
+        "no room for a KV cache on cuda:0: 104857600 bytes free x gpu_memory_utilization=0.5 = 52428800, less a "
+        "536870912-byte workspace, leaves -484442112 bytes for KV, and one block of 16 tokens needs 737280 bytes; "
         "give kv_capacity_tokens or more memory"
     )
 

@@ -245,7 +245,7 @@ def test_sliding_windows_per_layer_from_hf_config(config, windows):
 
 
 def test_bad_layer_windows_are_refused():
-    with pytest.raises(ValidationError, match=r"ModelArgs\.layer_windows='1 values' is invalid: must have num_layers=2"):
+    with pytest.raises(ValidationError, match=r"ModelArgs\.layer_windows=\(8,\) is invalid: must hold one window per layer \(2\)"):
         dataclasses.replace(TINY, layer_windows=(8,))  # 2 layers
     with pytest.raises(ValidationError) as e:
         dataclasses.replace(TINY, layer_windows=(8, 0))
@@ -284,7 +284,7 @@ def test_forward_rejects_mismatched_inputs():
     model = tiny_model()
     with pytest.raises(ValidationError) as e:
         model(torch.tensor([1, 2, 3]), torch.tensor([0, 1]), ContiguousAttention(TINY))
-    assert str(e.value) == "input_ids.shape=((3,), (2,)) is invalid: input_ids and positions must both be [T]"
+    assert str(e.value) == "input_ids.shape=(3,) is invalid: must be [T], the shape of positions (2,)"
     with pytest.raises(ValidationError) as e:
         LlamaModel(TINY, dtype=torch.int32)
     assert str(e.value) == "dtype=torch.int32 is invalid: must be torch.float32, torch.bfloat16 or torch.float16"

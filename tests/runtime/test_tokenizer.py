@@ -89,8 +89,8 @@ def test_template_raise_exception_and_bad_messages_are_validation_errors(tok):
     not_a_list = "must be a non-empty list of {'role', 'content'} dicts"
     not_a_message = "must be a dict with a str 'role' and a str 'content'"
     for bad, message in (
-        ([], f"messages='list' is invalid: {not_a_list}"),
-        ("hello", f"messages='str' is invalid: {not_a_list}"),
+        ([], f"messages=[] is invalid: {not_a_list}"),
+        ("hello", f"messages='hello' is invalid: {not_a_list}"),
         ([{"role": "user"}], f"messages[0]={{'role': 'user'}} is invalid: {not_a_message}"),
         ([{"role": "user", "content": 3}], f"messages[0]={{'role': 'user', 'content': 3}} is invalid: {not_a_message}"),
         ([["user", "hi"]], f"messages[0]=['user', 'hi'] is invalid: {not_a_message}"),
