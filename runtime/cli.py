@@ -24,9 +24,9 @@ async def _generate(args: argparse.Namespace) -> int:
     )
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     options = {"model": args.model, "device": args.device}
-    if args.kv_capacity_tokens:
+    if args.kv_capacity_tokens is not None:
         options["kv_capacity_tokens"] = args.kv_capacity_tokens
-    if args.max_model_len:
+    if args.max_model_len is not None:
         options["max_model_len"] = args.max_model_len
     async with open_runtime(**options) as rt:
         shown = 0

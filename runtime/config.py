@@ -102,7 +102,7 @@ class ModelConfig:
         _choice(o, "dtype", self.dtype, DTYPES)
         _choice(o, "device", self.device, DEVICES)
         if self.max_model_len is not None:
-            _int(o, "max_model_len", self.max_model_len, 1, 1 << 31)
+            _int(o, "max_model_len", self.max_model_len, 2, 1 << 31)  # a prompt token and a generated one
         _int(o, "seed", self.seed, 0, (1 << 63) - 1)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .errors import ValidationError
@@ -176,6 +176,8 @@ def load_model_args(path_or_name: str | os.PathLike) -> ModelArgs:
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValidationError("config.json", str(path / "config.json"), f"is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ValidationError("config.json", str(path / "config.json"), f"must hold a JSON object, not a {type(config).__name__}")
         if "model_type" not in config:
             arch = (config.get("architectures") or [None])[0]
             if arch in _HF_ARCHITECTURES:
@@ -202,9 +204,12 @@ def _hf_tensors(folder: Path) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
     if not files:
         raise ValidationError("model", str(folder), "has no *.safetensors weights (.bin checkpoints are not supported)")
     count = 0
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            count += len(list(st.keys()))
+    for f in files:  # every header is read here, so a broken file is refused before any weight
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                count += len(list(st.keys()))
+        except SafetensorError as e:
+            raise ValidationError("model", str(f), f"is not a readable safetensors file: {e}") from None
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         for f in files:

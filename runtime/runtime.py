@@ -399,15 +399,19 @@ class Runtime:
         self._admit()
 
     def _tokens_per_s(self) -> float:
-        """Tokens generated per second over the last ``_THROUGHPUT_WINDOW_S`` (0 when idle)."""
+        """Tokens generated per second by the steps of the last ``_THROUGHPUT_WINDOW_S``; 0 when
+        no request is running or waiting."""
+        if not self.engine.has_work and not self._queue:
+            self._throughput.clear()
+            return 0.0
         now = trio.current_time()
         samples = self._throughput
         while samples and samples[0][0] < now - _THROUGHPUT_WINDOW_S:
             samples.popleft()
-        if not samples or now <= samples[0][0]:
+        if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
             return 0.0
-        t0, n0 = samples[0]
-        return (self.engine.generated_tokens - n0) / (now - t0)
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        return (n1 - n0) / (t1 - t0)
 
     def _route(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -513,8 +517,6 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def _check_model_len(max_model_len: int, max_position_embeddings: int, num_blocks: int, block_size: int) -> None:
     """Refuse at open what would make requests fail later: a length the model cannot encode
     positions for, or one the KV cache cannot hold (every ``max_tokens=None`` request would)."""
-    if max_model_len < 2:
-        raise ValidationError("max_model_len", max_model_len, "must be >= 2 (a prompt token and a generated one)")
     if max_model_len > max_position_embeddings:
         raise ValidationError(
             "max_model_len", max_model_len,

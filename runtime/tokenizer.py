@@ -129,7 +129,10 @@ class Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise ValidationError("model", str(folder), "a Hugging Face folder needs a tokenizer.json")
-        backend = _Backend.from_file(str(path))
+        try:
+            backend = _Backend.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
+            raise ValidationError("tokenizer.json", str(path), f"cannot be read by tokenizers: {e}") from None
         config = _read_json(folder / "tokenizer_config.json")
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
@@ -371,9 +374,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValidationError(path.name, str(path), f"is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValidationError(path.name, str(path), f"must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def _token_text(value: Any) -> str | None:

@@ -31,7 +31,7 @@ def test_defaults_are_valid_and_frozen():
         (ModelConfig, {"model": ""}, "ModelConfig.model='' is invalid: must be a non-empty path or 'smollm2'"),
         (ModelConfig, {"dtype": "float8"}, "ModelConfig.dtype='float8' is invalid: must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
         (ModelConfig, {"device": "tpu"}, "ModelConfig.device='tpu' is invalid: must be one of 'auto', 'cpu', 'cuda'"),
-        (ModelConfig, {"max_model_len": 0}, "ModelConfig.max_model_len=0 is invalid: must be in [1, 2147483648]"),
+        (ModelConfig, {"max_model_len": 0}, "ModelConfig.max_model_len=0 is invalid: must be in [2, 2147483648]"),
         (ModelConfig, {"max_model_len": 1.5}, "ModelConfig.max_model_len=1.5 is invalid: must be an integer"),
         (CacheConfig, {"block_size": 7}, "CacheConfig.block_size=7 is invalid: must be a power of two in [1, 1024]"),
         (CacheConfig, {"block_size": 2048}, "CacheConfig.block_size=2048 is invalid: must be in [1, 1024]"),

@@ -456,15 +456,22 @@ async def test_a_string_prompt_is_encoded_as_hugging_face_does_with_special_toke
         assert outs[-1].prompt_token_ids[0] == 1  # <|im_start|>: the template's own, no BOS added
 
 
-async def test_generation_tokens_per_s_falls_to_zero_when_idle(open_tiny, mock_clock):
+async def test_generation_tokens_per_s_is_a_recent_rate_and_zero_when_idle(open_tiny, mock_clock):
     mock_clock.rate = 1.0  # virtual time follows real time, and can jump
     async with open_tiny() as rt:
         assert rt.statistics().generation_tokens_per_s == 0.0
-        outs = [o async for o in rt.generate("busy", SamplingParams(max_tokens=30, ignore_eos=True))]
-        assert len(outs) == 30
-        assert rt.statistics().generation_tokens_per_s > 0
-        mock_clock.jump(11)  # idle for longer than the 10 s window
-        assert rt.statistics().generation_tokens_per_s == 0.0
+        rates = []
+        async for out in rt.generate("busy", SamplingParams(max_tokens=300, ignore_eos=True)):
+            if len(out.outputs[0].token_ids) in (20, 40):
+                rates.append(rt.statistics().generation_tokens_per_s)
+            if len(out.outputs[0].token_ids) == 40:
+                mock_clock.jump(11)  # a stall longer than the window: the steps before it age out
+                await trio.sleep(0)
+            if len(out.outputs[0].token_ids) == 50:
+                rates.append(rt.statistics().generation_tokens_per_s)
+        assert rates[0] > 0 and rates[1] > 0  # while generating
+        assert rates[2] > 0 and rates[2] != rates[1]  # measured over the steps after the stall only
+        assert rt.statistics().generation_tokens_per_s == 0.0  # idle: nothing running or waiting
 
 
 # ---- found by trying to break it -------------------------------------------------------------
@@ -534,7 +541,7 @@ def test_statistics_after_trio_run_returned(tmp_path):
     assert s.num_finished == 1 and s.generation_tokens_per_s == 0.0 and s.instances[0].generated_tokens == 4
 
 
-async def test_max_model_len_below_two_is_refused_at_open(open_tiny):
-    with pytest.raises(ValidationError, match=r"max_model_len=1 is invalid: must be >= 2 \(a prompt token and a generated one\)"):
+async def test_max_model_len_below_two_is_refused(open_tiny):
+    with pytest.raises(ValidationError, match=r"ModelConfig.max_model_len=1 is invalid: must be in \[2, 2147483648\]"):
         async with open_tiny(max_model_len=1):
             pass  # pragma: no cover
