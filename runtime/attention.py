@@ -27,7 +27,7 @@ them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,8 +66,9 @@ class AttentionMetadata:
 
     ``cu_q`` [B+1] int32 offsets of each request's tokens in the packed batch; ``q_pos`` [T]
     int32 absolute positions; ``block_table``/``block_start``/``block_len`` [B, M] int32: each
-    request's blocks *on this instance*; ``slot_mapping`` [T] int64: where each token's new k, v
-    go in this instance's cache.
+    request's blocks *on this instance*; ``slot_mapping`` [n] int64: where the new k, v of the
+    rows ``kv_rows`` [n] go in this instance's cache (``kv_rows`` None: every row, n = T; rows
+    whose slot is on a creditor travel with its query instead).
     """
 
     cu_q: torch.Tensor
@@ -76,14 +77,19 @@ class AttentionMetadata:
     block_start: torch.Tensor
     block_len: torch.Tensor
     slot_mapping: torch.Tensor
+    kv_rows: torch.Tensor | None = None
 
 
 class RemotePartial(Protocol):
     """Partial attention of the step's queries over blocks another instance holds, with the
-    layer's sliding window (the peer serves the same model, so it knows each layer's)."""
+    layer's sliding window (the peer serves the same model, so it knows each layer's).
+    ``start`` sends the layer's query and returns a callable that waits for the partial:
+    (out [T, H, D] fp32, lse [T, H] fp32), -inf rows where the peer holds nothing
+    (``cluster.RemoteAttention``)."""
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ...
+    def start(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 class DistAttentionBackend:
@@ -140,20 +146,26 @@ class DistAttentionBackend:
         window = self.window(layer)
         if self._fast_decode:
             return self._decode_layer(q, k, v, kc, vc, self._decode_plans[window])
-        append_kv(k, v, kc, vc, m.slot_mapping, backend=self.backend)
+        # Send first, so that the creditors compute while this instance does.
+        pending = [peer.start(layer, q, k, v) for peer in self.remote]
+        if m.kv_rows is None:
+            append_kv(k, v, kc, vc, m.slot_mapping, backend=self.backend)
+        elif m.kv_rows.numel():
+            append_kv(k.index_select(0, m.kv_rows), v.index_select(0, m.kv_rows), kc, vc, m.slot_mapping,
+                      backend=self.backend)
         out, lse = partial_attention(
             q, m.cu_q, m.q_pos, kc, vc, m.block_table, m.block_start, m.block_len, self.scale,
             backend=self.backend, decode_plan=self._decode_plans.get(window), need_lse=bool(self.remote), window=window,
         )
         if not self.remote:
             return out
-        outs, lses = [out], [lse]
-        for peer in self.remote:
-            o, s = peer(layer, q, k, v)
-            outs.append(o.to(out.dtype))
+        outs, lses = [out.float()], [lse]  # partials merge in fp32
+        for wait in pending:
+            o, s = wait()
+            outs.append(o)
             lses.append(s)
         merged, _ = merge_partials(torch.stack(outs), torch.stack(lses), backend=self.backend)
-        return merged
+        return merged.to(q.dtype)
 
     def _decode_layer(self, q, k, v, kc, vc, plan: DecodePlan) -> torch.Tensor:
         num_blocks, block_size, num_kv_heads, head_dim = kc.shape

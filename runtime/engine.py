@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,9 @@ import torch
 
 from . import core_sched
 from .attention import AttentionMetadata, DistAttentionBackend, KVCache
+from .cluster import Peer, RemoteAttention
+from .kernels import append_kv, partial_attention
+from .transport import AttentionQuery, AttentionResult
 from .config import CacheConfig, SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import RequestTooLongError, ValidationError
@@ -35,6 +39,8 @@ from .sampling import Sampler, SamplingParams, make_generator
 __all__ = ["Engine", "EngineRequest", "EngineStats"]
 
 log = logging.getLogger("infinillm.engine")
+
+_RID_BITS = 40  # request ids: instance id << 40 | a counter
 
 
 @dataclass(slots=True)
@@ -131,6 +137,7 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         kernel_backend: str | None = None,
         seed: int = 0,
+        peers: Mapping[int, Peer] | None = None,
     ) -> None:
         self.model = model
         self.args = args
@@ -154,7 +161,11 @@ class Engine:
         )
         self.sampler = Sampler(seed)  # unseeded requests share its generator (ModelConfig.seed)
         self.requests: dict[int, EngineRequest] = {}
-        self._next_rid = 1
+        # Request ids are unique across the cluster (a creditor's pool keys blocks by request
+        # id): the instance id in the high bits, a counter below.
+        self._next_rid = (instance_id << _RID_BITS) + 1
+        self.peers: dict[int, Peer] = dict(peers or {})
+        self.num_loans = 0  # loans granted: a step that only borrowed still made progress
         self.num_steps = 0
         self.generated_tokens = 0
         self.prompt_tokens = 0
@@ -229,7 +240,7 @@ class Engine:
         req = self.requests.pop(rid, None)
         if req is None:
             return None
-        self.planner.abort(rid)
+        self._release_remote(rid, self.planner.abort(rid))
         req.detok.finish(reason)
         req.finish_reason, req.stop_reason = reason, None
         return req.snapshot(finished=True, error=error)
@@ -248,10 +259,13 @@ class Engine:
         (their blocks freed; the ones that already finished in this step keep their output);
         every other request is untouched and goes on. A failure in scheduling itself raises.
         """
-        plan = self.planner.schedule(0)
+        plan = self.planner.schedule(sum(p.lendable() for p in self.peers.values()))
         outputs: list[RequestOutput] = []
         for p in plan.preempted:  # recompute: back in the planner's waiting queue, tokens kept here
             self.requests[p.request_id].num_preemptions += 1
+            self._release_remote(p.request_id, p.remote_runs)
+        for loan in plan.loans:
+            self._borrow(loan.request_id, loan.num_blocks)
         if not plan.chunks:
             return outputs
         self.num_steps += 1
@@ -273,8 +287,9 @@ class Engine:
             req = self.requests[c.request_id]
             if req.first_scheduled_at is None:
                 req.first_scheduled_at = now
-        input_ids, positions, meta, sample_rows, sampled = self._prepare(plan)
-        attn = DistAttentionBackend(self.kv, meta, backend=self.kernel_backend, layer_windows=self.model.args.layer_windows)
+        input_ids, positions, meta, remote, sample_rows, sampled = self._prepare(plan)
+        attn = DistAttentionBackend(self.kv, meta, backend=self.kernel_backend, remote=remote,
+                                    layer_windows=self.model.args.layer_windows)
         hidden = self.model(input_ids, positions, attn)
         if not sampled:
             return
@@ -310,7 +325,7 @@ class Engine:
             stop = req.detok.append(tok)
             if stop is not None:
                 req.finish_reason, req.stop_reason = stop.finish_reason, stop.stop_reason
-                self.planner.finish(req.rid)
+                self._release_remote(req.rid, self.planner.finish(req.rid))
                 del self.requests[req.rid]
                 outputs.append(req.snapshot(finished=True))
             else:
@@ -339,17 +354,90 @@ class Engine:
         positions = torch.from_numpy(positions_np).to(dev)
         cu = np.zeros(len(counts) + 1, dtype=np.int32)
         np.cumsum(counts, out=cu[1:])
+        q_pos = positions_np.astype(np.int32)
         bt, bstart, blen = self.tables.batch_tables(rids, self.instance_id)
-        _instances, slots = self.tables.slot_mapping(rids, counts)
+        instances, all_slots = self.tables.slot_mapping(rids, counts)
+        here = instances == self.instance_id  # [T]: the new k, v written in this cache
+        kv_rows, slots = None, all_slots
+        if not here.all():
+            kv_rows = torch.from_numpy(np.flatnonzero(here)).to(dev)
+            slots = all_slots[here]
         meta = AttentionMetadata(
             cu_q=torch.from_numpy(cu).to(dev),
-            q_pos=torch.from_numpy(positions_np.astype(np.int32)).to(dev),
+            q_pos=torch.from_numpy(q_pos).to(dev),
             block_table=torch.from_numpy(bt).to(dev),
             block_start=torch.from_numpy(bstart).to(dev),
             block_len=torch.from_numpy(blen).to(dev),
             slot_mapping=torch.from_numpy(slots).to(dev),
+            kv_rows=kv_rows,
         )
-        return input_ids, positions, meta, torch.tensor(sample_rows, dtype=torch.int64, device=dev), sampled
+        remote = self._remote_attention(rids, cu, q_pos, instances, all_slots)
+        return input_ids, positions, meta, remote, torch.tensor(sample_rows, dtype=torch.int64, device=dev), sampled
+
+    def _remote_attention(self, rids, cu, q_pos, instances, slots) -> list[RemoteAttention]:
+        """One ``RemoteAttention`` per creditor holding blocks of the step's requests (only the
+        rows of those requests travel; requests with every block here are not in any)."""
+        on: dict[int, list[int]] = {}  # creditor -> indices (in rids) of the requests it holds blocks of
+        for b, rid in enumerate(rids):
+            if self.pool.borrowed_by(rid):
+                for instance in {i for i, _ in self.tables.runs(rid)} - {self.instance_id}:
+                    on.setdefault(instance, []).append(b)
+        remote = []
+        for instance, idx in sorted(on.items()):
+            sub = [rids[b] for b in idx]
+            rows = np.concatenate([np.arange(cu[b], cu[b + 1], dtype=np.int64) for b in idx])
+            sizes = np.array([cu[b + 1] - cu[b] for b in idx], dtype=np.int32)
+            sub_cu = np.zeros(len(idx) + 1, dtype=np.int32)
+            np.cumsum(sizes, out=sub_cu[1:])
+            kv_rows = np.flatnonzero(instances == instance)
+            remote.append(RemoteAttention(
+                self.peers[instance], sub, rows, sub_cu, q_pos[rows], self.tables.batch_tables(sub, instance),
+                kv_rows, slots[kv_rows], self.device,
+            ))  # fmt: skip
+        return remote
+
+    # ---- the cluster: loans, remote blocks, serving creditors' queries -----------------------
+
+    def _borrow(self, rid: int, n: int) -> None:
+        """Borrow ``n`` blocks for a running request from the peers with the most room, split
+        over several when no one has enough; a peer that refuses (its room went meanwhile) is
+        skipped. What could not be had is asked for again by the next step's plan."""
+        for peer in sorted(self.peers.values(), key=lambda p: -p.lendable()):
+            take = min(n, peer.lendable())
+            if take <= 0:
+                continue
+            reservation = peer.reserve(self.instance_id, take)
+            if reservation is None:
+                continue
+            self.planner.add_loan(rid, peer.instance_id, peer.commit(reservation, rid))
+            self.num_loans += 1
+            n -= take
+            if n == 0:
+                return
+
+    def _release_remote(self, rid: int, runs) -> None:
+        """Free the blocks creditors hold for a request that ended or was preempted."""
+        for instance, blocks in runs:
+            self.peers[instance].release(rid, list(blocks))
+
+    def serve_attention(self, query: AttentionQuery) -> AttentionResult:
+        """A debtor's partial attention over the blocks this instance lends it: write the new k,
+        v it brings, attend (the layer's window applied), answer in fp32."""
+        num_blocks = self.kv.num_blocks
+        blocks = query.blocks
+        if int(blocks[0].max()) >= num_blocks:
+            raise ValidationError("AttentionQuery.blocks", int(blocks[0].max()), f"must be block ids below {num_blocks}")
+        dev = self.device
+        layer = query.layer
+        kc, vc = self.kv.k[layer], self.kv.v[layer]
+        if query.k is not None:
+            append_kv(query.k.to(dev), query.v.to(dev), kc, vc, query.slot_mapping.to(dev), backend=self.kernel_backend)
+        bt, bs, bl = (t.to(dev) for t in blocks)
+        out, lse = partial_attention(
+            query.q.to(dev), query.query_offsets().to(dev), query.q_pos.to(dev), kc, vc, bt, bs, bl,
+            backend=self.kernel_backend, window=self.args.window(layer),
+        )
+        return AttentionResult(layer, out.float().cpu(), lse.cpu())
 
     # ---- statistics --------------------------------------------------------------------------
 

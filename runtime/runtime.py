@@ -364,7 +364,7 @@ class Runtime:
                 self._wake = trio.Event()
                 self._between_steps()
                 while engine.has_work and not self._closed:
-                    steps = engine.num_steps
+                    steps, loans = engine.num_steps, engine.num_loans
                     self._stats_before_step = engine.statistics()
                     self._stepping = True
                     try:
@@ -374,8 +374,8 @@ class Runtime:
                     self._throughput.append((trio.current_time(), engine.generated_tokens))
                     self._route(outputs)
                     self._between_steps()
-                    if engine.num_steps == steps and not outputs:
-                        break  # nothing could run (waiting on memory): sleep until something changes
+                    if engine.num_steps == steps and engine.num_loans == loans and not outputs:
+                        break  # nothing ran or was borrowed (waiting on memory): sleep until something changes
                     await trio.lowlevel.checkpoint()
         finally:
             try:

@@ -1,0 +1,159 @@
+"""DistAttention across engines: a request's KV spread over several instances gives the tokens
+and log-probabilities of the same request on one instance with room for it.
+
+The engines live in one process and reach each other through ``LocalPeer`` (every query and
+result is encoded and decoded by the codec); the test drives the home engine's steps. The home
+has a few blocks and borrows the rest from its peers (reserve, commit, write), so prompts,
+prefill chunks, decode tails and the new tokens' k, v land on creditors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from infinillm import SamplingParams, ValidationError
+from infinillm.cluster import LocalPeer
+from infinillm.config import CacheConfig, SchedulerConfig
+from infinillm.engine import Engine
+from infinillm.loader import load_model
+from infinillm.testing import make_tiny_model
+from infinillm.transport import AttentionQuery
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def tiny(request, tmp_path_factory):
+    """(model, tokenizer, args): a tiny Llama, and a tiny Mistral whose window (24) is shorter
+    than the prompts."""
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "mistral":
+        make_tiny_model(folder, architecture="mistral", sliding_window=24)
+    else:
+        make_tiny_model(folder)
+    return load_model(folder, progress=False)
+
+
+def make_engine(tiny, instance_id: int, num_blocks: int, *, cluster_blocks: int | None = None,
+                max_num_batched_tokens: int = 2048, max_num_seqs: int = 64) -> Engine:
+    model, tokenizer, args = tiny
+    return Engine(model, args, tokenizer, cache=CacheConfig(block_size=BLOCK),
+                  scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+                  num_blocks=num_blocks, max_model_len=1024, instance_id=instance_id, cluster_blocks=cluster_blocks)
+
+
+def make_cluster(tiny, home_blocks: int, creditor_blocks: list[int], **options) -> tuple[Engine, list[Engine]]:
+    """A home engine (instance 0) whose peers are creditors 1..n, each lending up to half its
+    blocks (``max_lend_fraction`` 0.5)."""
+    creditors = [make_engine(tiny, i + 1, n) for i, n in enumerate(creditor_blocks)]
+    lendable = sum(c.pool.lendable for c in creditors)
+    home = make_engine(tiny, 0, home_blocks, cluster_blocks=home_blocks + lendable, **options)
+    home.peers = {c.instance_id: LocalPeer(c) for c in creditors}
+    return home, creditors
+
+
+def prompts_of(lengths: list[int]) -> list[list[int]]:
+    return [[(i * 7 + j * 13) % 300 + 3 for j in range(n)] for i, n in enumerate(lengths)]
+
+
+def run(engine: Engine, prompts, params: SamplingParams, watch=None) -> dict[str, tuple]:
+    """Every request to its end; (token ids, logprobs) by request id. ``watch()`` after each step."""
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    finals = {}
+    while engine.has_work:
+        for out in engine.step():
+            if out.finished:
+                c = out.outputs[0]
+                finals[out.request_id] = (tuple(c.token_ids), c.logprobs)
+        if watch is not None:
+            watch()
+    return finals
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for rid in want:
+        assert got[rid][0] == want[rid][0], rid
+        for g, w in zip(got[rid][1], want[rid][1]):
+            (tok,) = [t for t in w if w[t].rank == 1]
+            assert math.isclose(g[tok].logprob, w[tok].logprob, abs_tol=1e-3), rid
+
+
+def assert_pools_empty(*engines: Engine) -> None:
+    for e in engines:
+        c = e.pool.counters()
+        assert (c.used, c.lent, c.reserved, c.borrowed) == (0, 0, 0, 0), (e.instance_id, c)
+        assert c.free == c.capacity and e.tables.num_requests == 0
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
+
+
+def test_spread_requests_equal_one_instance_with_room(tiny):
+    prompts = prompts_of([150, 40, 230, 9])  # long and short together: spread and all-at-home rows
+    want = run(make_engine(tiny, 0, 200), prompts, GREEDY)
+    home, creditors = make_cluster(tiny, 6, [24, 24, 24], max_num_batched_tokens=48)
+    held = {1: 0, 2: 0, 3: 0}
+
+    def watch():
+        for c in creditors:
+            held[c.instance_id] = max(held[c.instance_id], c.pool.num_lent)
+        # the home's borrowed blocks are exactly what the creditors lend it
+        assert home.pool.num_borrowed == sum(c.pool.num_lent for c in creditors)
+
+    got = run(home, prompts, GREEDY, watch)
+    assert_same(got, want)
+    assert all(n > 0 for n in held.values()), held  # every creditor held blocks at some point
+    assert home.num_loans > 0
+    assert_pools_empty(home, *creditors)
+
+
+def test_a_decode_tail_on_a_creditor_writes_its_new_tokens_there(tiny):
+    # The home has 2 blocks: the prompt's first chunk is admitted here, everything after is
+    # borrowed, so decode tails (and their k, v) live on the creditor.
+    prompts = prompts_of([40])
+    want = run(make_engine(tiny, 0, 64), prompts, GREEDY)
+    home, (creditor,) = make_cluster(tiny, 2, [16], max_num_batched_tokens=16)
+    tails_remote = []
+
+    def watch():
+        for rid in list(home.requests):
+            instance, _block, _offset = home.tables.locate(rid, home.tables.num_tokens(rid) - 1)
+            tails_remote.append(instance == creditor.instance_id)
+
+    got = run(home, prompts, GREEDY, watch)
+    assert_same(got, want)
+    assert any(tails_remote)
+    assert_pools_empty(home, creditor)
+
+
+def test_aborted_and_preempted_requests_free_their_blocks_on_every_instance(tiny):
+    # Four requests growing to 100 tokens (7 blocks) each: 28 blocks wanted, 8 at home and 8
+    # lendable by the creditors (half of 8 each), so requests borrow and then are preempted.
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    home, creditors = make_cluster(tiny, 8, [8, 8], max_num_batched_tokens=32)
+    for i, p in enumerate(prompts_of([40, 40, 40, 40])):
+        home.add_request(f"r{i}", p, params)
+    while sum(c.pool.num_lent for c in creditors) < 2:
+        home.step()
+    spread = [rid for rid in home.requests if home.pool.borrowed_by(rid)]
+    home.abort(spread[0])  # a request with blocks on a creditor
+    while home.has_work:
+        home.step()
+    assert home.planner.statistics().num_preemptions > 0  # memory was short: some were recomputed
+    assert_pools_empty(home, *creditors)
+
+
+def test_a_creditor_refuses_a_query_naming_blocks_it_does_not_have(tiny):
+    creditor = make_engine(tiny, 1, 4)
+    _, _, args = tiny
+    query = AttentionQuery.build(
+        0, (7,), torch.zeros(1, args.num_heads, args.head_dim), None, torch.tensor([3], dtype=torch.int32),
+        [[9]], [[0]], [[4]],
+    )
+    with pytest.raises(ValidationError, match="AttentionQuery.blocks=9 is invalid: must be block ids below 4"):
+        creditor.serve_attention(query)
