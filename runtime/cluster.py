@@ -27,19 +27,35 @@ rows travel there, built once per step from the block tables, called once per la
 
 from __future__ import annotations
 
-import time
+import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+import trio
 
-from .transport import AttentionQuery, AttentionResult, Codec
+from .errors import TransportError, ValidationError
+from .transport import (
+    AttentionQuery,
+    AttentionResult,
+    CancelReservation,
+    Client,
+    Codec,
+    CommitReservation,
+    Committed,
+    ReleaseBlocks,
+    ReserveBlocks,
+    Reservation,
+)
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["Peer", "PendingAttention", "LocalPeer", "RemoteAttention"]
+__all__ = ["Peer", "PendingAttention", "LocalPeer", "RemoteAttention", "PeerService", "ZmqPeer"]
+
+log = logging.getLogger("infinillm.cluster")
 
 PendingAttention = Callable[[], AttentionResult]
 """Waits for a creditor's answer to one ``AttentionQuery`` and returns it."""
@@ -93,13 +109,13 @@ class LocalPeer:
         return self.engine.pool.lendable
 
     def reserve(self, borrower: int, n: int) -> int | None:
-        return self.engine.pool.try_reserve(borrower, n, time.monotonic(), self.reservation_ttl_s)
+        return self.engine.lend_reserve(borrower, n, self.reservation_ttl_s)
 
     def commit(self, reservation_id: int, request_id: int) -> list[int]:
-        return self.engine.pool.commit(reservation_id, request_id, time.monotonic())
+        return self.engine.lend_commit(reservation_id, request_id)
 
     def release(self, request_id: int, blocks: list[int]) -> None:
-        self.engine.pool.free_blocks(request_id, blocks)
+        self.engine.lend_release(request_id, blocks)
 
     def start_attention(self, query: AttentionQuery) -> PendingAttention:
         _, received = self.codec.decode(self.codec.encode(query))
@@ -158,5 +174,122 @@ class RemoteAttention:
             out.index_copy_(0, self.rows, result.out.to(device=q.device, dtype=torch.float32))
             lse.index_copy_(0, self.rows, result.lse.to(q.device))
             return out, lse
+
+        return wait
+
+
+# ---- over ZeroMQ ---------------------------------------------------------------------------------
+
+
+class PeerService:
+    """The creditor side: answers a debtor's reservations, commits, releases and attention
+    queries for ``engine`` (the handler of its peer ``Server``).
+
+    Pool changes take the engine's ``pool_lock`` (held by the engine only while it plans, never
+    while it waits on a peer), so they are short; attention runs in a worker thread, so the
+    loop keeps answering other debtors (and its own engine's peers) meanwhile: an instance
+    waiting on its creditors still serves its debtors, and two instances borrowing from each
+    other cannot deadlock.
+    """
+
+    def __init__(self, engine: Engine, *, reservation_ttl_s: float = 2.0) -> None:
+        self.engine = engine
+        self.reservation_ttl_s = reservation_ttl_s
+
+    async def handle(self, msg):
+        engine = self.engine
+        if isinstance(msg, AttentionQuery):
+            return await trio.to_thread.run_sync(engine.serve_attention, msg)
+        if isinstance(msg, ReserveBlocks):
+            rid = engine.lend_reserve(msg.borrower, msg.num_blocks, self.reservation_ttl_s)
+            if rid is None:  # no room: say how much there is now, the borrower's fresh hint
+                return Reservation(None, engine.pool.lendable)
+            return Reservation(rid, msg.num_blocks, self.reservation_ttl_s)
+        if isinstance(msg, CommitReservation):
+            blocks = engine.lend_commit(msg.reservation_id, msg.request_id)
+            return Committed(msg.reservation_id, msg.request_id, tuple(blocks))
+        if isinstance(msg, CancelReservation):
+            engine.lend_cancel(msg.reservation_id)
+            return None
+        if isinstance(msg, ReleaseBlocks):
+            engine.lend_release(msg.request_id, list(msg.block_ids))
+            return None
+        raise ValidationError("message", type(msg).__name__, "is not a peer request (reservation, commit, release, attention)")
+
+
+class ZmqPeer:
+    """Another instance behind its peer ``Server``, for an engine whose step runs in a worker
+    thread of ``token``'s trio loop: each call crosses into that loop (``trio.from_thread``)
+    and talks through ``client``. ``release`` does not wait (it may be called from the loop
+    itself, between steps); ``start_attention`` only sends, and the returned callable waits.
+
+    ``lendable`` is a hint kept here: the peer's figure from its last answer, less what was
+    borrowed since, plus what was given back; the reservation decides.
+    """
+
+    def __init__(self, instance_id: int, client: Client, nursery: trio.Nursery, token: trio.lowlevel.TrioToken,
+                 lendable: int, *, timeout_s: float = 60.0) -> None:
+        self._instance_id = instance_id
+        self.client = client
+        self._nursery = nursery
+        self._token = token
+        self._lendable = lendable
+        self.timeout_s = timeout_s
+
+    @property
+    def instance_id(self) -> int:
+        return self._instance_id
+
+    def lendable(self) -> int:
+        return max(0, self._lendable)
+
+    def _request(self, msg):
+        return trio.from_thread.run(self.client.request, msg, trio_token=self._token)
+
+    def reserve(self, borrower: int, n: int) -> int | None:
+        reply = self._request(ReserveBlocks(borrower, n))
+        if reply.reservation_id is None:
+            self._lendable = reply.num_blocks
+            return None
+        return reply.reservation_id
+
+    def commit(self, reservation_id: int, request_id: int) -> list[int]:
+        reply = self._request(CommitReservation(reservation_id, request_id))
+        self._lendable -= len(reply.block_ids)
+        return list(reply.block_ids)
+
+    def release(self, request_id: int, blocks: list[int]) -> None:
+        self._lendable += len(blocks)
+        self._token.run_sync_soon(self._nursery.start_soon, self._release, ReleaseBlocks(request_id, tuple(blocks)))
+
+    async def _release(self, msg: ReleaseBlocks) -> None:
+        try:
+            await self.client.request(msg)
+        except TransportError as e:  # the peer has gone: its blocks went with it
+            log.warning("instance %d: releasing blocks of request %d failed: %s", self._instance_id, msg.request_id, e)
+
+    def start_attention(self, query: AttentionQuery) -> PendingAttention:
+        done = threading.Event()
+        box: dict[str, object] = {}
+
+        async def ask() -> None:
+            try:
+                box["result"] = await self.client.request(query)
+            except trio.Cancelled:
+                box["error"] = TransportError(f"instance {self._instance_id}: the query was cancelled (closing)")
+                raise
+            except Exception as e:  # noqa: BLE001 - handed to the waiting step, which fails
+                box["error"] = e
+            finally:
+                done.set()
+
+        self._token.run_sync_soon(self._nursery.start_soon, ask)
+
+        def wait() -> AttentionResult:
+            if not done.wait(self.timeout_s):
+                raise TransportError(f"instance {self._instance_id}: no attention result within {self.timeout_s} s")
+            if "error" in box:
+                raise box["error"]  # type: ignore[misc]
+            return box["result"]  # type: ignore[return-value]
 
         return wait

@@ -17,6 +17,7 @@ core's); the runtime maps the public string ids onto them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -165,6 +166,9 @@ class Engine:
         # id): the instance id in the high bits, a counter below.
         self._next_rid = (instance_id << _RID_BITS) + 1
         self.peers: dict[int, Peer] = dict(peers or {})
+        # The pool has one owner at a time: this engine's planner (in its step) or a debtor's
+        # reservation (``lend_*``, on the serving loop). Never held while waiting on a peer.
+        self.pool_lock = threading.Lock()
         self.num_loans = 0  # loans granted: a step that only borrowed still made progress
         self.num_steps = 0
         self.generated_tokens = 0
@@ -240,7 +244,9 @@ class Engine:
         req = self.requests.pop(rid, None)
         if req is None:
             return None
-        self._release_remote(rid, self.planner.abort(rid))
+        with self.pool_lock:
+            runs = self.planner.abort(rid)
+        self._release_remote(rid, runs)
         req.detok.finish(reason)
         req.finish_reason, req.stop_reason = reason, None
         return req.snapshot(finished=True, error=error)
@@ -259,7 +265,9 @@ class Engine:
         (their blocks freed; the ones that already finished in this step keep their output);
         every other request is untouched and goes on. A failure in scheduling itself raises.
         """
-        plan = self.planner.schedule(sum(p.lendable() for p in self.peers.values()))
+        loan_available = sum(p.lendable() for p in self.peers.values())
+        with self.pool_lock:
+            plan = self.planner.schedule(loan_available)
         outputs: list[RequestOutput] = []
         for p in plan.preempted:  # recompute: back in the planner's waiting queue, tokens kept here
             self.requests[p.request_id].num_preemptions += 1
@@ -325,7 +333,9 @@ class Engine:
             stop = req.detok.append(tok)
             if stop is not None:
                 req.finish_reason, req.stop_reason = stop.finish_reason, stop.stop_reason
-                self._release_remote(req.rid, self.planner.finish(req.rid))
+                with self.pool_lock:
+                    runs = self.planner.finish(req.rid)
+                self._release_remote(req.rid, runs)
                 del self.requests[req.rid]
                 outputs.append(req.snapshot(finished=True))
             else:
@@ -409,7 +419,9 @@ class Engine:
             reservation = peer.reserve(self.instance_id, take)
             if reservation is None:
                 continue
-            self.planner.add_loan(rid, peer.instance_id, peer.commit(reservation, rid))
+            blocks = peer.commit(reservation, rid)
+            with self.pool_lock:
+                self.planner.add_loan(rid, peer.instance_id, blocks)
             self.num_loans += 1
             n -= take
             if n == 0:
@@ -419,6 +431,24 @@ class Engine:
         """Free the blocks creditors hold for a request that ended or was preempted."""
         for instance, blocks in runs:
             self.peers[instance].release(rid, list(blocks))
+
+    def lend_reserve(self, borrower: int, n: int, ttl_s: float) -> int | None:
+        """Reserve ``n`` blocks for instance ``borrower`` (first come, first served)."""
+        with self.pool_lock:
+            return self.pool.try_reserve(borrower, n, time.monotonic(), ttl_s)
+
+    def lend_commit(self, reservation_id: int, request_id: int) -> list[int]:
+        with self.pool_lock:
+            return self.pool.commit(reservation_id, request_id, time.monotonic())
+
+    def lend_cancel(self, reservation_id: int) -> None:
+        with self.pool_lock:
+            self.pool.cancel(reservation_id)
+
+    def lend_release(self, request_id: int, blocks: list[int]) -> None:
+        """Free blocks lent to ``request_id`` (all of them when ``blocks`` is empty)."""
+        with self.pool_lock:
+            self.pool.free_blocks(request_id, blocks or self.pool.blocks_of(request_id))
 
     def serve_attention(self, query: AttentionQuery) -> AttentionResult:
         """A debtor's partial attention over the blocks this instance lends it: write the new k,

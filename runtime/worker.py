@@ -1,0 +1,104 @@
+"""An instance in its own process, serving its peer socket.
+
+    python -m infinillm.worker --model PATH --instance-id 1 --num-blocks 64 [--block-size 16]
+        [--max-lend-fraction 0.5] [--dtype float32] [--device cpu] [--transport ipc]
+
+The worker loads the model, builds its ``Engine`` (the same code as the in-process instance)
+and serves a peer ``Server`` (``cluster.PeerService``): debtors reserve, commit and release its
+blocks and send it partial-attention queries over them. It prints ``ready <peer address>`` on
+stdout once it serves, and exits when its standard input closes (the parent let it go) or its
+parent process dies (checked every ``_PARENT_POLL_S`` seconds), so no worker outlives the
+runtime that started it.
+
+Still to come (issue #11): the control socket (requests in, outputs out) that makes a worker a
+home instance of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import trio
+
+from .cluster import PeerService
+from .config import CacheConfig, SchedulerConfig, TransportConfig
+from .engine import Engine
+from .errors import InfiniLLMError
+from .loader import load_model
+from .transport import open_transport
+
+__all__ = ["main", "serve"]
+
+_PARENT_POLL_S = 1.0
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infinillm.worker", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--instance-id", type=int, required=True)
+    p.add_argument("--num-blocks", type=int, required=True)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-lend-fraction", type=float, default=0.5)
+    p.add_argument("--reservation-ttl-s", type=float, default=2.0)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", choices=_DTYPES, default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
+    return p
+
+
+async def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        await trio.sleep(_PARENT_POLL_S)
+
+
+async def _wait_stdin_closed() -> None:
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stdin:
+        while await stdin.receive_some():
+            pass
+
+
+async def serve(args: argparse.Namespace) -> None:
+    import torch
+
+    parent = os.getppid()
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer, margs = await trio.to_thread.run_sync(
+        lambda: load_model(args.model, dtype=dtype, device=args.device, progress=False)
+    )
+    cache = CacheConfig(block_size=args.block_size, kv_capacity_tokens=args.num_blocks * args.block_size,
+                        max_lend_fraction=args.max_lend_fraction, reservation_ttl_s=args.reservation_ttl_s)
+    engine = Engine(model, margs, tokenizer, cache=cache, scheduler=SchedulerConfig(), num_blocks=args.num_blocks,
+                    max_model_len=args.max_model_len or margs.max_position_embeddings, instance_id=args.instance_id,
+                    device=args.device, dtype=dtype)
+    service = PeerService(engine, reservation_ttl_s=args.reservation_ttl_s)
+    async with open_transport(TransportConfig(transport=args.transport)) as tp:
+        async with tp.open_server(service.handle, name=f"peer{args.instance_id}", concurrency=4) as server:
+            print("ready", server.address, flush=True)
+            async with trio.open_nursery() as nursery:
+                for wait in (_wait_stdin_closed, lambda: _watch_parent(parent)):
+                    async def stop_when(wait=wait) -> None:
+                        await wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(stop_when)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        trio.run(serve, args)
+    except InfiniLLMError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

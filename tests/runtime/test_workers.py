@@ -1,0 +1,151 @@
+"""Instances in other processes: a home engine here borrows blocks from worker processes over
+ZeroMQ (real sockets, real processes) and gets the tokens of one instance with room.
+
+The home's steps run in a worker thread of this test's trio loop, as the runtime runs them;
+its ``ZmqPeer`` s cross into the loop for every reservation, commit, release and query.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from infinillm import SamplingParams
+from infinillm.cluster import ZmqPeer
+from infinillm.config import CacheConfig, SchedulerConfig
+from infinillm.engine import Engine
+from infinillm.loader import load_model
+from infinillm.testing import make_tiny_model
+from infinillm.transport import CancelReservation, ReserveBlocks, open_transport
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+@asynccontextmanager
+async def worker(folder: str, instance_id: int, num_blocks: int):
+    """A worker process; yields (process, peer address). Closing its stdin stops it."""
+    argv = [sys.executable, "-m", "infinillm.worker", "--model", folder, "--instance-id", str(instance_id),
+            "--num-blocks", str(num_blocks), "--block-size", str(BLOCK), "--max-model-len", "1024"]
+    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        line = b""
+        with trio.fail_after(120):
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(1)
+                assert chunk, f"worker {instance_id} exited before it was ready (rc {proc.poll()})"
+                line += chunk
+        word, address = line.decode().split()
+        assert word == "ready"
+        yield proc, address
+    finally:
+        await proc.stdin.aclose()
+        with trio.fail_after(30):
+            assert await proc.wait() == 0
+
+
+def home_engine(folder: str, num_blocks: int, cluster_blocks: int, max_num_batched_tokens: int = 32) -> Engine:
+    model, tokenizer, args = load_model(folder, progress=False)
+    return Engine(model, args, tokenizer, cache=CacheConfig(block_size=BLOCK),
+                  scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
+                  num_blocks=num_blocks, max_model_len=1024, instance_id=0, cluster_blocks=cluster_blocks)
+
+
+async def run(engine: Engine, prompts, params) -> dict[str, tuple]:
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    finals = {}
+    while engine.has_work:
+        for out in await trio.to_thread.run_sync(engine.step):
+            if out.finished:
+                finals[out.request_id] = (tuple(out.outputs[0].token_ids), out.outputs[0].logprobs, out.outputs[0].finish_reason)
+    return finals
+
+
+PROMPTS = [[(i * 7 + j * 13) % 300 + 3 for j in range(n)] for i, n in enumerate([150, 30, 90])]
+GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=1)
+
+
+async def test_a_home_spreads_its_requests_over_two_worker_processes(tiny_folder):
+    want = await run(home_engine(tiny_folder, 200, 200, 2048), PROMPTS, GREEDY)
+    # Each worker lends at most 4 of its 8 blocks; the home has 6 and needs about 22 in all, so
+    # it borrows from both, and preempts (recomputes) when the loans run out.
+    async with worker(tiny_folder, 1, 8) as (_, address1), worker(tiny_folder, 2, 8) as (_, address2):
+        async with open_transport() as tp, tp.open_client(address1) as c1, tp.open_client(address2) as c2:
+            async with trio.open_nursery() as nursery:
+                token = trio.lowlevel.current_trio_token()
+                home = home_engine(tiny_folder, 6, 6 + 4 + 4)
+                home.peers = {1: ZmqPeer(1, c1, nursery, token, lendable=4), 2: ZmqPeer(2, c2, nursery, token, lendable=4)}
+                lent = {1: 0, 2: 0}
+                for peer in home.peers.values():
+                    commit = peer.commit
+
+                    def counted(reservation, rid, peer=peer, commit=commit):
+                        blocks = commit(reservation, rid)
+                        lent[peer.instance_id] += len(blocks)
+                        return blocks
+
+                    peer.commit = counted
+                got = await run(home, PROMPTS, GREEDY)
+                assert lent[1] > 0 and lent[2] > 0, lent  # both workers held blocks of the home's requests
+                assert home.pool.num_borrowed == 0
+                await trio.testing.wait_all_tasks_blocked()  # the releases (one-way) have landed
+                for client in (c1, c2):  # every lent block came back: all 4 lendable again
+                    reply = await client.request(ReserveBlocks(0, 4))
+                    assert reply.reservation_id is not None, reply
+                    await client.request(CancelReservation(reply.reservation_id))
+    assert got.keys() == want.keys()
+    for rid in want:
+        assert got[rid][0] == want[rid][0]
+        for g, w in zip(got[rid][1], want[rid][1]):
+            (tok,) = [t for t in w if w[t].rank == 1]
+            assert math.isclose(g[tok].logprob, w[tok].logprob, abs_tol=1e-3)
+
+
+async def test_a_worker_exits_when_its_parent_lets_it_go(tiny_folder):
+    async with worker(tiny_folder, 1, 4) as (proc, _):
+        assert proc.poll() is None
+    assert proc.returncode == 0
+
+
+async def test_a_worker_whose_parent_dies_exits_by_itself(tiny_folder):
+    # A parent that starts a worker (handing it the parent's own stdin, which this test keeps
+    # open, so only the parent's death can stop it), then is killed with SIGKILL.
+    parent_code = (
+        "import subprocess, sys; "
+        f"p = subprocess.Popen([sys.executable, '-m', 'infinillm.worker', '--model', {tiny_folder!r}, "
+        "'--instance-id', '1', '--num-blocks', '4']); "
+        "print('worker', p.pid, flush=True); p.wait()"
+    )
+    parent = await trio.lowlevel.open_process([sys.executable, "-c", parent_code], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        out = b""
+        with trio.fail_after(120):
+            while b"ready" not in out:
+                chunk = await parent.stdout.receive_some()
+                assert chunk, "the worker never became ready"
+                out += chunk
+        pid = int(out.split(b"worker ")[1].split()[0])
+        pidfd = os.pidfd_open(pid)
+        try:
+            parent.kill()
+            await parent.wait()
+            with trio.fail_after(10):  # it polls its parent every second
+                await trio.lowlevel.wait_readable(pidfd)  # readable once the worker has exited
+        finally:
+            os.close(pidfd)
+    finally:
+        await parent.stdin.aclose()
+        parent.kill()
