@@ -265,7 +265,8 @@ class AttentionResult(Message):
 @message(3)
 @dataclass(frozen=True, slots=True)
 class HeartbeatDelta(Message):
-    """An instance's pool counters (``core_sched.PoolDelta``) and load, to the gManager.
+    """An instance's pool counter changes since its last heartbeat (``core_sched.PoolDelta``:
+    signed differences, ``capacity`` .. ``borrowed``) and its load (absolute), to the gManager.
 
     The receiver applies it only if ``base_version`` is the version it last saw from this
     instance; otherwise it asks for a snapshot (a delta with ``base_version == 0`` is one).
@@ -285,10 +286,18 @@ class HeartbeatDelta(Message):
     waiting_blocks: int = 0
 
     def _check(self) -> None:
-        _nonneg("HeartbeatDelta", instance_id=self.instance_id, base_version=self.base_version,
-                version=self.version, capacity=self.capacity, free=self.free, used=self.used,
-                lent=self.lent, reserved=self.reserved, borrowed=self.borrowed,
+        o = "HeartbeatDelta"
+        _nonneg(o, instance_id=self.instance_id, base_version=self.base_version, version=self.version,
                 batch_size=self.batch_size, num_waiting=self.num_waiting, waiting_blocks=self.waiting_blocks)
+        if self.version < self.base_version:
+            _fail(o, "version", self.version, f"must be >= base_version={self.base_version}")
+
+    def to_pool_delta(self) -> Any:
+        """The ``core_sched.PoolDelta`` to give ``DebtLedger.apply_delta``."""
+        from ..core_sched.types import PoolDelta
+
+        return PoolDelta(self.instance_id, self.base_version, self.version, self.capacity, self.free, self.used,
+                         self.lent, self.reserved, self.borrowed)
 
     @classmethod
     def from_pool_delta(cls, delta: Any, *, batch_size: int = 0, num_waiting: int = 0,

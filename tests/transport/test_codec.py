@@ -763,3 +763,41 @@ def test_a_reservation_ttl_must_be_finite_and_not_negative(ttl):
     with pytest.raises(ValidationError, match=problem):
         Reservation(1, 8, ttl)
     refused([msgpack.packb([PROTOCOL_VERSION, Reservation.TYPE_ID, 3, 1, 8, ttl])], rf"malformed Reservation: {problem}")
+
+
+def test_a_heartbeat_carries_signed_changes_from_a_pool_to_the_ledger(core):
+    # Heartbeat 1: a request takes 3 blocks (free -3, used +3). Heartbeat 2: it ends (free +3,
+    # used -3), then 1 block is reserved and lent (free -1, used +1, lent +1): used -2, free +2.
+    pool = core.BlockPool(1, 16, 8)
+    ledger = core.DebtLedger()
+    ledger.register_instance(1, 16, 8)
+    ledger.apply_snapshot(1, pool.counters())
+    pool.take_delta()
+    pool.allocate(5, 3)
+    ledger_before = ledger.instance(1)
+    assert ledger.apply_delta(_through_the_wire(pool.take_delta()).to_pool_delta())
+    pool.free_request(5)
+    res = pool.try_reserve(2, 1, 0.0, 10.0)
+    pool.commit(res, 77, 1.0)
+    delta = pool.take_delta()
+    assert (delta.free, delta.used, delta.lent) == (2, -2, 1)  # a real delta has negative changes
+    hb = _through_the_wire(delta)
+    assert (hb.free, hb.used, hb.lent, hb.reserved) == (delta.free, delta.used, delta.lent, delta.reserved)
+    assert ledger.apply_delta(hb.to_pool_delta())
+    view, c = ledger.instance(1), pool.counters()
+    assert (view.free, view.used, view.lent, view.reserved, view.version) == (c.free, c.used, c.lent, c.reserved, c.version)
+    assert ledger_before.free == 16
+
+
+def _through_the_wire(delta) -> HeartbeatDelta:
+    hb = HeartbeatDelta.from_pool_delta(delta, batch_size=1)
+    _, back = CODEC.decode(CODEC.encode(hb))
+    assert back == hb
+    return back
+
+
+def test_a_heartbeat_that_goes_back_in_version_is_refused():
+    with pytest.raises(ValidationError, match=r"HeartbeatDelta.version=3 is invalid: must be >= base_version=4"):
+        HeartbeatDelta(1, 4, 3, 0, -1, 1, 0, 0, 0)
+    with pytest.raises(ValidationError, match=r"HeartbeatDelta.batch_size=-1 is invalid"):
+        HeartbeatDelta(1, 4, 5, 0, -1, 1, 0, 0, 0, batch_size=-1)
