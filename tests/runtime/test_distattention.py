@@ -157,3 +157,31 @@ def test_a_creditor_refuses_a_query_naming_blocks_it_does_not_have(tiny):
     )
     with pytest.raises(ValidationError, match="AttentionQuery.blocks=9 is invalid: must be block ids below 4"):
         creditor.serve_attention(query)
+
+
+def test_a_creditor_that_fails_ends_the_requests_of_that_step_and_frees_their_blocks(tiny):
+    # The home borrows for its long request; then the creditor's attention breaks. The step
+    # that asked it ends its requests with "error" (blocks freed everywhere); a request that
+    # was waiting goes on alone afterwards.
+    home, (creditor,) = make_cluster(tiny, 4, [16], max_num_batched_tokens=32, max_num_seqs=1)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    long_rid = home.add_request("long", prompts_of([90])[0], params)
+    home.add_request("later", prompts_of([20])[0], params)
+    while not home.pool.borrowed_by(long_rid):
+        home.step()
+    peer = home.peers[creditor.instance_id]
+
+    def broken(query):
+        raise RuntimeError("creditor fault")
+
+    peer.start_attention = broken
+    outs = home.step()
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in outs] == [("long", "error")]
+    assert "creditor fault" in outs[0].error
+    assert creditor.pool.num_lent == 0  # its blocks were released on the creditor too
+    del peer.start_attention  # mended: the waiting request runs, all at home
+    finals = []
+    while home.has_work:
+        finals += [o for o in home.step() if o.finished]
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in finals] == [("later", "length")]
+    assert_pools_empty(home, creditor)

@@ -149,3 +149,43 @@ async def test_a_worker_whose_parent_dies_exits_by_itself(tiny_folder):
     finally:
         await parent.stdin.aclose()
         parent.kill()
+
+
+async def test_two_homes_borrowing_from_each_other_at_once_do_not_deadlock(tiny_folder):
+    # Two engines, each a home and each the other's creditor, stepping at the same time in
+    # worker threads of one loop; each serves the other's queries on its own peer socket while
+    # its own step waits on the other's. Each home's three requests grow to 100 tokens (7 blocks):
+    # 21 blocks wanted where it has 10, so both borrow (and preempt) while the other is busy;
+    # every request fits in its home alone, so each makes progress. Which one gets loans when
+    # depends on the timing (a home lends only the blocks it has free, e.g. just after it
+    # preempted); that both step, query and serve at once without waiting on each other is
+    # what this checks.
+    from infinillm.cluster import PeerService
+
+    prompts = [[(i * 11 + j * 5) % 300 + 3 for j in range(60)] for i in range(3)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    want = await run(home_engine(tiny_folder, 200, 200, 2048), prompts, params)
+    a = home_engine(tiny_folder, 10, 10 + 5, 32)
+    b = Engine(a.model, a.args, a.tokenizer, cache=CacheConfig(block_size=BLOCK),
+               scheduler=SchedulerConfig(max_num_batched_tokens=32), num_blocks=10, max_model_len=1024,
+               instance_id=1, cluster_blocks=15)
+    results: dict[int, dict] = {}
+    async with open_transport() as tp:
+        async with tp.open_server(PeerService(a).handle, name="peer0", concurrency=4) as sa, \
+                tp.open_server(PeerService(b).handle, name="peer1", concurrency=4) as sb, \
+                tp.open_client(sb.address) as to_b, tp.open_client(sa.address) as to_a, \
+                trio.open_nursery() as nursery:
+            token = trio.lowlevel.current_trio_token()
+            a.peers = {1: ZmqPeer(1, to_b, nursery, token, lendable=5)}
+            b.peers = {0: ZmqPeer(0, to_a, nursery, token, lendable=5)}
+
+            async def drive(i, engine):
+                results[i] = await run(engine, prompts, params)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as homes:
+                    homes.start_soon(drive, 0, a)
+                    homes.start_soon(drive, 1, b)
+            assert a.num_loans + b.num_loans > 0
+    for i in (0, 1):
+        assert {rid: r[0] for rid, r in results[i].items()} == {rid: r[0] for rid, r in want.items()}
