@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import trio
 
@@ -29,7 +34,7 @@ from .errors import InfiniLLMError
 from .loader import load_model
 from .transport import open_transport
 
-__all__ = ["main", "serve"]
+__all__ = ["main", "serve", "open_worker", "WorkerProcess"]
 
 _PARENT_POLL_S = 1.0
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -86,6 +91,58 @@ async def serve(args: argparse.Namespace) -> None:
                         nursery.cancel_scope.cancel()
 
                     nursery.start_soon(stop_when)
+
+
+@dataclass(slots=True)
+class WorkerProcess:
+    """A started worker: its process and the address of its peer socket."""
+
+    instance_id: int
+    process: trio.Process
+    peer_address: str
+
+
+@asynccontextmanager
+async def open_worker(
+    model: str, instance_id: int, num_blocks: int, *, block_size: int = 16, max_lend_fraction: float = 0.5,
+    max_model_len: int | None = None, dtype: str = "float32", device: str = "cpu", ready_timeout_s: float = 300.0,
+) -> AsyncIterator[WorkerProcess]:
+    """Start ``python -m infinillm.worker`` and wait until it serves; on exit close its stdin
+    (it stops) and wait for it. A worker that dies before it is ready raises ``InfiniLLMError``
+    with what it printed on stderr."""
+    argv = [sys.executable, "-m", "infinillm.worker", "--model", str(model), "--instance-id", str(instance_id),
+            "--num-blocks", str(num_blocks), "--block-size", str(block_size), "--max-lend-fraction",
+            str(max_lend_fraction), "--dtype", dtype, "--device", device]
+    if max_model_len is not None:
+        argv += ["--max-model-len", str(max_model_len)]
+    # Its stderr goes to a file (a pipe nobody reads would fill and stall it), read back if it
+    # dies before it is ready.
+    log_file = tempfile.TemporaryFile()
+    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file)
+    try:
+        line = b""
+        with trio.fail_after(ready_timeout_s):
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(1)
+                if not chunk:
+                    rc = await proc.wait()
+                    log_file.seek(0)
+                    err = log_file.read()[-2000:].decode(errors="replace").strip()
+                    raise InfiniLLMError(f"worker {instance_id} exited before it was ready (rc {rc}): {err}")
+                line += chunk
+        word, address = line.decode().split()
+        if word != "ready":
+            raise InfiniLLMError(f"worker {instance_id} said {line!r}, not 'ready <address>'")
+        yield WorkerProcess(instance_id, proc, address)
+    finally:
+        with trio.CancelScope(shield=True):
+            await proc.stdin.aclose()
+            with trio.move_on_after(30):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        log_file.close()
 
 
 def main(argv: list[str] | None = None) -> int:

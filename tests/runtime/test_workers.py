@@ -22,6 +22,7 @@ from infinillm.config import CacheConfig, SchedulerConfig
 from infinillm.engine import Engine
 from infinillm.loader import load_model
 from infinillm.testing import make_tiny_model
+from infinillm.worker import open_worker
 from infinillm.transport import CancelReservation, ReserveBlocks, open_transport
 
 BLOCK = 16
@@ -34,25 +35,10 @@ def tiny_folder(tmp_path_factory) -> str:
 
 @asynccontextmanager
 async def worker(folder: str, instance_id: int, num_blocks: int):
-    """A worker process; yields (process, peer address). Closing its stdin stops it."""
-    argv = [sys.executable, "-m", "infinillm.worker", "--model", folder, "--instance-id", str(instance_id),
-            "--num-blocks", str(num_blocks), "--block-size", str(BLOCK), "--max-model-len", "1024"]
-    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            env={**os.environ, "TQDM_DISABLE": "1"})
-    try:
-        line = b""
-        with trio.fail_after(120):
-            while not line.endswith(b"\n"):
-                chunk = await proc.stdout.receive_some(1)
-                assert chunk, f"worker {instance_id} exited before it was ready (rc {proc.poll()})"
-                line += chunk
-        word, address = line.decode().split()
-        assert word == "ready"
-        yield proc, address
-    finally:
-        await proc.stdin.aclose()
-        with trio.fail_after(30):
-            assert await proc.wait() == 0
+    """A worker process; yields (process, peer address)."""
+    async with open_worker(folder, instance_id, num_blocks, block_size=BLOCK, max_model_len=1024) as w:
+        yield w.process, w.peer_address
+    assert w.process.returncode == 0
 
 
 def home_engine(folder: str, num_blocks: int, cluster_blocks: int, max_num_batched_tokens: int = 32) -> Engine:
@@ -189,3 +175,11 @@ async def test_two_homes_borrowing_from_each_other_at_once_do_not_deadlock(tiny_
             assert a.num_loans + b.num_loans > 0
     for i in (0, 1):
         assert {rid: r[0] for rid, r in results[i].items()} == {rid: r[0] for rid, r in want.items()}
+
+
+async def test_a_worker_that_cannot_start_is_an_error_with_its_reason(tmp_path):
+    from infinillm import InfiniLLMError
+
+    with pytest.raises(InfiniLLMError, match=r"worker 3 exited before it was ready \(rc 2\): .*model='/no/such/model' is invalid: does not exist"):
+        async with open_worker("/no/such/model", 3, 4):
+            pass  # pragma: no cover
