@@ -91,7 +91,8 @@ async def main(args: argparse.Namespace) -> None:
                             held.update(i for i, _ in home.tables.runs(rid))
 
                     spreads.append(await decode_rate(home, prompt, args.new_tokens, watch))
-                    await trio.testing.wait_all_tasks_blocked()  # the releases have landed
+                    for peer in home.peers.values():
+                        await peer.wait_released()
         nursery.cancel_scope.cancel()
     s, p = statistics.median(singles), statistics.median(spreads)
     emit("single_decode_tok_s", s, "tok/s", runs=[round(x, 2) for x in singles])
@@ -108,7 +109,5 @@ if __name__ == "__main__":
     ns = parser.parse_args()
     ns.new_tokens = 16 if ns.quick else 48
     ns.repeat = 1 if ns.quick else 3
-    import trio.testing  # noqa: F401 - wait_all_tasks_blocked
-
     os.environ.setdefault("TQDM_DISABLE", "1")
     trio.run(main, ns)

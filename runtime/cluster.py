@@ -57,6 +57,10 @@ __all__ = ["Peer", "PendingAttention", "LocalPeer", "RemoteAttention", "PeerServ
 
 log = logging.getLogger("infinillm.cluster")
 
+# A query of at most this many rows is answered on the loop itself (microseconds of work);
+# longer ones (prefill chunks) in a worker thread, so the loop keeps serving meanwhile.
+_INLINE_QUERY_ROWS = 64
+
 PendingAttention = Callable[[], AttentionResult]
 """Waits for a creditor's answer to one ``AttentionQuery`` and returns it."""
 
@@ -199,6 +203,8 @@ class PeerService:
     async def handle(self, msg):
         engine = self.engine
         if isinstance(msg, AttentionQuery):
+            if msg.q.shape[0] <= _INLINE_QUERY_ROWS:  # a decode's few rows: cheaper than a thread hop
+                return engine.serve_attention(msg)
             return await trio.to_thread.run_sync(engine.serve_attention, msg)
         if isinstance(msg, ReserveBlocks):
             rid = engine.lend_reserve(msg.borrower, msg.num_blocks, self.reservation_ttl_s)
@@ -235,6 +241,9 @@ class ZmqPeer:
         self._token = token
         self._lendable = lendable
         self.timeout_s = timeout_s
+        self._releasing = 0  # releases sent and not answered yet
+        self._released = trio.Event()
+        self._released.set()
 
     @property
     def instance_id(self) -> int:
@@ -263,10 +272,21 @@ class ZmqPeer:
         self._token.run_sync_soon(self._nursery.start_soon, self._release, ReleaseBlocks(request_id, tuple(blocks)))
 
     async def _release(self, msg: ReleaseBlocks) -> None:
+        if self._releasing == 0:
+            self._released = trio.Event()
+        self._releasing += 1
         try:
             await self.client.request(msg)
-        except TransportError as e:  # the peer has gone: its blocks went with it
+        except (TransportError, trio.ClosedResourceError) as e:  # the peer has gone, or we are closing
             log.warning("instance %d: releasing blocks of request %d failed: %s", self._instance_id, msg.request_id, e)
+        finally:
+            self._releasing -= 1
+            if self._releasing == 0:
+                self._released.set()
+
+    async def wait_released(self) -> None:
+        """Return once every release sent so far has been answered (on the loop)."""
+        await self._released.wait()
 
     def start_attention(self, query: AttentionQuery) -> PendingAttention:
         done = threading.Event()

@@ -86,7 +86,8 @@ async def test_a_home_spreads_its_requests_over_two_worker_processes(tiny_folder
                 got = await run(home, PROMPTS, GREEDY)
                 assert lent[1] > 0 and lent[2] > 0, lent  # both workers held blocks of the home's requests
                 assert home.pool.num_borrowed == 0
-                await trio.testing.wait_all_tasks_blocked()  # the releases (one-way) have landed
+                for peer in home.peers.values():  # the releases (one-way) have landed
+                    await peer.wait_released()
                 for client in (c1, c2):  # every lent block came back: all 4 lendable again
                     reply = await client.request(ReserveBlocks(0, 4))
                     assert reply.reservation_id is not None, reply
