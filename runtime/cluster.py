@@ -241,7 +241,8 @@ class ZmqPeer:
         self._token = token
         self._lendable = lendable
         self.timeout_s = timeout_s
-        self._releasing = 0  # releases sent and not answered yet
+        self._releasing = 0  # releases asked for and not answered yet (any thread may ask)
+        self._releasing_lock = threading.Lock()
         self._released = trio.Event()
         self._released.set()
 
@@ -268,25 +269,29 @@ class ZmqPeer:
         return list(reply.block_ids)
 
     def release(self, request_id: int, blocks: list[int]) -> None:
+        with self._releasing_lock:
+            if self._releasing == 0:
+                self._released = trio.Event()  # before the count shows: a waiter sees this one
+            self._releasing += 1
         self._lendable += len(blocks)
         self._token.run_sync_soon(self._nursery.start_soon, self._release, ReleaseBlocks(request_id, tuple(blocks)))
 
     async def _release(self, msg: ReleaseBlocks) -> None:
-        if self._releasing == 0:
-            self._released = trio.Event()
-        self._releasing += 1
         try:
             await self.client.request(msg)
         except (TransportError, trio.ClosedResourceError) as e:  # the peer has gone, or we are closing
             log.warning("instance %d: releasing blocks of request %d failed: %s", self._instance_id, msg.request_id, e)
         finally:
-            self._releasing -= 1
-            if self._releasing == 0:
+            with self._releasing_lock:
+                self._releasing -= 1
+                done = self._releasing == 0
+            if done:
                 self._released.set()
 
     async def wait_released(self) -> None:
-        """Return once every release sent so far has been answered (on the loop)."""
-        await self._released.wait()
+        """Return once every release asked for so far has been answered (on the loop)."""
+        while self._releasing:
+            await self._released.wait()
 
     def start_attention(self, query: AttentionQuery) -> PendingAttention:
         done = threading.Event()

@@ -35,6 +35,7 @@ after that raises ``InfiniLLMError``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -42,17 +43,22 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import trio
 
+from .cluster import Peer, ZmqPeer
 from .config import RuntimeConfig
 from .engine import Engine, EngineStats
 from .errors import InfiniLLMError, ValidationError
 from .memory import derive_num_blocks, kv_bytes_per_token
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
+from .transport import open_transport
+
+if TYPE_CHECKING:
+    from .worker import WorkerProcess
 
 __all__ = ["open_runtime", "Runtime", "RuntimeStats", "RequestStream"]
 
@@ -215,6 +221,7 @@ class Runtime:
         self._num_finished = 0
         self._num_aborted = 0
         self._num_errors = 0
+        self.workers: tuple[WorkerProcess, ...] = ()  # instances 1..N-1, when N > 1
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -539,46 +546,104 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
     ``ValidationError`` before anything is loaded. An exception raised in the ``async with``
     block comes out as itself (not wrapped in an exception group) once the runtime has shut
     down.
+
+    With ``num_instances`` N > 1, instance 0 runs here and is the home of every request;
+    instances 1..N-1 are worker processes (``python -m infinillm.worker``) that lend it KV
+    blocks and compute partial attention over them (each with ``kv_capacity_tokens`` of its
+    own, lending at most ``max_lend_fraction`` of it). Leaving the block stops them.
     """
     from .loader import load_model
 
     config = RuntimeConfig.from_options(**options)
-    if config.parallel.num_instances != 1:
-        raise ValidationError(
-            "num_instances", config.parallel.num_instances, "must be 1 until many-instance serving lands"
-        )
+    num_instances = config.parallel.num_instances
     device = _resolve_device(config.model.device)
     dtype = _resolve_dtype(config.model.dtype, device)
+    if num_instances > 1 and config.cache.kv_capacity_tokens is None:
+        raise ValidationError("kv_capacity_tokens", None, "must be given with num_instances > 1 (each worker's KV capacity)")
     model, tokenizer, args = await trio.to_thread.run_sync(
         lambda: load_model(config.model.model, dtype=dtype, device=device)
     )
     max_model_len = config.model.max_model_len or args.max_position_embeddings
     num_blocks = derive_num_blocks(
-        config.cache, kv_bytes_per_token(args.num_layers, args.num_kv_heads, args.head_dim, dtype), device
+        config.cache, kv_bytes_per_token(args.num_layers, args.num_kv_heads, args.head_dim, dtype), device,
+        num_instances=num_instances,
     )
-    _check_model_len(max_model_len, args.max_position_embeddings, num_blocks, config.cache.block_size)
-    engine = Engine(
-        model, args, tokenizer,
-        cache=config.cache,
-        scheduler=config.scheduler,
-        num_blocks=num_blocks,
-        max_model_len=max_model_len,
-        device=device,
-        dtype=dtype,
-        seed=config.model.seed,
-    )  # fmt: skip
-    runtime = Runtime(config, engine, tokenizer)
+    cluster_blocks = num_blocks + (num_instances - 1) * config.cache.max_lent_blocks(num_blocks)
+    _check_model_len(max_model_len, args.max_position_embeddings, cluster_blocks, config.cache.block_size)
     body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(runtime._serve)
-        try:
-            yield runtime
-        except (trio.Cancelled, GeneratorExit):
-            raise  # trio's own: the cancel scope that sent it unwraps it
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, outside the nursery
-            body_error = exc
-        finally:
-            await runtime._close()
-            nursery.cancel_scope.cancel()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            peers: dict[int, Peer] = {}
+            workers: list[WorkerProcess] = []
+            if num_instances > 1:
+                peers, workers = await _start_workers(stack, config, num_blocks, device, dtype)
+            engine = Engine(
+                model, args, tokenizer,
+                cache=config.cache,
+                scheduler=config.scheduler,
+                num_blocks=num_blocks,
+                max_model_len=max_model_len,
+                device=device,
+                dtype=dtype,
+                seed=config.model.seed,
+                cluster_blocks=cluster_blocks,
+                peers=peers,
+            )  # fmt: skip
+            runtime = Runtime(config, engine, tokenizer)
+            runtime.workers = tuple(workers)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(runtime._serve)
+                try:
+                    yield runtime
+                except (trio.Cancelled, GeneratorExit):
+                    raise  # trio's own: the cancel scope that sent it unwraps it
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, outside every nursery
+                    body_error = exc
+                finally:
+                    await runtime._close()
+                    nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):  # the creditors have answered every release
+                for peer in peers.values():
+                    await peer.wait_released()
+    except BaseExceptionGroup as group:  # a worker that failed to start, through the nurseries
+        leaf = _single_error(group)
+        if leaf is None:
+            raise
+        raise leaf from None
     if body_error is not None:
         raise body_error
+
+
+def _single_error(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception (not a cancellation) inside nested groups, or None."""
+    leaves = []
+    stack = [group]
+    while stack:
+        for e in stack.pop().exceptions:
+            (stack.append(e) if isinstance(e, BaseExceptionGroup) else leaves.append(e))
+    return leaves[0] if len(leaves) == 1 and not isinstance(leaves[0], trio.Cancelled) else None
+
+
+async def _start_workers(stack: contextlib.AsyncExitStack, config: RuntimeConfig, num_blocks: int,
+                         device: torch.device, dtype: torch.dtype) -> tuple[dict[int, Peer], list[WorkerProcess]]:
+    """Start instances 1..N-1 as worker processes (``num_blocks`` each, one after another) and
+    connect a ``ZmqPeer`` to each; ``stack`` stops them (and closes the connections) when the
+    runtime is done."""
+    from .worker import open_worker  # not at import: `python -m infinillm.worker` imports infinillm first
+
+    cache = config.cache
+    tp = await stack.enter_async_context(open_transport(config.transport))
+    nursery = await stack.enter_async_context(trio.open_nursery())  # the peers' requests run here
+    token = trio.lowlevel.current_trio_token()
+    peers: dict[int, Peer] = {}
+    workers: list[WorkerProcess] = []
+    for instance_id in range(1, config.parallel.num_instances):
+        worker = await stack.enter_async_context(open_worker(
+            config.model.model, instance_id, num_blocks, block_size=cache.block_size,
+            max_lend_fraction=cache.max_lend_fraction, max_model_len=config.model.max_model_len,
+            dtype=str(dtype).removeprefix("torch."), device=str(device),
+        ))  # fmt: skip
+        client = await stack.enter_async_context(tp.open_client(worker.peer_address))
+        peers[instance_id] = ZmqPeer(instance_id, client, nursery, token, lendable=cache.max_lent_blocks(num_blocks))
+        workers.append(worker)
+    return peers, workers

@@ -1,0 +1,85 @@
+"""``open_runtime(num_instances=N)``: instance 0 here, the home of every request, and N-1 worker
+processes lending it KV blocks; through the public API only (plus the leak check)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import infinillm
+from infinillm import SamplingParams, ValidationError
+from infinillm.testing import make_tiny_model
+from infinillm.transport import CancelReservation, ReserveBlocks
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+async def generate_all(rt, prompts, params, watch=None) -> list[tuple]:
+    finals = {}
+
+    async def one(i):
+        async for out in rt.generate({"prompt_token_ids": prompts[i]}, params, request_id=f"r{i}"):
+            finals[i] = out
+            if watch is not None:
+                watch()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(prompts)):
+            nursery.start_soon(one, i)
+    return [tuple(finals[i].outputs[0].token_ids) for i in range(len(prompts))]
+
+
+PROMPTS = [[(i * 7 + j * 13) % 300 + 3 for j in range(n)] for i, n in enumerate([200, 40, 120])]
+GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+
+async def test_three_instances_serve_what_one_with_room_serves(tiny_model):
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=1024,
+                                      max_model_len=256) as rt:
+        want = await generate_all(rt, PROMPTS, GREEDY)
+    # 8 blocks here, and two workers lending 4 of their 8 each: 16 blocks for ~27 wanted.
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=8 * BLOCK,
+                                      max_model_len=256, num_instances=3, max_num_batched_tokens=32) as rt:
+        assert len(rt.workers) == 2
+        borrowed = []
+        got = await generate_all(rt, PROMPTS, GREEDY, lambda: borrowed.append(rt.statistics().instances[0].kv_borrowed_blocks))
+        assert got == want
+        assert max(borrowed) > 0  # blocks of its requests lived on the workers
+        for peer in rt.engine.peers.values():  # every block came back: all 4 lendable again
+            await peer.wait_released()
+            reply = await peer.client.request(ReserveBlocks(0, 4))
+            assert reply.reservation_id is not None
+            await peer.client.request(CancelReservation(reply.reservation_id))
+        workers = rt.workers
+    assert all(w.process.returncode == 0 for w in workers)  # stopped with the runtime
+
+
+async def test_aborts_and_close_free_blocks_on_the_workers(tiny_model):
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=8 * BLOCK,
+                                      max_model_len=192, num_instances=2, max_num_batched_tokens=32) as rt:
+        stream = rt.generate({"prompt_token_ids": PROMPTS[2]}, params, request_id="spread")  # 120 tokens
+        async for out in stream:
+            if rt.statistics().instances[0].kv_borrowed_blocks:
+                break  # leaving the loop aborts it
+        await stream.aclose()
+        (peer,) = rt.engine.peers.values()
+        await peer.wait_released()
+        reply = await peer.client.request(ReserveBlocks(0, 4))
+        assert reply.reservation_id is not None  # its blocks on the worker are free again
+        await peer.client.request(CancelReservation(reply.reservation_id))
+        left = rt.generate({"prompt_token_ids": PROMPTS[2]}, params)  # left running at close
+        await left.__anext__()
+        async for _ in rt.generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(max_tokens=2)):
+            pass
+
+
+async def test_many_instances_need_each_workers_capacity(tiny_model):
+    with pytest.raises(ValidationError, match=r"kv_capacity_tokens=None is invalid: must be given with num_instances > 1"):
+        async with infinillm.open_runtime(model=tiny_model, device="cpu", num_instances=2, max_model_len=256):
+            pass  # pragma: no cover
