@@ -78,20 +78,43 @@ async def test_greedy_tokens_and_logprobs_match_transformers(hf):
             assert final.outputs[0].text == tok.decode(ref_tokens, skip_special_tokens=True)
 
 
-async def test_a_prompt_over_4000_tokens_matches_transformers(hf):
+@pytest.mark.slow
+async def test_a_prompt_over_4000_tokens_matches_transformers_on_one_and_on_four_instances(hf):
     tok, model = hf
     passage = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "ARCHITECTURE.md").read_text()
     async with runtime() as rt:
         text = ""
-        while len(rt.tokenizer.encode(text)) < 4100:
-            text += passage + "\n"
+        lines = passage.splitlines(keepends=True)
+        while len(rt.tokenizer.encode(text)) < 4100:  # line by line: just over 4,100 tokens
+            text += "".join(lines[:20])
+            lines = lines[20:] or passage.splitlines(keepends=True)
         chat = [{"role": "user", "content": text + "\nSummarise the text above in one sentence."}]
         ids = rt.tokenizer.encode(rt.tokenizer.apply_chat_template(chat, add_generation_prompt=True))
         assert len(ids) > 4000
         tokens, logprobs, _ = await generate(rt, {"prompt_token_ids": ids}, 8)
-        ref_tokens, ref_logprobs = hf_greedy(model, ids, 8)
-        assert tokens == ref_tokens
-        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-3
+    ref_tokens, ref_logprobs = hf_greedy(model, ids, 8)
+    assert tokens == ref_tokens
+    assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-3
+    # The same prompt on 4 instances of C blocks each, C about 2/5 of what it needs: the home
+    # holds C, each worker lends at most C/2, so it spreads over all four (at least three).
+    need = -(-(len(ids) + 8) // 16)
+    c = need * 2 // 5 + 2
+    held = set()
+    async with runtime(num_instances=4, kv_capacity_tokens=c * 16, max_model_len=(c + 3 * (c // 2)) * 16) as rt:
+
+        def watch():
+            for r in rt.engine.requests.values():
+                held.update(i for i, _ in rt.engine.tables.runs(r.rid))
+
+        params = SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True)
+        async for final in rt.generate({"prompt_token_ids": ids}, params):
+            watch()
+        out = final.outputs[0]
+        spread_tokens = list(out.token_ids)
+        spread_logprobs = [entry[t].logprob for t, entry in zip(out.token_ids, out.logprobs)]
+    assert len(held) >= 3, held
+    assert spread_tokens == ref_tokens
+    assert max(abs(a - b) for a, b in zip(spread_logprobs, ref_logprobs)) < 1e-3
 
 
 async def test_batch_invariance_while_requests_join_and_leave():
