@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import trio
 
+from . import core_sched
 from .cluster import Peer, ZmqPeer
 from .config import RuntimeConfig
 from .engine import Engine, EngineStats
@@ -72,6 +73,11 @@ _THROUGHPUT_WINDOW_S = 10.0
 class RuntimeStats:
     """A frozen snapshot of the runtime (``Runtime.statistics()``).
 
+    ``instances[0]`` is the in-process instance (the home of every request); with workers,
+    ``instances[i]`` is worker i as the gManager's ledger last heard from it (its heartbeats:
+    blocks and load; no step counters). ``placements`` maps each running request's id to the
+    blocks each instance holds of it (``{instance: blocks}``).
+
     ``num_finished``, ``num_aborted`` and ``num_errors`` count the requests that were started
     (their stream read at least once) by how they ended: a stop or length limit, an abort, an
     error. A stream closed or dropped before its first read started nothing and is not counted.
@@ -84,6 +90,7 @@ class RuntimeStats:
     num_errors: int
     generation_tokens_per_s: float
     instances: tuple[EngineStats, ...]
+    placements: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
 
     @property
     def kv_free_blocks(self) -> int:
@@ -216,7 +223,11 @@ class Runtime:
         self._aborts: set[str] = set()  # to abort between two steps
         self._closed = False
         self._stepping = False
-        self._stats_before_step: EngineStats | None = None
+        self._stats_before_step: tuple[EngineStats, dict[str, dict[int, int]]] | None = None
+        # The gManager's view of every instance's pool: this one's deltas after each step,
+        # the workers' from their heartbeats.
+        self.ledger = core_sched.DebtLedger()
+        self.ledger.register_instance(engine.instance_id, engine.pool.num_blocks, engine.pool.max_lent_blocks)
         self._throughput: deque[tuple[float, int]] = deque()
         self._num_finished = 0
         self._num_aborted = 0
@@ -288,8 +299,22 @@ class Runtime:
                 return self._statistics(idle=True)
         return self._statistics(idle=self._run_finished())
 
+    def _engine_snapshot(self) -> tuple[EngineStats, dict[str, dict[int, int]]]:
+        engine = self.engine
+        placements = {}
+        for req in engine.requests.values():
+            if engine.tables.has_request(req.rid):
+                held: dict[int, int] = {}
+                for instance, blocks in engine.tables.runs(req.rid):
+                    held[instance] = held.get(instance, 0) + len(blocks)
+                placements[req.request_id] = held
+        return engine.statistics(), placements
+
     def _statistics(self, idle: bool = False) -> RuntimeStats:
-        stats = self._stats_before_step if self._stepping else self.engine.statistics()
+        stats, placements = self._stats_before_step if self._stepping else self._engine_snapshot()
+        workers = tuple(
+            _stats_from_view(self.ledger.instance(w.instance_id), stats.block_size) for w in self.workers
+        )
         return RuntimeStats(
             num_running=stats.num_running,
             num_waiting=stats.num_waiting + len(self._queue),
@@ -297,7 +322,8 @@ class Runtime:
             num_aborted=self._num_aborted,
             num_errors=self._num_errors,
             generation_tokens_per_s=0.0 if idle else self._tokens_per_s(),
-            instances=(stats,),
+            instances=(stats, *workers),
+            placements=placements,
         )
 
     @staticmethod
@@ -372,7 +398,7 @@ class Runtime:
                 self._between_steps()
                 while engine.has_work and not self._closed:
                     steps, loans = engine.num_steps, engine.num_loans
-                    self._stats_before_step = engine.statistics()
+                    self._stats_before_step = self._engine_snapshot()
                     self._stepping = True
                     try:
                         outputs = await trio.to_thread.run_sync(self._step)
@@ -404,6 +430,10 @@ class Runtime:
     def _between_steps(self) -> None:
         self._apply_aborts()
         self._admit()
+        with self.engine.pool_lock:  # this instance's heartbeat, to the ledger
+            delta = self.engine.pool.take_delta()
+        if not delta.empty:
+            self.ledger.apply_delta(delta)
 
     def _tokens_per_s(self) -> float:
         """Tokens generated per second by the steps of the last ``_THROUGHPUT_WINDOW_S``; 0 when
@@ -494,6 +524,16 @@ def _check_unicode(field: str, text: str) -> None:
         raise ValidationError(field, text[max(0, e.start - 8) : e.end + 8], f"must be valid Unicode: {e.reason} at index {e.start}") from None
 
 
+def _stats_from_view(view, block_size: int) -> EngineStats:
+    """A worker's figures as the ledger holds them (no step counters: it is not a home)."""
+    return EngineStats(
+        instance_id=view.instance_id, num_running=view.batch_size, num_waiting=view.num_waiting,
+        kv_capacity_blocks=view.capacity, kv_free_blocks=view.free, kv_used_blocks=view.used,
+        kv_lent_blocks=view.lent, kv_borrowed_blocks=view.borrowed, kv_reserved_blocks=view.reserved,
+        block_size=block_size, num_steps=0, num_preemptions=0, generated_tokens=0, prompt_tokens=0,
+    )
+
+
 def _final_output(request: _Request, reason: str, error: str | None = None) -> RequestOutput:
     """The last output of a request that never reached the engine."""
     return RequestOutput(
@@ -575,8 +615,9 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
         async with contextlib.AsyncExitStack() as stack:
             peers: dict[int, Peer] = {}
             workers: list[WorkerProcess] = []
+            ledger_views: list = []
             if num_instances > 1:
-                peers, workers = await _start_workers(stack, config, num_blocks, device, dtype)
+                peers, workers = await _start_workers(stack, config, num_blocks, device, dtype, ledger_views)
             engine = Engine(
                 model, args, tokenizer,
                 cache=config.cache,
@@ -591,6 +632,9 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
             )  # fmt: skip
             runtime = Runtime(config, engine, tokenizer)
             runtime.workers = tuple(workers)
+            for w in workers:
+                runtime.ledger.register_instance(w.instance_id, num_blocks, config.cache.max_lent_blocks(num_blocks))
+            ledger_views.append(runtime.ledger)  # the heartbeat task's ledger, from now on
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(runtime._serve)
                 try:
@@ -614,6 +658,20 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
         raise body_error
 
 
+async def _receive_heartbeats(puller, ledger_box: list) -> None:
+    """The gManager's side of the workers' heartbeats: apply each to the ledger, in order (a
+    worker's heartbeats arrive in order on its connection)."""
+    try:
+        async for hb in puller:
+            if not ledger_box:
+                continue  # not registered yet: nothing has happened on the worker (its delta is empty)
+            if not ledger_box[0].apply_delta(hb.to_pool_delta()):
+                log.warning("instance %d: heartbeat %d does not follow %d; waiting for the next", hb.instance_id,
+                            hb.version, ledger_box[0].instance(hb.instance_id).version)
+    except trio.ClosedResourceError:
+        return  # the runtime is closing
+
+
 def _single_error(group: BaseExceptionGroup) -> BaseException | None:
     """The one exception (not a cancellation) inside nested groups, or None."""
     leaves = []
@@ -625,15 +683,19 @@ def _single_error(group: BaseExceptionGroup) -> BaseException | None:
 
 
 async def _start_workers(stack: contextlib.AsyncExitStack, config: RuntimeConfig, num_blocks: int,
-                         device: torch.device, dtype: torch.dtype) -> tuple[dict[int, Peer], list[WorkerProcess]]:
+                         device: torch.device, dtype: torch.dtype,
+                         ledger_box: list) -> tuple[dict[int, Peer], list[WorkerProcess]]:
     """Start instances 1..N-1 as worker processes (``num_blocks`` each, one after another) and
     connect a ``ZmqPeer`` to each; ``stack`` stops them (and closes the connections) when the
-    runtime is done."""
+    runtime is done. Their heartbeats go to the ledger in ``ledger_box`` once it is there."""
     from .worker import open_worker  # not at import: `python -m infinillm.worker` imports infinillm first
 
     cache = config.cache
     tp = await stack.enter_async_context(open_transport(config.transport))
     nursery = await stack.enter_async_context(trio.open_nursery())  # the peers' requests run here
+    puller = await stack.enter_async_context(tp.open_puller(name="heartbeats"))
+    stack.callback(nursery.cancel_scope.cancel)  # at the end, before the puller closes: the heartbeat task
+    nursery.start_soon(_receive_heartbeats, puller, ledger_box)
     token = trio.lowlevel.current_trio_token()
     peers: dict[int, Peer] = {}
     workers: list[WorkerProcess] = []
@@ -641,7 +703,8 @@ async def _start_workers(stack: contextlib.AsyncExitStack, config: RuntimeConfig
         worker = await stack.enter_async_context(open_worker(
             config.model.model, instance_id, num_blocks, block_size=cache.block_size,
             max_lend_fraction=cache.max_lend_fraction, max_model_len=config.model.max_model_len,
-            dtype=str(dtype).removeprefix("torch."), device=str(device),
+            dtype=str(dtype).removeprefix("torch."), device=str(device), heartbeat_address=puller.address,
+            heartbeat_interval_s=config.parallel.heartbeat_interval_s,
         ))  # fmt: skip
         client = await stack.enter_async_context(tp.open_client(worker.peer_address))
         peers[instance_id] = ZmqPeer(instance_id, client, nursery, token, lendable=cache.max_lent_blocks(num_blocks))

@@ -461,7 +461,10 @@ class FakeNvmlProbe:
 
 def assert_runtime_idle(rt) -> None:
     """Assert a runtime holds nothing of any request: no live id, nothing queued or to abort,
-    no engine request, every KV block of every instance free and no block table left."""
+    no engine request, every KV block of the in-process instance free (none borrowed: every
+    block lent by a worker was given back) and no block table left. (Workers' own figures in
+    ``statistics()`` come from their heartbeats and may lag; tests that need them exact ask the
+    worker.)"""
     assert not rt._requests, f"live request ids: {sorted(rt._requests)}"
     assert not rt._queue, f"queued requests: {sorted(rt._queue)}"
     assert not rt._aborts, f"aborts not applied: {sorted(rt._aborts)}"
@@ -470,7 +473,7 @@ def assert_runtime_idle(rt) -> None:
     plan = engine.planner.statistics()
     assert (plan.num_running, plan.num_waiting) == (0, 0), plan
     assert engine.tables.num_requests == 0, f"{engine.tables.num_requests} block tables left"
-    for inst in rt.statistics().instances:
+    for inst in rt.statistics().instances[:1]:
         assert (inst.kv_used_blocks, inst.kv_reserved_blocks, inst.kv_lent_blocks, inst.kv_borrowed_blocks) == (0, 0, 0, 0), inst
         assert inst.kv_free_blocks == inst.kv_capacity_blocks, inst
 

@@ -5,7 +5,9 @@
 
 The worker loads the model, builds its ``Engine`` (the same code as the in-process instance)
 and serves a peer ``Server`` (``cluster.PeerService``): debtors reserve, commit and release its
-blocks and send it partial-attention queries over them. It prints ``ready <peer address>`` on
+blocks and send it partial-attention queries over them. With ``--heartbeat-address`` it pushes
+its pool's counter changes (``HeartbeatDelta``) there every ``--heartbeat-interval-s`` seconds
+when there are some: the gManager's ledger. It prints ``ready <peer address>`` on
 stdout once it serves, and exits when its standard input closes (the parent let it go) or its
 parent process dies (checked every ``_PARENT_POLL_S`` seconds), so no worker outlives the
 runtime that started it.
@@ -17,6 +19,7 @@ home instance of its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -32,7 +35,7 @@ from .config import CacheConfig, SchedulerConfig, TransportConfig
 from .engine import Engine
 from .errors import InfiniLLMError
 from .loader import load_model
-from .transport import open_transport
+from .transport import HeartbeatDelta, open_transport
 
 __all__ = ["main", "serve", "open_worker", "WorkerProcess"]
 
@@ -52,7 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
+    p.add_argument("--heartbeat-address", default=None, help="where to push HeartbeatDelta s (the gManager's puller)")
+    p.add_argument("--heartbeat-interval-s", type=float, default=0.1)
     return p
+
+
+async def _send_heartbeats(engine: Engine, pusher, interval_s: float) -> None:
+    """Push the pool's counter changes to the gManager whenever there are some."""
+    while True:
+        with engine.pool_lock:
+            delta = engine.pool.take_delta()
+        if not delta.empty:
+            await pusher.send(HeartbeatDelta.from_pool_delta(delta))
+        await trio.sleep(interval_s)
 
 
 async def _watch_parent(parent: int) -> None:
@@ -84,7 +99,10 @@ async def serve(args: argparse.Namespace) -> None:
     async with open_transport(TransportConfig(transport=args.transport)) as tp:
         async with tp.open_server(service.handle, name=f"peer{args.instance_id}", concurrency=4) as server:
             print("ready", server.address, flush=True)
-            async with trio.open_nursery() as nursery:
+            async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+                if args.heartbeat_address:
+                    pusher = await stack.enter_async_context(tp.open_pusher(args.heartbeat_address))
+                    nursery.start_soon(_send_heartbeats, engine, pusher, args.heartbeat_interval_s)
                 for wait in (_wait_stdin_closed, lambda: _watch_parent(parent)):
                     async def stop_when(wait=wait) -> None:
                         await wait()
@@ -106,6 +124,7 @@ class WorkerProcess:
 async def open_worker(
     model: str, instance_id: int, num_blocks: int, *, block_size: int = 16, max_lend_fraction: float = 0.5,
     max_model_len: int | None = None, dtype: str = "float32", device: str = "cpu", ready_timeout_s: float = 300.0,
+    heartbeat_address: str | None = None, heartbeat_interval_s: float = 0.1,
 ) -> AsyncIterator[WorkerProcess]:
     """Start ``python -m infinillm.worker`` and wait until it serves; on exit close its stdin
     (it stops) and wait for it. A worker that dies before it is ready raises ``InfiniLLMError``
@@ -115,6 +134,8 @@ async def open_worker(
             str(max_lend_fraction), "--dtype", dtype, "--device", device]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
+    if heartbeat_address is not None:
+        argv += ["--heartbeat-address", heartbeat_address, "--heartbeat-interval-s", str(heartbeat_interval_s)]
     # Its stderr goes to a file (a pipe nobody reads would fill and stall it), read back if it
     # dies before it is ready.
     log_file = tempfile.TemporaryFile()

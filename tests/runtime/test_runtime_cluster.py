@@ -46,10 +46,17 @@ async def test_three_instances_serve_what_one_with_room_serves(tiny_model):
     async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=8 * BLOCK,
                                       max_model_len=256, num_instances=3, max_num_batched_tokens=32) as rt:
         assert len(rt.workers) == 2
-        borrowed = []
-        got = await generate_all(rt, PROMPTS, GREEDY, lambda: borrowed.append(rt.statistics().instances[0].kv_borrowed_blocks))
+        snapshots = []
+        got = await generate_all(rt, PROMPTS, GREEDY, lambda: snapshots.append(rt.statistics()))
         assert got == want
-        assert max(borrowed) > 0  # blocks of its requests lived on the workers
+        assert max(s.instances[0].kv_borrowed_blocks for s in snapshots) > 0  # its requests' KV lived on the workers
+        spread = [p for s in snapshots for p in s.placements.values() if len(p) > 1]
+        assert spread and all(set(p) <= {0, 1, 2} for p in spread)
+        for s in snapshots:  # a request's blocks here plus away are what the home counts
+            assert sum(n for p in s.placements.values() for i, n in p.items() if i != 0) == s.instances[0].kv_borrowed_blocks
+        s = rt.statistics()
+        assert [i.instance_id for i in s.instances] == [0, 1, 2]
+        assert [i.kv_capacity_blocks for i in s.instances] == [8, 8, 8] and s.placements == {}
         for peer in rt.engine.peers.values():  # every block came back: all 4 lendable again
             await peer.wait_released()
             reply = await peer.client.request(ReserveBlocks(0, 4))
