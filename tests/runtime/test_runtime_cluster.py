@@ -90,3 +90,44 @@ async def test_many_instances_need_each_workers_capacity(tiny_model):
     with pytest.raises(ValidationError, match=r"kv_capacity_tokens=None is invalid: must be given with num_instances > 1"):
         async with infinillm.open_runtime(model=tiny_model, device="cpu", num_instances=2, max_model_len=256):
             pass  # pragma: no cover
+
+
+@pytest.mark.slow
+async def test_two_hundred_mixed_requests_with_random_aborts_leave_every_pool_empty(tiny_model):
+    import random
+
+    rng = random.Random(7)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=12 * BLOCK,
+                                      max_model_len=256, num_instances=3, max_num_batched_tokens=64) as rt:
+        ends: dict[str, str] = {}
+
+        async def one(i: int) -> None:
+            prompt = [(i * 7 + j) % 300 + 3 for j in range(rng.choice([5, 30, 90, 170]))]
+            stop_after = rng.choice([None, None, 1, 5])
+            async for out in rt.generate({"prompt_token_ids": prompt}, params, request_id=f"r{i}"):
+                if out.finished:
+                    ends[f"r{i}"] = out.outputs[0].finish_reason
+                elif stop_after is not None and len(out.outputs[0].token_ids) >= stop_after:
+                    if i % 2:
+                        rt.abort(f"r{i}")
+                    else:
+                        ends[f"r{i}"] = "left"
+                        break
+
+        with trio.fail_after(600):
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(one, i)
+        assert len(ends) == 200
+        assert set(ends.values()) <= {"length", "abort", "left"} and "abort" in ends.values()
+        s = rt.statistics()
+        assert s.num_finished + s.num_aborted == 200 and s.num_errors == 0
+        assert max(rt.ledger.instance(0).borrowed, s.instances[0].kv_borrowed_blocks) == 0
+        c0, v0 = rt.engine.pool.counters(), rt.ledger.instance(0)  # the ledger holds instance 0 exactly
+        assert (v0.free, v0.used, v0.lent, v0.reserved, v0.borrowed) == (c0.free, c0.used, c0.lent, c0.reserved, c0.borrowed)
+        for peer in rt.engine.peers.values():  # every worker has all its lendable blocks again
+            await peer.wait_released()
+            reply = await peer.client.request(ReserveBlocks(0, 6))
+            assert reply.reservation_id is not None
+            await peer.client.request(CancelReservation(reply.reservation_id))
