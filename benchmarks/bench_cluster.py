@@ -34,7 +34,7 @@ from infinillm.cluster import ZmqPeer  # noqa: E402
 from infinillm.config import CacheConfig, SchedulerConfig  # noqa: E402
 from infinillm.engine import Engine  # noqa: E402
 from infinillm.loader import load_model  # noqa: E402
-from infinillm.transport import open_transport  # noqa: E402
+from infinillm.transport import DealerSocket, open_transport  # noqa: E402
 from infinillm.worker import open_worker  # noqa: E402
 
 BLOCK = 16
@@ -81,10 +81,16 @@ async def main(args: argparse.Namespace) -> None:
                     tp.open_client(w3.peer_address) as c3:
                 clients = [c1, c2, c3]
                 token = trio.lowlevel.current_trio_token()
+                direct = []
+                for w in workers:
+                    sock = tp.socket(DealerSocket)
+                    tp.connect(sock, w.peer_address)
+                    direct.append(sock.zmq_socket)
                 for _ in range(args.repeat):
                     home = make_engine(loaded, 0, home_blocks, home_blocks + 3 * lend)
-                    home.peers = {w.instance_id: ZmqPeer(w.instance_id, c, nursery, token, lendable=lend)
-                                  for w, c in zip(workers, clients)}
+                    home.peers = {w.instance_id: ZmqPeer(w.instance_id, c, nursery, token, lendable=lend,
+                                                         direct=d if not args.through_loop else None, codec=tp.codec)
+                                  for w, c, d in zip(workers, clients, direct)}
 
                     def watch(home=home):
                         for rid in home.requests:
@@ -106,6 +112,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--prompt-tokens", type=int, default=2000)
+    parser.add_argument("--through-loop", action="store_true",
+                        help="send attention queries through the trio loop instead of the step's own socket")
     ns = parser.parse_args()
     ns.new_tokens = 16 if ns.quick else 48
     ns.repeat = 1 if ns.quick else 3

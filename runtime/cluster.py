@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 import trio
+import zmq
 
 from .errors import TransportError, ValidationError
 from .transport import (
@@ -45,9 +46,11 @@ from .transport import (
     Codec,
     CommitReservation,
     Committed,
+    ErrorReply,
     ReleaseBlocks,
     ReserveBlocks,
     Reservation,
+    error_from_reply,
 )
 
 if TYPE_CHECKING:
@@ -234,9 +237,15 @@ class ZmqPeer:
     """
 
     def __init__(self, instance_id: int, client: Client, nursery: trio.Nursery, token: trio.lowlevel.TrioToken,
-                 lendable: int, *, timeout_s: float = 60.0) -> None:
+                 lendable: int, *, timeout_s: float = 60.0, direct: zmq.Socket | None = None,
+                 codec: Codec | None = None) -> None:
         self._instance_id = instance_id
         self.client = client
+        # Attention queries, the hot path (one per creditor per layer), go straight from the
+        # step's thread through a DEALER of its own when given (no hop into the loop and back).
+        self._direct = direct
+        self._codec = codec or Codec()
+        self._seq = 0
         self._nursery = nursery
         self._token = token
         self._lendable = lendable
@@ -294,6 +303,8 @@ class ZmqPeer:
             await self._released.wait()
 
     def start_attention(self, query: AttentionQuery) -> PendingAttention:
+        if self._direct is not None:
+            return self._start_direct(query)
         done = threading.Event()
         box: dict[str, object] = {}
 
@@ -309,12 +320,32 @@ class ZmqPeer:
                 done.set()
 
         self._token.run_sync_soon(self._nursery.start_soon, ask)
+        return lambda: self._wait_boxed(done, box)
+
+    def _wait_boxed(self, done: threading.Event, box: dict) -> AttentionResult:
+        if not done.wait(self.timeout_s):
+            raise TransportError(f"instance {self._instance_id}: no attention result within {self.timeout_s} s")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def _start_direct(self, query: AttentionQuery) -> PendingAttention:
+        """Send on the step thread's own socket; the callable receives the reply with this
+        sequence number (dropping any older one a failed step left unread)."""
+        sock = self._direct
+        self._seq += 1
+        seq = self._seq
+        sock.send_multipart(self._codec.encode(query, seq), copy=False)
 
         def wait() -> AttentionResult:
-            if not done.wait(self.timeout_s):
-                raise TransportError(f"instance {self._instance_id}: no attention result within {self.timeout_s} s")
-            if "error" in box:
-                raise box["error"]  # type: ignore[misc]
-            return box["result"]  # type: ignore[return-value]
+            while True:
+                if not sock.poll(int(self.timeout_s * 1000)):
+                    raise TransportError(f"instance {self._instance_id}: no attention result within {self.timeout_s} s")
+                got, reply = self._codec.decode(sock.recv_multipart(copy=False))
+                if got == seq:
+                    break
+            if isinstance(reply, ErrorReply):
+                raise error_from_reply(reply, f"instance {self._instance_id}")
+            return reply
 
         return wait

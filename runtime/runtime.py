@@ -56,7 +56,7 @@ from .errors import InfiniLLMError, ValidationError
 from .memory import derive_num_blocks, kv_bytes_per_token
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
-from .transport import open_transport
+from .transport import DealerSocket, open_transport
 
 if TYPE_CHECKING:
     from .worker import WorkerProcess
@@ -707,6 +707,10 @@ async def _start_workers(stack: contextlib.AsyncExitStack, config: RuntimeConfig
             heartbeat_interval_s=config.parallel.heartbeat_interval_s,
         ))  # fmt: skip
         client = await stack.enter_async_context(tp.open_client(worker.peer_address))
-        peers[instance_id] = ZmqPeer(instance_id, client, nursery, token, lendable=cache.max_lent_blocks(num_blocks))
+        direct = tp.socket(DealerSocket)  # the step thread's own, for attention queries
+        tp.connect(direct, worker.peer_address)
+        stack.callback(direct.close)
+        peers[instance_id] = ZmqPeer(instance_id, client, nursery, token, lendable=cache.max_lent_blocks(num_blocks),
+                                     direct=direct.zmq_socket, codec=tp.codec)
         workers.append(worker)
     return peers, workers
