@@ -105,7 +105,8 @@ async def test_two_hundred_mixed_requests_with_random_aborts_leave_every_pool_em
         async def one(i: int) -> None:
             prompt = [(i * 7 + j) % 300 + 3 for j in range(rng.choice([5, 30, 90, 170]))]
             stop_after = rng.choice([None, None, 1, 5])
-            async for out in rt.generate({"prompt_token_ids": prompt}, params, request_id=f"r{i}"):
+            stream = rt.generate({"prompt_token_ids": prompt}, params, request_id=f"r{i}")
+            async for out in stream:
                 if out.finished:
                     ends[f"r{i}"] = out.outputs[0].finish_reason
                 elif stop_after is not None and len(out.outputs[0].token_ids) >= stop_after:
@@ -114,6 +115,7 @@ async def test_two_hundred_mixed_requests_with_random_aborts_leave_every_pool_em
                     else:
                         ends[f"r{i}"] = "left"
                         break
+            await stream.aclose()  # returns once the runtime has let the request go
 
         with trio.fail_after(600):
             async with trio.open_nursery() as nursery:
