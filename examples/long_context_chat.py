@@ -24,6 +24,7 @@ from infinillm import SamplingParams
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_DOCS = ["README.md", "docs/ARCHITECTURE.md"]
+_ROOM_FOR_TURNS = 1024  # context tokens kept for the questions, answers and chat template
 DEMO_QUESTIONS = [
     "In two sentences: what does this project do?",
     "Which environment variable chooses between the compiled scheduler core and its Python twin?",
@@ -60,7 +61,15 @@ async def main(args: argparse.Namespace) -> None:
     async with infinillm.open_runtime(
         model=args.model, device=args.device, kv_capacity_tokens=args.kv_capacity_tokens
     ) as rt:
-        n_doc = len(rt.tokenizer.encode(document))
+        doc_ids = rt.tokenizer.encode(document)
+        # Keep room for the questions and answers: a document longer than the model's context
+        # (less that room) is cut to its beginning, and said so.
+        budget = rt.engine.max_model_len - _ROOM_FOR_TURNS
+        if len(doc_ids) > budget:
+            print(f"document: {len(doc_ids)} tokens, cut to its first {budget} to leave {_ROOM_FOR_TURNS} "
+                  f"of the model's {rt.engine.max_model_len} for the conversation")
+            document = rt.tokenizer.decode(doc_ids[:budget])
+        n_doc = min(len(doc_ids), budget)
         print(f"document: {len(document)} characters, {n_doc} tokens; "
               f"KV capacity {rt.statistics().instances[0].kv_capacity_blocks * rt.engine.block_size} tokens\n")
         messages = [
