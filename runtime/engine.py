@@ -433,9 +433,12 @@ class Engine:
             self.peers[instance].release(rid, list(blocks))
 
     def lend_reserve(self, borrower: int, n: int, ttl_s: float) -> int | None:
-        """Reserve ``n`` blocks for instance ``borrower`` (first come, first served)."""
+        """Reserve ``n`` blocks for instance ``borrower`` (first come, first served), after
+        giving back every reservation older than its ttl (a borrower that never committed)."""
         with self.pool_lock:
-            return self.pool.try_reserve(borrower, n, time.monotonic(), ttl_s)
+            now = time.monotonic()
+            self.pool.expire(now)
+            return self.pool.try_reserve(borrower, n, now, ttl_s)
 
     def lend_commit(self, reservation_id: int, request_id: int) -> list[int]:
         with self.pool_lock:

@@ -185,3 +185,12 @@ def test_a_creditor_that_fails_ends_the_requests_of_that_step_and_frees_their_bl
         finals += [o for o in home.step() if o.finished]
     assert [(o.request_id, o.outputs[0].finish_reason) for o in finals] == [("later", "length")]
     assert_pools_empty(home, creditor)
+
+
+def test_a_reservation_never_committed_expires_and_its_blocks_are_lent_again(tiny):
+    creditor = make_engine(tiny, 1, 8)  # lends at most 4
+    assert creditor.lend_reserve(0, 4, ttl_s=0.0) is not None  # the borrower then goes silent
+    assert creditor.pool.num_reserved == 4
+    again = creditor.lend_reserve(2, 4, ttl_s=60.0)  # past the first one's ttl: it is given back
+    assert again is not None and creditor.pool.num_reserved == 4
+    assert creditor.lend_commit(again, 2 << 40 | 1) and creditor.pool.num_lent == 4
