@@ -133,3 +133,33 @@ async def test_two_hundred_mixed_requests_with_random_aborts_leave_every_pool_em
             reply = await peer.client.request(ReserveBlocks(0, 6))
             assert reply.reservation_id is not None
             await peer.client.request(CancelReservation(reply.reservation_id))
+
+
+async def test_cancelled_while_workers_start_leaves_no_worker_behind(tiny_model, monkeypatch):
+    import infinillm.worker as worker_module
+
+    started = []
+    first_up = trio.Event()
+    real = worker_module.open_worker
+
+    @__import__("contextlib").asynccontextmanager
+    async def recorded(*args, **kwargs):
+        async with real(*args, **kwargs) as w:
+            started.append(w.process)
+            first_up.set()
+            yield w
+
+    monkeypatch.setattr(worker_module, "open_worker", recorded)
+    with trio.move_on_after(120) as scope:  # cancelled as soon as the first worker is up
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_when_one_is_up():
+                await first_up.wait()
+                scope.cancel()
+
+            nursery.start_soon(cancel_when_one_is_up)
+            async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=8 * BLOCK,
+                                              max_model_len=192, num_instances=3):
+                await trio.sleep_forever()  # pragma: no cover
+    assert scope.cancelled_caught and started
+    assert all(p.returncode is not None for p in started)  # every started worker was stopped and reaped
