@@ -15,7 +15,8 @@ asks them for partial attention over those blocks (DistAttention, ../shared/DESI
 
 ``Peer`` is what the engine needs of another instance; every call is made from the engine's
 step (its worker thread) and returns when done, except ``start_attention``, which only sends:
-the engine computes its own partial meanwhile and waits on the returned ``PendingAttention``.
+the engine computes its own partial meanwhile and waits on the returned ``PendingAttention``,
+and ``release``, which does not wait (it may come from the serving loop, between steps).
 ``LocalPeer`` is another ``Engine`` in the same process, reached through the wire format (each
 query and result is encoded and decoded by the codec, with no socket): it is how the cluster
 logic is tested without processes. The worker transport implements the same protocol over
@@ -193,10 +194,11 @@ class PeerService:
     queries for ``engine`` (the handler of its peer ``Server``).
 
     Pool changes take the engine's ``pool_lock`` (held by the engine only while it plans, never
-    while it waits on a peer), so they are short; attention runs in a worker thread, so the
-    loop keeps answering other debtors (and its own engine's peers) meanwhile: an instance
-    waiting on its creditors still serves its debtors, and two instances borrowing from each
-    other cannot deadlock.
+    while it waits on a peer), so they are short. Attention over a prefill chunk runs in a worker
+    thread, so the loop keeps answering other debtors (and its own engine's peers) meanwhile; a
+    decode's few rows are answered on the loop (tens of microseconds, less than a thread hop).
+    Either way nothing here waits on the engine's step: an instance waiting on its creditors
+    still serves its debtors, and two instances borrowing from each other cannot deadlock.
     """
 
     def __init__(self, engine: Engine, *, reservation_ttl_s: float = 2.0) -> None:
