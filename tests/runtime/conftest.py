@@ -18,6 +18,33 @@ def device() -> str:
     return default_device()
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A tiny random-weight Llama folder (``infinillm.testing.make_tiny_model``), one per module."""
+    from infinillm.testing import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny_model(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def open_tiny(tiny_model, device):
+    """``open_tiny(**options)`` opens a runtime on the tiny model, on the ``device`` fixture's
+    device, with small defaults (blocks of 16 tokens, 64 of them, max_model_len 512)."""
+    import infinillm
+
+    def open_(**options):
+        options.setdefault("model", tiny_model)
+        options.setdefault("kv_capacity_tokens", 64 * 16)
+        options.setdefault("block_size", 16)
+        options.setdefault("device", device)
+        options.setdefault("max_model_len", 512)
+        return infinillm.open_runtime(**options)
+
+    return open_
+
+
 @pytest.fixture(scope="session")
 def hf_smollm2():
     """transformers' SmolLM2 model (fp32) and tokenizer on the bundled GGUF: the reference.

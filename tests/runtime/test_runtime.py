@@ -13,32 +13,8 @@ import trio
 
 import infinillm
 from infinillm import RequestTooLongError, SamplingParams, ValidationError
-from infinillm.testing import make_tiny_model
 
 BLOCK = 16
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("tiny")
-    make_tiny_model(folder)
-    return str(folder)
-
-
-@pytest.fixture
-def open_tiny(tiny_model, device):
-    """``open_tiny(**options)`` opens a runtime on the tiny model, on the ``device`` fixture's
-    device, with small defaults."""
-
-    def open_(**options):
-        options.setdefault("model", tiny_model)
-        options.setdefault("kv_capacity_tokens", 64 * BLOCK)
-        options.setdefault("block_size", BLOCK)
-        options.setdefault("device", device)
-        options.setdefault("max_model_len", 512)
-        return infinillm.open_runtime(**options)
-
-    return open_
 
 
 async def collect(stream):
