@@ -163,3 +163,12 @@ async def test_cancelled_while_workers_start_leaves_no_worker_behind(tiny_model,
                 await trio.sleep_forever()  # pragma: no cover
     assert scope.cancelled_caught and started
     assert all(p.returncode is not None for p in started)  # every started worker was stopped and reaped
+
+
+async def test_an_error_in_the_block_comes_out_as_itself_with_workers_too(tiny_model):
+    with pytest.raises(KeyError, match="'nothing here'"):
+        async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=8 * BLOCK,
+                                          max_model_len=192, num_instances=2) as rt:
+            workers = rt.workers
+            raise KeyError("nothing here")
+    assert all(w.process.returncode == 0 for w in workers)
