@@ -184,3 +184,31 @@ async def test_a_worker_that_cannot_start_is_an_error_with_its_reason(tmp_path):
     with pytest.raises(InfiniLLMError, match=r"worker 3 exited before it was ready \(rc 2\): .*model='/no/such/model' is invalid: does not exist"):
         async with open_worker("/no/such/model", 3, 4):
             pass  # pragma: no cover
+
+
+async def test_a_reply_left_unread_by_a_failed_step_is_skipped_on_the_direct_socket(tiny_folder):
+    # A step that sent a query and then failed never reads its reply; the next query on the
+    # step thread's own socket must get its own answer, not that one.
+    import torch
+
+    from infinillm.transport import AttentionQuery, DealerSocket
+
+    _, _, args = load_model(tiny_folder, progress=False)
+    async with worker(tiny_folder, 1, 4) as (_, address), open_transport() as tp:
+        sock = tp.socket(DealerSocket)
+        tp.connect(sock, address)
+        async with tp.open_client(address) as client, trio.open_nursery() as nursery:
+            peer = ZmqPeer(1, client, nursery, trio.lowlevel.current_trio_token(), lendable=2,
+                           direct=sock.zmq_socket, codec=tp.codec)
+
+            def query(layer: int) -> AttentionQuery:
+                return AttentionQuery.build(layer, (5,), torch.ones(1, args.num_heads, args.head_dim), None,
+                                            torch.tensor([3], dtype=torch.int32), [[0]], [[0]], [[4]])
+
+            def two_queries():
+                peer.start_attention(query(0))  # its step "failed": never waited on
+                return peer.start_attention(query(1))()
+
+            result = await trio.to_thread.run_sync(two_queries)
+            assert result.layer == 1 and result.out.shape == (1, args.num_heads, args.head_dim)
+        sock.close()
