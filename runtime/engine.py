@@ -387,6 +387,8 @@ class Engine:
     def _remote_attention(self, rids, cu, q_pos, instances, slots) -> list[RemoteAttention]:
         """One ``RemoteAttention`` per creditor holding blocks of the step's requests (only the
         rows of those requests travel; requests with every block here are not in any)."""
+        if not self.peers:  # one instance: nothing is anywhere else
+            return []
         on: dict[int, list[int]] = {}  # creditor -> indices (in rids) of the requests it holds blocks of
         for b, rid in enumerate(rids):
             if self.pool.borrowed_by(rid):

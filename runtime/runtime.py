@@ -210,7 +210,7 @@ class RequestStream:
 class Runtime:
     """An embedded LLM runtime. Build it with ``open_runtime``; see the module docstring."""
 
-    def __init__(self, config: RuntimeConfig, engine: Engine, tokenizer) -> None:
+    def __init__(self, config: RuntimeConfig, engine: Engine, tokenizer, ledger=None) -> None:
         self.config = config
         self.engine = engine
         self.tokenizer = tokenizer
@@ -225,9 +225,10 @@ class Runtime:
         self._stepping = False
         self._stats_before_step: tuple[EngineStats, dict[str, dict[int, int]]] | None = None
         # The gManager's view of every instance's pool: this one's deltas after each step,
-        # the workers' from their heartbeats.
-        self.ledger = core_sched.DebtLedger()
-        self.ledger.register_instance(engine.instance_id, engine.pool.num_blocks, engine.pool.max_lent_blocks)
+        # the workers' from their heartbeats (``open_runtime`` registers them).
+        self.ledger = ledger if ledger is not None else core_sched.DebtLedger()
+        if not self.ledger.has_instance(engine.instance_id):
+            self.ledger.register_instance(engine.instance_id, engine.pool.num_blocks, engine.pool.max_lent_blocks)
         self._throughput: deque[tuple[float, int]] = deque()
         self._num_finished = 0
         self._num_aborted = 0
@@ -615,9 +616,9 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
         async with contextlib.AsyncExitStack() as stack:
             peers: dict[int, Peer] = {}
             workers: list[WorkerProcess] = []
-            ledger_views: list = []
+            ledger = core_sched.DebtLedger()
             if num_instances > 1:
-                peers, workers = await _start_workers(stack, config, num_blocks, device, dtype, ledger_views)
+                peers, workers = await _start_workers(stack, config, num_blocks, device, dtype, ledger)
             engine = Engine(
                 model, args, tokenizer,
                 cache=config.cache,
@@ -630,11 +631,8 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
                 cluster_blocks=cluster_blocks,
                 peers=peers,
             )  # fmt: skip
-            runtime = Runtime(config, engine, tokenizer)
+            runtime = Runtime(config, engine, tokenizer, ledger)
             runtime.workers = tuple(workers)
-            for w in workers:
-                runtime.ledger.register_instance(w.instance_id, num_blocks, config.cache.max_lent_blocks(num_blocks))
-            ledger_views.append(runtime.ledger)  # the heartbeat task's ledger, from now on
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(runtime._serve)
                 try:
@@ -658,16 +656,14 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
         raise body_error
 
 
-async def _receive_heartbeats(puller, ledger_box: list) -> None:
+async def _receive_heartbeats(puller, ledger) -> None:
     """The gManager's side of the workers' heartbeats: apply each to the ledger, in order (a
     worker's heartbeats arrive in order on its connection)."""
     try:
         async for hb in puller:
-            if not ledger_box:
-                continue  # not registered yet: nothing has happened on the worker (its delta is empty)
-            if not ledger_box[0].apply_delta(hb.to_pool_delta()):
+            if not ledger.apply_delta(hb.to_pool_delta()):
                 log.warning("instance %d: heartbeat %d does not follow %d; waiting for the next", hb.instance_id,
-                            hb.version, ledger_box[0].instance(hb.instance_id).version)
+                            hb.version, ledger.instance(hb.instance_id).version)
     except trio.ClosedResourceError:
         return  # the runtime is closing
 
@@ -684,10 +680,10 @@ def _single_error(group: BaseExceptionGroup) -> BaseException | None:
 
 async def _start_workers(stack: contextlib.AsyncExitStack, config: RuntimeConfig, num_blocks: int,
                          device: torch.device, dtype: torch.dtype,
-                         ledger_box: list) -> tuple[dict[int, Peer], list[WorkerProcess]]:
+                         ledger) -> tuple[dict[int, Peer], list[WorkerProcess]]:
     """Start instances 1..N-1 as worker processes (``num_blocks`` each, one after another) and
     connect a ``ZmqPeer`` to each; ``stack`` stops them (and closes the connections) when the
-    runtime is done. Their heartbeats go to the ledger in ``ledger_box`` once it is there."""
+    runtime is done. Each is registered in ``ledger`` before it starts; its heartbeats go there."""
     from .worker import open_worker  # not at import: `python -m infinillm.worker` imports infinillm first
 
     cache = config.cache
@@ -695,11 +691,12 @@ async def _start_workers(stack: contextlib.AsyncExitStack, config: RuntimeConfig
     nursery = await stack.enter_async_context(trio.open_nursery())  # the peers' requests run here
     puller = await stack.enter_async_context(tp.open_puller(name="heartbeats"))
     stack.callback(nursery.cancel_scope.cancel)  # at the end, before the puller closes: the heartbeat task
-    nursery.start_soon(_receive_heartbeats, puller, ledger_box)
+    nursery.start_soon(_receive_heartbeats, puller, ledger)
     token = trio.lowlevel.current_trio_token()
     peers: dict[int, Peer] = {}
     workers: list[WorkerProcess] = []
     for instance_id in range(1, config.parallel.num_instances):
+        ledger.register_instance(instance_id, num_blocks, cache.max_lent_blocks(num_blocks))
         worker = await stack.enter_async_context(open_worker(
             config.model.model, instance_id, num_blocks, block_size=cache.block_size,
             max_lend_fraction=cache.max_lend_fraction, max_model_len=config.model.max_model_len,
