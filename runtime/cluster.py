@@ -264,6 +264,10 @@ class ZmqPeer:
     def lendable(self) -> int:
         return max(0, self._lendable)
 
+    def set_lendable(self, n: int) -> None:
+        """The gManager's fresher figure (its ledger, from the peer's heartbeats)."""
+        self._lendable = n
+
     def _request(self, msg):
         return trio.from_thread.run(self.client.request, msg, trio_token=self._token)
 

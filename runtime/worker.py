@@ -1,19 +1,28 @@
-"""An instance in its own process, serving its peer socket.
+"""An instance in its own process: a home of its own requests and a creditor of its peers.
 
     python -m infinillm.worker --model PATH --instance-id 1 --num-blocks 64 [--block-size 16]
-        [--max-lend-fraction 0.5] [--dtype float32] [--device cpu] [--transport ipc]
+        [--max-lend-fraction 0.5] [--cluster-blocks N] [--dtype float32] [--device cpu]
+        [--transport ipc] [--heartbeat-address ADDR]
 
 The worker loads the model, builds its ``Engine`` (the same code as the in-process instance)
-and serves a peer ``Server`` (``cluster.PeerService``): debtors reserve, commit and release its
-blocks and send it partial-attention queries over them. With ``--heartbeat-address`` it pushes
-its pool's counter changes (``HeartbeatDelta``) there every ``--heartbeat-interval-s`` seconds
-when there are some: the gManager's ledger. It prints ``ready <peer address>`` on
+and runs the same ``Runtime`` around it, with two sockets:
+
+- its **control** socket (``homes.ControlService``): ``AddRequest`` / ``AbortRequest`` from the
+  runtime that placed the request here, and once ``ConnectPeers`` (the other instances' peer
+  sockets, which this engine borrows from);
+- its **peer** socket (``cluster.PeerService``): debtors reserve, commit and release its blocks
+  and send it partial-attention queries over them.
+
+Its outputs (one ``StepOutputs`` per step) and its pool's counter changes and load
+(``HeartbeatDelta``, after each step and every ``--heartbeat-interval-s`` when the pool changed
+in between) go, in order, to ``--heartbeat-address``: the runtime's puller (the gManager's
+ledger and the requests' streams). It prints ``ready <peer address> <control address>`` on
 stdout once it serves, and exits when its standard input closes (the parent let it go) or its
 parent process dies (checked every ``_PARENT_POLL_S`` seconds), so no worker outlives the
 runtime that started it.
 
-Still to come (issue #11): the control socket (requests in, outputs out) that makes a worker a
-home instance of its own.
+``INFINILLM_FAIL_STEPS`` (fault injection, for tests): comma-separated ``instance:step`` pairs;
+the worker with that instance id raises in the model run of that step, as a device error would.
 """
 
 from __future__ import annotations
@@ -30,12 +39,14 @@ from dataclasses import dataclass
 
 import trio
 
-from .cluster import PeerService
-from .config import CacheConfig, SchedulerConfig, TransportConfig
+from .cluster import PeerService, ZmqPeer
+from .config import CacheConfig, RuntimeConfig, SchedulerConfig, TransportConfig
 from .engine import Engine
 from .errors import InfiniLLMError
+from .homes import ControlService
 from .loader import load_model
-from .transport import HeartbeatDelta, open_transport
+from .runtime import Runtime
+from .transport import ConnectPeers, DealerSocket, HeartbeatDelta, Sync, Synced, open_transport
 
 __all__ = ["main", "serve", "open_worker", "WorkerProcess"]
 
@@ -52,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-lend-fraction", type=float, default=0.5)
     p.add_argument("--reservation-ttl-s", type=float, default=2.0)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--cluster-blocks", type=int, default=None, help="blocks a request may span (own + lendable)")
+    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
@@ -60,14 +75,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _send_heartbeats(engine: Engine, pusher, interval_s: float) -> None:
-    """Push the pool's counter changes to the gManager whenever there are some."""
+def _heartbeat(engine: Engine, force: bool = False) -> HeartbeatDelta | None:
+    """The pool's counter changes since the last heartbeat and the batch's load (None when
+    nothing changed and ``force`` is false)."""
+    with engine.pool_lock:
+        delta = engine.pool.take_delta()
+    if delta.empty and not force:
+        return None
+    s = engine.planner.statistics()
+    return HeartbeatDelta.from_pool_delta(delta, batch_size=s.num_running, num_waiting=s.num_waiting)
+
+
+async def _send_heartbeats(engine: Engine, send: trio.MemorySendChannel, interval_s: float) -> None:
+    """Between steps too: lending changes the pool while this engine is idle."""
     while True:
-        with engine.pool_lock:
-            delta = engine.pool.take_delta()
-        if not delta.empty:
-            await pusher.send(HeartbeatDelta.from_pool_delta(delta))
+        hb = _heartbeat(engine)
+        if hb is not None:
+            send.send_nowait(hb)
         await trio.sleep(interval_s)
+
+
+async def _push(recv: trio.MemoryReceiveChannel, pusher) -> None:
+    async for msg in recv:
+        if pusher is not None:
+            await pusher.send(msg)
 
 
 async def _watch_parent(parent: int) -> None:
@@ -82,7 +113,27 @@ async def _wait_stdin_closed() -> None:
             pass
 
 
+class _FaultyModel:
+    """Fault injection (``INFINILLM_FAIL_STEPS``): the model, raising on the listed steps."""
+
+    def __init__(self, model, engine_steps, fail_at: set[int]) -> None:
+        self._model = model
+        self._steps = engine_steps
+        self._fail_at = fail_at
+
+    def __call__(self, *args, **kwargs):
+        step = self._steps()
+        if step in self._fail_at:
+            raise RuntimeError(f"injected fault at step {step} (INFINILLM_FAIL_STEPS)")
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 async def serve(args: argparse.Namespace) -> None:
+    import math
+
     import torch
 
     parent = os.getppid()
@@ -92,39 +143,123 @@ async def serve(args: argparse.Namespace) -> None:
     )
     cache = CacheConfig(block_size=args.block_size, kv_capacity_tokens=args.num_blocks * args.block_size,
                         max_lend_fraction=args.max_lend_fraction, reservation_ttl_s=args.reservation_ttl_s)
-    engine = Engine(model, margs, tokenizer, cache=cache, scheduler=SchedulerConfig(), num_blocks=args.num_blocks,
+    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = Engine(model, margs, tokenizer, cache=cache, scheduler=scheduler, num_blocks=args.num_blocks,
                     max_model_len=args.max_model_len or margs.max_position_embeddings, instance_id=args.instance_id,
-                    device=args.device, dtype=dtype)
+                    device=args.device, dtype=dtype, cluster_blocks=args.cluster_blocks, seed=args.seed)
+    fail_at = {int(step) for instance, _, step in (x.partition(":") for x in os.environ.get("INFINILLM_FAIL_STEPS", "").split(","))
+               if step.strip() and int(instance) == args.instance_id}
+    if fail_at:
+        engine.model = _FaultyModel(model, lambda: engine.num_steps, fail_at)
     service = PeerService(engine, reservation_ttl_s=args.reservation_ttl_s)
+    out_send, out_recv = trio.open_memory_channel(math.inf)  # to the runtime, in order
     async with open_transport(TransportConfig(transport=args.transport)) as tp:
-        async with tp.open_server(service.handle, name=f"peer{args.instance_id}", concurrency=4) as server:
-            print("ready", server.address, flush=True)
-            async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
-                if args.heartbeat_address:
-                    pusher = await stack.enter_async_context(tp.open_pusher(args.heartbeat_address))
-                    nursery.start_soon(_send_heartbeats, engine, pusher, args.heartbeat_interval_s)
+        async with trio.open_nursery() as peer_nursery, contextlib.AsyncExitStack() as stack:
+            pusher = None
+            if args.heartbeat_address:
+                pusher = await stack.enter_async_context(tp.open_pusher(args.heartbeat_address))
+            peer_nursery.start_soon(_push, out_recv, pusher)
+            connect_send, connect_recv = trio.open_memory_channel(0)
+            await peer_nursery.start(_connect_peers, tp, engine, peer_nursery, connect_recv)
+
+            async def connect(msg: ConnectPeers) -> None:
+                done, box = trio.Event(), []
+                await connect_send.send((msg, done, box))
+                await done.wait()
+                if box:
+                    raise box[0]
+
+            async with trio.open_nursery() as nursery:
+                runtime = Runtime(RuntimeConfig(), engine, tokenizer)
+                control = ControlService(runtime, nursery)
+
+                def outputs(outs) -> None:
+                    msg = control.outputs_to_deltas(outs)
+                    if msg is not None:
+                        out_send.send_nowait(msg)
+
+                def heartbeat() -> None:
+                    out_send.send_nowait(_heartbeat(engine, force=True))
+
+                runtime._output_sink, runtime._pool_sink = outputs, heartbeat
+
+                async def handle(msg):
+                    if isinstance(msg, ConnectPeers):
+                        return await connect(msg)
+                    if isinstance(msg, Sync):
+                        for p in engine.peers.values():
+                            await p.wait_released()
+                        if not msg.snapshot:
+                            return Synced(engine.instance_id, 0)
+                        hb = _heartbeat(engine, force=True)
+                        out_send.send_nowait(hb)
+                        return Synced(engine.instance_id, hb.version)
+                    return await control.handle(msg)
+
+                peer = await nursery.start(_serve_socket, tp, service.handle, f"peer{args.instance_id}", 4)
+                ctl = await nursery.start(_serve_socket, tp, handle, f"control{args.instance_id}", 1)
+                nursery.start_soon(runtime._serve)
+                nursery.start_soon(_send_heartbeats, engine, out_send, args.heartbeat_interval_s)
+                print("ready", peer, ctl, flush=True)
                 for wait in (_wait_stdin_closed, lambda: _watch_parent(parent)):
                     async def stop_when(wait=wait) -> None:
                         await wait()
                         nursery.cancel_scope.cancel()
 
                     nursery.start_soon(stop_when)
+            with trio.move_on_after(5):  # the requests ended above: their loans go back
+                for p in engine.peers.values():
+                    await p.wait_released()
+            peer_nursery.cancel_scope.cancel()
+
+
+async def _connect_peers(tp, engine: Engine, nursery: trio.Nursery, requests: trio.MemoryReceiveChannel, *,
+                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Owns the connections to the other instances (``ConnectPeers``), so they open and close
+    in this one task, and makes each a ``ZmqPeer`` of the engine."""
+    token = trio.lowlevel.current_trio_token()
+    async with contextlib.AsyncExitStack() as stack:
+        task_status.started()
+        async for msg, done, box in requests:
+            try:
+                for instance_id, address, lendable in zip(msg.instance_ids, msg.addresses, msg.lendable):
+                    if instance_id == engine.instance_id or instance_id in engine.peers:
+                        raise InfiniLLMError(f"ConnectPeers: instance {instance_id} is this one or already connected")
+                    client = await stack.enter_async_context(tp.open_client(address))
+                    direct = tp.socket(DealerSocket)  # the step thread's own, for attention queries
+                    tp.connect(direct, address)
+                    stack.callback(direct.close)
+                    engine.peers[instance_id] = ZmqPeer(instance_id, client, nursery, token, lendable,
+                                                        direct=direct.zmq_socket, codec=tp.codec)
+            except Exception as e:  # noqa: BLE001 - the reply to ConnectPeers
+                box.append(e)
+            finally:
+                done.set()
+
+
+async def _serve_socket(tp, handler, name: str, concurrency: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with tp.open_server(handler, name=name, concurrency=concurrency) as server:
+        task_status.started(server.address)
+        await trio.sleep_forever()
 
 
 @dataclass(slots=True)
 class WorkerProcess:
-    """A started worker: its process and the address of its peer socket."""
+    """A started worker: its process and the addresses of its peer and control sockets."""
 
     instance_id: int
     process: trio.Process
     peer_address: str
+    control_address: str
 
 
 @asynccontextmanager
 async def open_worker(
     model: str, instance_id: int, num_blocks: int, *, block_size: int = 16, max_lend_fraction: float = 0.5,
     max_model_len: int | None = None, dtype: str = "float32", device: str = "cpu", ready_timeout_s: float = 300.0,
-    heartbeat_address: str | None = None, heartbeat_interval_s: float = 0.1,
+    heartbeat_address: str | None = None, heartbeat_interval_s: float = 0.1, cluster_blocks: int | None = None,
+    max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[WorkerProcess]:
     """Start ``python -m infinillm.worker`` and wait until it serves; on exit close its stdin
     (it stops) and wait for it. A worker that dies before it is ready raises ``InfiniLLMError``
@@ -134,12 +269,21 @@ async def open_worker(
             str(max_lend_fraction), "--dtype", dtype, "--device", device]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
+    if cluster_blocks is not None:
+        argv += ["--cluster-blocks", str(cluster_blocks)]
+    if max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(max_num_seqs)]
+    if max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
+    if seed:
+        argv += ["--seed", str(seed)]
     if heartbeat_address is not None:
         argv += ["--heartbeat-address", heartbeat_address, "--heartbeat-interval-s", str(heartbeat_interval_s)]
     # Its stderr goes to a file (a pipe nobody reads would fill and stall it), read back if it
     # dies before it is ready.
-    log_file = tempfile.TemporaryFile()
-    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file)
+    log_file = open(f"/tmp/worker{instance_id}.log", "w+b")  # DEBUG
+    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+                                            env={**os.environ, **env} if env else None)
     try:
         line = b""
         with trio.fail_after(ready_timeout_s):
@@ -151,10 +295,10 @@ async def open_worker(
                     err = log_file.read()[-2000:].decode(errors="replace").strip()
                     raise InfiniLLMError(f"worker {instance_id} exited before it was ready (rc {rc}): {err}")
                 line += chunk
-        word, address = line.decode().split()
-        if word != "ready":
-            raise InfiniLLMError(f"worker {instance_id} said {line!r}, not 'ready <address>'")
-        yield WorkerProcess(instance_id, proc, address)
+        words = line.decode().split()
+        if len(words) != 3 or words[0] != "ready":
+            raise InfiniLLMError(f"worker {instance_id} said {line!r}, not 'ready <peer address> <control address>'")
+        yield WorkerProcess(instance_id, proc, words[1], words[2])
     finally:
         with trio.CancelScope(shield=True):
             await proc.stdin.aclose()

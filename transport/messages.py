@@ -20,8 +20,9 @@ Peer traffic (one decode step, DESIGN.md §4)::
       | AttentionQuery(layer, q, blocks, k/v) ---> |  append k/v, partial attention
       | <--------------------- AttentionResult(out, lse)
 
-Runtime <-> instance: ``AddRequest`` / ``AbortRequest`` in, ``StepOutputs`` and
-``HeartbeatDelta`` out. Lending: ``ReserveBlocks`` -> ``Reservation``; ``CommitReservation`` ->
+Runtime <-> instance: ``ConnectPeers`` (once), ``AddRequest`` / ``AbortRequest`` and
+``LendableUpdate`` (the gManager's view of who may lend) in,
+``StepOutputs`` and ``HeartbeatDelta`` out. Lending: ``ReserveBlocks`` -> ``Reservation``; ``CommitReservation`` ->
 ``Committed``; ``CancelReservation``; ``ReleaseBlocks``. Migration: ``MoveBlocks`` (a plan
 step, to the source) and ``BlockTransfer`` (the KV itself, to the destination). Any request may
 be answered with ``ErrorReply``; requests with nothing to say are answered with ``Ack``.
@@ -53,6 +54,10 @@ __all__ = [
     "BlockTransfer",
     "AddRequest",
     "AbortRequest",
+    "ConnectPeers",
+    "LendableUpdate",
+    "Sync",
+    "Synced",
     "RequestDelta",
     "StepOutputs",
     "ErrorReply",
@@ -471,21 +476,59 @@ class AbortRequest(Message):
 
 @dataclass(frozen=True, slots=True)
 class RequestDelta:
-    """One request's progress in one step (a record inside ``StepOutputs``): the tokens it
-    produced, their logprobs (empty unless asked for), and ``finish_reason`` (``"stop"``,
-    ``"length"``, ``"abort"``, ``"error"``) on its last step, else None."""
+    """One request's progress in one step (a record inside ``StepOutputs``), enough for the
+    runtime to extend the request's cumulative ``RequestOutput``:
+
+    - ``token_ids`` the tokens it produced, ``logprobs`` their log-probabilities (empty unless
+      asked for), ``cumulative_logprob`` the running sum (None unless asked for);
+    - the text: cut what was sent before to ``text_offset`` characters, then append ``text``
+      (a stop string found late may take back characters already sent);
+    - each new token's logprobs dict, flattened: ``top_counts[i]`` entries for token i, their
+      ids, logprobs, ranks (0: unknown) and decoded texts in ``top_*`` one after another;
+    - ``finish_reason`` (``"stop"``, ``"length"``, ``"abort"``, ``"error"``) on its last step,
+      else None, with ``stop_reason`` (a stop string) or ``stop_token_id``, and ``error``;
+    - its metrics so far (home clock: ``time.monotonic`` of the home's host), and
+      ``placement``: the blocks each instance holds of it, as (instance, blocks) pairs laid
+      flat."""
 
     request_id: int
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...] = ()
     finish_reason: str | None = None
+    text_offset: int = 0
+    text: str = ""
+    cumulative_logprob: float | None = None
+    stop_reason: str | None = None
+    stop_token_id: int | None = None
+    error: str | None = None
+    top_counts: tuple[int, ...] = ()
+    top_token_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+    top_ranks: tuple[int, ...] = ()
+    top_decoded: tuple[str, ...] = ()
+    num_preemptions: int = 0
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    placement: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:  # (a record, not a Message: checked the same way)
         self._check()
 
     def _check(self) -> None:
+        o = "RequestDelta"
         if self.finish_reason not in (None, "stop", "length", "abort", "error"):
-            _fail("RequestDelta", "finish_reason", self.finish_reason, "must be None, 'stop', 'length', 'abort' or 'error'")
+            _fail(o, "finish_reason", self.finish_reason, "must be None, 'stop', 'length', 'abort' or 'error'")
+        _nonneg(o, text_offset=self.text_offset, num_preemptions=self.num_preemptions)
+        if self.top_counts and len(self.top_counts) != len(self.token_ids):
+            _fail(o, "top_counts", self.top_counts, f"must have one count per token ({len(self.token_ids)}) or none")
+        n = sum(self.top_counts)
+        for name in ("top_token_ids", "top_logprobs", "top_ranks", "top_decoded"):
+            if len(getattr(self, name)) != n:
+                _fail(o, name, getattr(self, name), f"must have sum(top_counts)={n} entries")
+        if len(self.placement) % 2:
+            _fail(o, "placement", self.placement, "must be (instance, blocks) pairs laid flat")
 
     @property
     def finished(self) -> bool:
@@ -506,6 +549,65 @@ class StepOutputs(Message):
 
 
 # ---- replies ---------------------------------------------------------------------------------
+
+
+@message(17)
+@dataclass(frozen=True, slots=True)
+class ConnectPeers(Message):
+    """Runtime -> worker, once, before any request: the other instances' peer sockets, and
+    what each may lend at most (the first hint of its room)."""
+
+    instance_ids: tuple[int, ...]
+    addresses: tuple[str, ...]
+    lendable: tuple[int, ...]
+
+    def _check(self) -> None:
+        o = "ConnectPeers"
+        n = len(self.instance_ids)
+        if len(self.addresses) != n or len(self.lendable) != n:
+            _fail(o, "addresses", self.addresses, f"must have one address and one lendable per instance ({n})")
+        if any(i < 0 for i in self.instance_ids):
+            _fail(o, "instance_ids", self.instance_ids, "must be >= 0")
+        if any(b < 0 for b in self.lendable):
+            _fail(o, "lendable", self.lendable, "must be >= 0")
+
+
+@message(18)
+@dataclass(frozen=True, slots=True)
+class LendableUpdate(Message):
+    """gManager -> worker: what each instance may lend now, by the ledger (sent when it
+    changes). The worker's borrowing hints; the reservation still decides."""
+
+    instance_ids: tuple[int, ...]
+    lendable: tuple[int, ...]
+
+    def _check(self) -> None:
+        if len(self.lendable) != len(self.instance_ids):
+            _fail("LendableUpdate", "lendable", self.lendable, f"must have one figure per instance ({len(self.instance_ids)})")
+        if any(b < 0 for b in self.lendable):
+            _fail("LendableUpdate", "lendable", self.lendable, "must be >= 0")
+
+
+@message(19)
+@dataclass(frozen=True, slots=True)
+class Sync(Message):
+    """Runtime -> worker: wait until every release this instance sent has been answered; with
+    ``snapshot``, then push a heartbeat (even an empty one) and answer ``Synced`` with its
+    version, so the runtime knows when its ledger holds the instance as of now."""
+
+    snapshot: bool = False
+
+
+@message(20)
+@dataclass(frozen=True, slots=True)
+class Synced(Message):
+    """The answer to ``Sync``: the version of the heartbeat pushed for it (0 without one)."""
+
+    instance_id: int
+    version: int
+
+    def _check(self) -> None:
+        _nonneg("Synced", instance_id=self.instance_id, version=self.version)
 
 
 @message(15)

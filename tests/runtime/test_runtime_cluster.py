@@ -1,5 +1,6 @@
-"""``open_runtime(num_instances=N)``: instance 0 here, the home of every request, and N-1 worker
-processes lending it KV blocks; through the public API only (plus the leak check)."""
+"""``open_runtime(num_instances=N)``: instance 0 here and N-1 worker processes, each the home of
+the requests the router places on it and a lender to the others; through the public API only
+(plus the leak checks, which probe the workers' pools through their peer sockets)."""
 
 from __future__ import annotations
 
@@ -49,19 +50,16 @@ async def test_three_instances_serve_what_one_with_room_serves(tiny_model):
         snapshots = []
         got = await generate_all(rt, PROMPTS, GREEDY, lambda: snapshots.append(rt.statistics()))
         assert got == want
-        assert max(s.instances[0].kv_borrowed_blocks for s in snapshots) > 0  # its requests' KV lived on the workers
+        assert sorted(set(h for s in snapshots for h in s.homes.values())) == [0, 1, 2]  # the router used all three
         spread = [p for s in snapshots for p in s.placements.values() if len(p) > 1]
         assert spread and all(set(p) <= {0, 1, 2} for p in spread)
-        for s in snapshots:  # a request's blocks here plus away are what the home counts
-            assert sum(n for p in s.placements.values() for i, n in p.items() if i != 0) == s.instances[0].kv_borrowed_blocks
-        s = rt.statistics()
+        for s in snapshots:  # the blocks away of the requests homed here are what this instance borrowed
+            here = [p for rid, p in s.placements.items() if s.homes[rid] == 0]
+            assert sum(n for p in here for i, n in p.items() if i != 0) == s.instances[0].kv_borrowed_blocks
+        s = await rt.sync_statistics()
         assert [i.instance_id for i in s.instances] == [0, 1, 2]
-        assert [i.kv_capacity_blocks for i in s.instances] == [8, 8, 8] and s.placements == {}
-        for peer in rt.engine.peers.values():  # every block came back: all 4 lendable again
-            await peer.wait_released()
-            reply = await peer.client.request(ReserveBlocks(0, 4))
-            assert reply.reservation_id is not None
-            await peer.client.request(CancelReservation(reply.reservation_id))
+        assert [i.kv_capacity_blocks for i in s.instances] == [8, 8, 8] and s.placements == {} and s.homes == {}
+        assert [(i.kv_free_blocks, i.kv_lent_blocks, i.kv_borrowed_blocks) for i in s.instances] == [(8, 0, 0)] * 3
         workers = rt.workers
     assert all(w.process.returncode == 0 for w in workers)  # stopped with the runtime
 
@@ -72,14 +70,11 @@ async def test_aborts_and_close_free_blocks_on_the_workers(tiny_model):
                                       max_model_len=192, num_instances=2, max_num_batched_tokens=32) as rt:
         stream = rt.generate({"prompt_token_ids": PROMPTS[2]}, params, request_id="spread")  # 120 tokens
         async for out in stream:
-            if rt.statistics().instances[0].kv_borrowed_blocks:
+            if len(rt.statistics().placements.get("spread", {})) == 2:
                 break  # leaving the loop aborts it
         await stream.aclose()
-        (peer,) = rt.engine.peers.values()
-        await peer.wait_released()
-        reply = await peer.client.request(ReserveBlocks(0, 4))
-        assert reply.reservation_id is not None  # its blocks on the worker are free again
-        await peer.client.request(CancelReservation(reply.reservation_id))
+        s = await rt.sync_statistics()  # its blocks on both instances are free again
+        assert [(i.kv_free_blocks, i.kv_lent_blocks, i.kv_borrowed_blocks) for i in s.instances] == [(8, 0, 0)] * 2
         left = rt.generate({"prompt_token_ids": PROMPTS[2]}, params)  # left running at close
         await left.__anext__()
         async for _ in rt.generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(max_tokens=2)):
@@ -123,13 +118,15 @@ async def test_two_hundred_mixed_requests_with_random_aborts_leave_every_pool_em
                     nursery.start_soon(one, i)
         assert len(ends) == 200
         assert set(ends.values()) <= {"length", "abort", "left"} and "abort" in ends.values()
-        s = rt.statistics()
+        s = await rt.sync_statistics()
         assert s.num_finished + s.num_aborted == 200 and s.num_errors == 0
-        assert max(rt.ledger.instance(0).borrowed, s.instances[0].kv_borrowed_blocks) == 0
-        c0, v0 = rt.engine.pool.counters(), rt.ledger.instance(0)  # the ledger holds instance 0 exactly
-        assert (v0.free, v0.used, v0.lent, v0.reserved, v0.borrowed) == (c0.free, c0.used, c0.lent, c0.reserved, c0.borrowed)
-        for peer in rt.engine.peers.values():  # every worker has all its lendable blocks again
-            await peer.wait_released()
+        assert sorted(set(s.homes.values())) == [] and s.num_running == s.num_waiting == 0
+        # every pool is empty, nothing is lent or borrowed, and the ledger is the sum of the pools
+        assert [(i.kv_free_blocks, i.kv_used_blocks, i.kv_lent_blocks, i.kv_borrowed_blocks, i.kv_reserved_blocks)
+                for i in s.instances] == [(12, 0, 0, 0, 0)] * 3
+        t = rt.ledger.totals()
+        assert (t.capacity, t.free, t.used, t.lent, t.borrowed) == (36, 36, 0, 0, 0)
+        for peer in rt.engine.peers.values():  # and the workers' own pools agree: all 6 lendable
             reply = await peer.client.request(ReserveBlocks(0, 6))
             assert reply.reservation_id is not None
             await peer.client.request(CancelReservation(reply.reservation_id))

@@ -49,6 +49,10 @@ from infinillm.transport import (
     Reservation,
     ReserveBlocks,
     StepOutputs,
+    Sync,
+    Synced,
+    ConnectPeers,
+    LendableUpdate,
 )
 
 from .conftest import make_query
@@ -182,6 +186,16 @@ def one_of_each() -> list:
         AddRequest(42, torch.tensor([1, 2, 3], dtype=torch.int32), {"max_tokens": 8, "temperature": 0.0, "stop": ("a", "b"), "seed": None}),
         AbortRequest(42),
         StepOutputs(0, 17, (RequestDelta(1, (5, 6), (-0.5, -1.25)), RequestDelta(2, (9,), (), "stop"))),
+        StepOutputs(2, 5, (RequestDelta(
+            7, (5, 6), (-0.5, -1.25), "stop", text_offset=3, text=" two", cumulative_logprob=-1.75, stop_reason="\n",
+            error=None, top_counts=(2, 1), top_token_ids=(5, 8, 6), top_logprobs=(-0.5, -0.25, -1.25), top_ranks=(2, 1, 1),
+            top_decoded=(" t", " x", "wo"), num_preemptions=1, arrival_time=10.5, first_scheduled_time=10.75,
+            first_token_time=11.0, last_token_time=11.5, placement=(0, 3, 2, 1)),)),
+        ConnectPeers((0, 2), ("ipc:///tmp/peer0", "tcp://127.0.0.1:5555"), (4, 4)),
+        LendableUpdate((0, 1, 2), (3, 0, 4)),
+        Sync(),
+        Sync(snapshot=True),
+        Synced(1, 7),
         ErrorReply("CapacityError", "no room"),
         Ack(),
     ]
@@ -212,7 +226,7 @@ def _golden():
         ("AttentionQuery", AttentionQuery(
             2, (7, 8), torch.arange(8, dtype=f16).view(2, 1, 4), None, torch.tensor([5, 9], dtype=i32),
             torch.tensor([[[3], [4]], [[0], [16]], [[6], [10]]], dtype=i32)), 5, [
-            "9c" "01" "01" "05"  # [12 items: version 1, type 1, seq 5,
+            "9c" "02" "01" "05"  # [12 items: version 2, type 1, seq 5,
             "02" "920708"  # layer 2, request_ids [7, 8],
             "94a3663136020104" "c0"  # q ["f16", 2, 1, 4], cu_q None,
             "92a369333202" "94a3693332030201"  # q_pos ["i32", 2], blocks ["i32", 3, 2, 1],
@@ -227,7 +241,7 @@ def _golden():
             k=torch.tensor([[[-1.0, 0.5]], [[2.0, -2.0]]], dtype=f16),
             v=torch.tensor([[[1.0, 1.0]], [[0.25, 3.0]]], dtype=f16),
             slot_mapping=torch.tensor([20, 21], dtype=torch.int64)), 6, [
-            "9c" "01" "01" "06" "00" "9103"  # [version 1, type 1, seq 6, layer 0, request_ids [3],
+            "9c" "02" "01" "06" "00" "9103"  # [version 2, type 1, seq 6, layer 0, request_ids [3],
             "94a3663136020102" "92a369333202" "92a369333202"  # q ["f16", 2, 1, 2], cu_q ["i32", 2], q_pos
             "94a3693332030101"  # blocks ["i32", 3, 1, 1],
             "94a3663136020102" "94a3663136020102" "92a369363402",  # k, v ["f16", 2, 1, 2], slot_mapping ["i64", 2]]
@@ -241,33 +255,36 @@ def _golden():
         ]),
         ("AttentionResult", AttentionResult(
             2, torch.arange(8, dtype=f16).view(2, 1, 4), torch.tensor([[0.5], [-float("inf")]])), 5, [
-            "96" "01" "02" "05" "02"  # [version 1, type 2, seq 5, layer 2,
+            "96" "02" "02" "05" "02"  # [version 2, type 2, seq 5, layer 2,
             "94a3663136020104" "93a36633320201",  # out ["f16", 2, 1, 4], lse ["f32", 2, 1]]
             "0000003c004000420044004500460047" "0000003f000080ff",  # out at 0, lse at 16 (0.5, -inf)
         ]),
         ("HeartbeatDelta", HeartbeatDelta(1, 4, 7, 100, 60, 40, 10, 0, 3, batch_size=5, num_waiting=2,
                                           waiting_blocks=300), 0, [
-            "9f" "01" "03" "00"  # [15 items: version 1, type 3, seq 0 (one-way),
+            "9f" "02" "03" "00"  # [15 items: version 2, type 3, seq 0 (one-way),
             "010407643c280a000305" "02" "cd012c",  # 1, 4, 7, 100, 60, 40, 10, 0, 3, 5, 2, 300 (uint16)]
         ]),
         ("AddRequest", AddRequest(42, torch.tensor([1, 2, 300], dtype=i32),
                                   {"max_tokens": 8, "temperature": 0.5, "stop": ("a",), "seed": None}), 9, [
-            "96" "01" "0c" "09" "2a" "92a369333203"  # [version 1, type 12, seq 9, request_id 42, ["i32", 3],
+            "96" "02" "0c" "09" "2a" "92a369333203"  # [version 2, type 12, seq 9, request_id 42, ["i32", 3],
             "84" "aa6d61785f746f6b656e73" "08"  # {4 items: "max_tokens": 8,
             "ab74656d7065726174757265" "cb3fe0000000000000"  # "temperature": 0.5 (float64),
             "a473746f70" "91a161" "a473656564" "c0",  # "stop": ["a"], "seed": None}]
             "01000000020000002c010000",
         ]),
         ("StepOutputs", StepOutputs(0, 17, (RequestDelta(1, (5, 6), (-0.5,)), RequestDelta(2, (9,), (), "stop"))), 0, [
-            "96" "01" "0e" "00" "00" "11" "92"  # [version 1, type 14, seq 0, instance 0, step 17, [2 records:
-            "94" "01" "920506" "91cbbfe0000000000000" "c0"  # [1, [5, 6], [-0.5], None],
-            "94" "02" "9109" "90" "a473746f70",  # [2, [9], [], "stop"]]]
+            "96" "02" "0e" "00" "00" "11" "92"  # [version 2, type 14, seq 0, instance 0, step 17, [2 records:
+            "dc0015" "01" "920506" "91cbbfe0000000000000" "c0"  # [21 fields: 1, [5, 6], [-0.5], finish None,
+            "00" "a0" "c0c0c0c0" "9090909090" "00"  # text_offset 0, text "", cumulative, stop x2, error None, top_* [], 0 preemptions,
+            "cb0000000000000000" "c0c0c0" "90"  # arrival 0.0, three times None, placement []],
+            "dc0015" "02" "9109" "90" "a473746f70"  # [2, [9], [], "stop",
+            "00" "a0" "c0c0c0c0" "9090909090" "00" "cb0000000000000000" "c0c0c0" "90",  # the rest as above]]]
         ]),
-        ("Reservation", Reservation(None, 8, 2.0), 7, ["96" "01" "05" "07" "c0" "08" "cb4000000000000000"]),
+        ("Reservation", Reservation(None, 8, 2.0), 7, ["96" "02" "05" "07" "c0" "08" "cb4000000000000000"]),
         ("ErrorReply", ErrorReply("CapacityError", "no room"), 5, [
-            "95" "01" "0f" "05" "ad43617061636974794572726f72" "a76e6f20726f6f6d",  # "CapacityError", "no room"
+            "95" "02" "0f" "05" "ad43617061636974794572726f72" "a76e6f20726f6f6d",  # "CapacityError", "no room"
         ]),
-        ("Ack", Ack(), 6, ["93" "01" "10" "06"]),  # [version 1, type 16, seq 6]
+        ("Ack", Ack(), 6, ["93" "02" "10" "06"]),  # [version 2, type 16, seq 6]
     ]
 
 
@@ -275,12 +292,12 @@ def _golden():
 def test_golden_frames_pin_the_wire_format(name, msg, seq, golden):
     """The exact bytes of a few messages, both ways, with both codecs.
 
-    These bytes ARE the wire format (version 1). Changing any of them changes the format: bump
+    These bytes ARE the wire format (version 2: the runtime <-> worker records grew). Changing any of them changes the format: bump
     ``PROTOCOL_VERSION`` in ``transport/codec.py`` in the same change (peers of different
     versions then refuse each other's messages by name instead of misreading them), and update
     these bytes and the version pinned below together.
     """
-    assert PROTOCOL_VERSION == 1, "a new wire version: update the golden frames with it"
+    assert PROTOCOL_VERSION == 2, "a new wire version: update the golden frames with it"
     frames = [bytes.fromhex(h) for h in golden]
     assert as_bytes(CODEC.encode(msg, seq)) == frames
     got_seq, got = CODEC.decode(wire(frames))
@@ -291,12 +308,12 @@ def test_golden_frames_pin_the_wire_format(name, msg, seq, golden):
 @pytest.mark.parametrize(
     "what, frames, golden",
     [
-        ("a longer msgpack int", ["930110cc06"], ["93011006"]),  # seq 6 as uint8
-        ("an int for a float", ["96010507c00802"], ["96010507c008cb4000000000000000"]),  # ttl_s 2
-        ("a repeated map key", ["96010c092a92a36933320182a17401a17402", "01000000"],
-         ["96010c092a92a36933320181a17402", "01000000"]),  # {"t": 1, "t": 2}
-        ("non-zero padding", ["960102050294a366313602010193a36633320201", "0000003c" "0102030405060708090a0b0c" "0000003f000080ff"],
-         ["960102050294a366313602010193a36633320201", "0000003c" "000000000000000000000000" "0000003f000080ff"]),
+        ("a longer msgpack int", ["930210cc06"], ["93021006"]),  # seq 6 as uint8
+        ("an int for a float", ["96020507c00802"], ["96020507c008cb4000000000000000"]),  # ttl_s 2
+        ("a repeated map key", ["96020c092a92a36933320182a17401a17402", "01000000"],
+         ["96020c092a92a36933320181a17402", "01000000"]),  # {"t": 1, "t": 2}
+        ("non-zero padding", ["960202050294a366313602010193a36633320201", "0000003c" "0102030405060708090a0b0c" "0000003f000080ff"],
+         ["960202050294a366313602010193a36633320201", "0000003c" "000000000000000000000000" "0000003f000080ff"]),
     ],
     ids=["longer-int", "int-for-float", "repeated-map-key", "non-zero-padding"],
 )
@@ -406,7 +423,7 @@ def refused(frames, pattern: str, codec: Codec | None = None) -> DecodeError:
 
 
 def test_wrong_version_is_refused():
-    e = refused([header(version=2)], rf"protocol version 2 is not supported: this side speaks {PROTOCOL_VERSION}")
+    e = refused([header(version=1)], rf"protocol version 1 is not supported: this side speaks {PROTOCOL_VERSION}")
     assert e.seq is None
 
 
@@ -416,7 +433,7 @@ def test_garbage_and_non_msgpack_headers_are_refused():
     refused([b"\x93\x01"], r"malformed header: not msgpack \(ValueError: 3 exceeds max_array_len\(2\)\)")  # truncated
     refused([msgpack.packb({"a": 1})], r"malformed header: must be a list \[version, type, seq, fields...\], got \{'a': 1\}")
     refused([msgpack.packb([1, 16])], r"malformed header: must be a list \[version, type, seq, fields...\], got \(1, 16\)")
-    refused([msgpack.packb([1, 16, -1])], r"malformed header: seq=-1 must be an integer in \[0, 2\*\*63\)")
+    refused([msgpack.packb([PROTOCOL_VERSION, 16, -1])], r"malformed header: seq=-1 must be an integer in \[0, 2\*\*63\)")
     refused([header() + b"x"], r"malformed header: not msgpack \(ExtraData")  # trailing bytes
 
 
@@ -439,14 +456,20 @@ def test_fields_of_the_wrong_type_or_range_are_refused(fields, pattern):
     refused([header(*fields, type_id=13)], pattern)
 
 
+# RequestDelta's fields after (request_id, token_ids, logprobs, finish_reason), at their defaults.
+DELTA_TAIL = [0, "", None, None, None, None, [], [], [], [], [], 0, 0.0, None, None, None, []]
+
+
 def test_records_and_maps_are_checked():
-    refused([header(0, 1, [[1, [2], [], 7]], type_id=14)],
-            r"malformed StepOutputs: outputs=\(\(1, \(2,\), \(\), 7\),\) holds a RequestDelta whose finish_reason=7 "
+    refused([header(0, 1, [[1, [2], [], 7, *DELTA_TAIL]], type_id=14)],
+            r"malformed StepOutputs: outputs=\(\(1, \(2,\), \(\), 7, 0, .*\.\.\. holds a RequestDelta whose finish_reason=7 "
             r"must be a string")
-    refused([header(0, 1, [[1, [2], [], "done"]], type_id=14)],
+    refused([header(0, 1, [[1, [2], [], "done", *DELTA_TAIL]], type_id=14)],
             r"malformed StepOutputs: outputs=.* holds a bad RequestDelta: RequestDelta.finish_reason='done' is invalid: "
             r"must be None, 'stop', 'length', 'abort' or 'error'")
-    refused([header(0, 1, [[1, [2]]], type_id=14)], r"malformed StepOutputs: outputs=\(\(1, \(2,\)\),\) must hold RequestDelta records of 4 fields")
+    refused([header(0, 1, [[1, [2]]], type_id=14)], r"malformed StepOutputs: outputs=\(\(1, \(2,\)\),\) must hold RequestDelta records of 21 fields")
+    refused([header(0, 1, [[1, [2], [], None, 0, "", None, None, None, None, [3], [], [], [], [], 0, 0.0, None, None, None, []]],
+                    type_id=14)], r"RequestDelta.top_counts=\(3,\) is invalid: must have one count per token \(1\) or none")
     q = CODEC.encode(AddRequest(1, torch.tensor([1]), {"t": 1}))
     bad = msgpack.unpackb(q[0])
     bad[5] = {"t": {"nested": 1}}
@@ -502,7 +525,7 @@ def test_encoder_refuses_what_it_cannot_carry():
         CODEC.encode(_raw(AbortRequest, "x"))
     with pytest.raises(TransportError, match=r"cannot encode StepOutputs.outputs=.*: holds a RequestDelta whose "
                                              r"finish_reason=7 must be a string"):
-        CODEC.encode(StepOutputs(0, 1, (_raw(RequestDelta, 1, (2,), (), 7),)))
+        CODEC.encode(StepOutputs(0, 1, (_raw(RequestDelta, 1, (2,), (), 7, *DELTA_TAIL),)))
     with pytest.raises(TransportError, match=r"cannot encode BlockTransfer: 131\d\d\d bytes exceed max_message_bytes=4096"):
         Codec(max_message_bytes=4096).encode(BlockTransfer(1, (1, 2), torch.zeros(2, 2, 2, 16, 4, 64)))
     # what the fast paths decline (torch cannot export it, msgpack cannot carry it) is refused by name
