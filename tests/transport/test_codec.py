@@ -469,7 +469,7 @@ def test_records_and_maps_are_checked():
             r"must be None, 'stop', 'length', 'abort' or 'error'")
     refused([header(0, 1, [[1, [2]]], type_id=14)], r"malformed StepOutputs: outputs=\(\(1, \(2,\)\),\) must hold RequestDelta records of 21 fields")
     refused([header(0, 1, [[1, [2], [], None, 0, "", None, None, None, None, [3], [], [], [], [], 0, 0.0, None, None, None, []]],
-                    type_id=14)], r"RequestDelta.top_counts=\(3,\) is invalid: must have one count per token \(1\) or none")
+                    type_id=14)], r"RequestDelta.top_token_ids=\(\) is invalid: must have sum\(top_counts\)=3 entries")
     q = CODEC.encode(AddRequest(1, torch.tensor([1]), {"t": 1}))
     bad = msgpack.unpackb(q[0])
     bad[5] = {"t": {"nested": 1}}
