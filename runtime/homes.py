@@ -257,8 +257,26 @@ class WorkerHome:
     def lendable(self, update: LendableUpdate) -> None:
         self._send.send_nowait(update)
 
+    async def request(self, msg):
+        """Send ``msg`` after everything queued before it and return the worker's answer."""
+        done, box = trio.Event(), []
+        self._send.send_nowait((msg, done, box))
+        await done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
     async def run(self) -> None:
         async for msg in self._recv:
+            if isinstance(msg, tuple):  # a request whose caller waits for the answer
+                msg, done, box = msg
+                try:
+                    box.append(await self.client.request(msg))
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    box.append(e)
+                finally:
+                    done.set()
+                continue
             try:
                 await self.client.request(msg)
             except trio.ClosedResourceError:

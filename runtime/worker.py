@@ -187,6 +187,7 @@ async def serve(args: argparse.Namespace) -> None:
                     if isinstance(msg, ConnectPeers):
                         return await connect(msg)
                     if isinstance(msg, Sync):
+                        await runtime._aborts_applied()  # the requests it aborts have let their blocks go
                         for p in engine.peers.values():
                             await p.wait_released()
                         if not msg.snapshot:
