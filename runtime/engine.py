@@ -28,7 +28,8 @@ import torch
 from . import core_sched
 from .attention import AttentionMetadata, DistAttentionBackend, KVCache
 from .cluster import Peer, RemoteAttention
-from .kernels import append_kv, partial_attention
+from .kernels import append_kv, partial_attention, resolve_backend
+from .kernels.reference import DecodePlan, build_decode_plan
 from .transport import AttentionQuery, AttentionResult
 from .config import CacheConfig, SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
@@ -170,6 +171,7 @@ class Engine:
         # reservation (``lend_*``, on the serving loop). Never held while waiting on a peer.
         self.pool_lock = threading.Lock()
         self.num_loans = 0  # loans granted: a step that only borrowed still made progress
+        self._served_plans: dict[tuple, tuple] = {}  # debtors' decode plans, reused across layers
         self.num_steps = 0
         self.generated_tokens = 0
         self.prompt_tokens = 0
@@ -468,11 +470,30 @@ class Engine:
         if query.k is not None:
             append_kv(query.k.to(dev), query.v.to(dev), kc, vc, query.slot_mapping.to(dev), backend=self.kernel_backend)
         bt, bs, bl = (t.to(dev) for t in blocks)
+        window = self.args.window(layer)
+        cu_q, q_pos = query.query_offsets().to(dev), query.q_pos.to(dev)
         out, lse = partial_attention(
-            query.q.to(dev), query.query_offsets().to(dev), query.q_pos.to(dev), kc, vc, bt, bs, bl,
-            backend=self.kernel_backend, window=self.args.window(layer),
+            query.q.to(dev), cu_q, q_pos, kc, vc, bt, bs, bl,
+            backend=self.kernel_backend, window=window, decode_plan=self._served_plan(query, window, cu_q, q_pos, bt, bs, bl),
         )
         return AttentionResult(layer, out.float().cpu(), lse.cpu())
+
+    def _served_plan(self, query: AttentionQuery, window, cu_q, q_pos, bt, bs, bl) -> DecodePlan | None:
+        """The decode plan of a debtor's decode step (every row a request of its own) on the
+        torch path, built at its first layer and reused by the others: a step's queries name
+        the same requests, positions and blocks at every layer. None for anything else."""
+        if self.device.type != "cpu" or resolve_backend("cpu", self.kernel_backend) != "torch" \
+                or query.q.shape[0] != len(query.request_ids):
+            return None
+        key = (query.request_ids, window)
+        hit = self._served_plans.get(key)
+        if hit is not None and torch.equal(hit[0], query.q_pos) and torch.equal(hit[1], query.blocks):
+            return hit[2]
+        plan = build_decode_plan(cu_q, q_pos, bt, bs, bl, self.block_size, window)
+        if len(self._served_plans) >= 16:  # a few debtors' steps at a time
+            self._served_plans.pop(next(iter(self._served_plans)))
+        self._served_plans[key] = (query.q_pos, query.blocks, plan)
+        return plan
 
     # ---- statistics --------------------------------------------------------------------------
 

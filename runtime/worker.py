@@ -282,7 +282,7 @@ async def open_worker(
         argv += ["--heartbeat-address", heartbeat_address, "--heartbeat-interval-s", str(heartbeat_interval_s)]
     # Its stderr goes to a file (a pipe nobody reads would fill and stall it), read back if it
     # dies before it is ready.
-    log_file = open(f"/tmp/worker{instance_id}.log", "w+b")  # DEBUG
+    log_file = tempfile.TemporaryFile()
     proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                                             env={**os.environ, **env} if env else None)
     try:
