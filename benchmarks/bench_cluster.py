@@ -1,6 +1,12 @@
-"""Many instances on CPU: what spreading a request's KV over worker processes costs.
+"""Many instances on CPU: what borrowing buys, and what spreading a request's KV costs.
 
 Prints JSON lines {"metric", "value", "unit"}, all measured in this run:
+
+- ``borrow_tok_s`` / ``static_tok_s``: generated tokens/s of one mixed workload (a seeded
+  trace of short and long requests arriving over time) served by ``open_runtime(num_instances=4)``
+  with borrowing (``max_lend_fraction=0.5``) and by the same four instances isolated
+  (``max_lend_fraction=0``: a request waits, or is preempted and recomputed, when its instance
+  is full); ``borrow_vs_static`` is their ratio (issue #11: >= 1.35);
 
 - ``single_decode_tok_s``: decode tokens/s of one long request on one instance with room for it;
 - ``spread_decode_tok_s``: the same request whose home holds a few blocks and borrows the rest
@@ -8,17 +14,19 @@ Prints JSON lines {"metric", "value", "unit"}, all measured in this run:
   log-sum-exp); ``spread_vs_single`` is their ratio (issue #11: >= 0.6);
 - ``spread_instances``: how many instances held its blocks.
 
-The home engine runs in this process, its steps in a worker thread of a trio loop, as the
-runtime runs them. ``borrow_vs_static`` (the mixed-length workload through the runtime) comes
-with ``open_runtime(num_instances > 1)``.
+For ``spread_vs_single`` the home engine runs in this process, its steps in a worker thread
+of a trio loop, as the runtime runs them; its workers get the torch threads the runtime would
+give them (this host's cores shared among the four instances).
 
 Usage: python benchmarks/bench_cluster.py [--quick] [--model smollm2|PATH] [--prompt-tokens N]
+           [--only borrow|spread]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -60,7 +68,72 @@ async def decode_rate(engine: Engine, prompt: list[int], new_tokens: int, watch=
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def trace(seed: int, num_requests: int, capacity: int) -> list[tuple[float, list[int], int]]:
+    """(arrival s, prompt ids, max_tokens), in arrival order: mostly short requests, and every
+    fourth a long one whose context grows to about 60-90% of one instance's KV capacity."""
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    for i in range(num_requests):
+        t += rng.expovariate(4.0)  # about 4 arrivals a second
+        if i % 4 == 3:
+            total = int(capacity * rng.uniform(0.6, 0.9))
+            prompt_len = total // 2
+        else:
+            total = rng.randint(96, 256)
+            prompt_len = total // 2
+        prompt = [rng.randrange(100, 20000) for _ in range(prompt_len)]
+        out.append((t, prompt, total - prompt_len))
+    return out
+
+
+async def serve_trace(args: argparse.Namespace, lend_fraction: float) -> tuple[float, float, int]:
+    """Generated tokens/s of the trace on 4 instances, makespan, preemptions."""
+    import infinillm
+
+    capacity = args.capacity
+    requests = trace(7, args.num_requests, capacity)
+    async with infinillm.open_runtime(model=args.model, device="cpu", num_instances=4, kv_capacity_tokens=capacity,
+                                      max_model_len=capacity, max_lend_fraction=lend_fraction,
+                                      max_num_batched_tokens=256) as rt:
+        tokens = preemptions = 0
+        t0 = trio.current_time()
+
+        async def one(arrival: float, prompt: list[int], max_tokens: int) -> None:
+            nonlocal tokens, preemptions
+            await trio.sleep_until(t0 + arrival)
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+            async for out in rt.generate({"prompt_token_ids": prompt}, params):
+                pass
+            tokens += len(out.outputs[0].token_ids)
+            preemptions += out.metrics.num_preemptions
+
+        async with trio.open_nursery() as nursery:
+            for r in requests:
+                nursery.start_soon(one, *r)
+        elapsed = trio.current_time() - t0
+    return tokens / elapsed, elapsed, preemptions
+
+
+async def borrow_vs_static(args: argparse.Namespace) -> None:
+    borrow, static = [], []
+    for _ in range(args.repeat):  # interleaved, so drift on the shared machine hits both
+        borrow.append(await serve_trace(args, 0.5))
+        static.append(await serve_trace(args, 0.0))
+    b = statistics.median(x[0] for x in borrow)
+    s = statistics.median(x[0] for x in static)
+    emit("borrow_tok_s", b, "tok/s", runs=[round(x[0], 2) for x in borrow], preemptions=[x[2] for x in borrow])
+    emit("static_tok_s", s, "tok/s", runs=[round(x[0], 2) for x in static], preemptions=[x[2] for x in static])
+    emit("borrow_vs_static", b / s, "x", requests=args.num_requests, capacity_tokens=args.capacity)
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.only in (None, "borrow"):
+        await borrow_vs_static(args)
+    if args.only in (None, "spread"):
+        await spread_vs_single(args)
+
+
+async def spread_vs_single(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, progress=False)
     prompt = [(i * 37) % 20000 + 100 for i in range(args.prompt_tokens)]
     need = -(-(args.prompt_tokens + args.new_tokens) // BLOCK)
@@ -73,9 +146,10 @@ async def main(args: argparse.Namespace) -> None:
     spreads, held = [], set()
     async with open_transport() as tp, trio.open_nursery() as nursery:
         workers, clients = [], []
-        async with open_worker(args.model, 1, 2 * lend, block_size=BLOCK) as w1, \
-                open_worker(args.model, 2, 2 * lend, block_size=BLOCK) as w2, \
-                open_worker(args.model, 3, 2 * lend, block_size=BLOCK) as w3:
+        threads = max(1, (os.cpu_count() or 1) // 4)  # as open_runtime(num_instances=4) shares the cores
+        async with open_worker(args.model, 1, 2 * lend, block_size=BLOCK, threads=threads) as w1, \
+                open_worker(args.model, 2, 2 * lend, block_size=BLOCK, threads=threads) as w2, \
+                open_worker(args.model, 3, 2 * lend, block_size=BLOCK, threads=threads) as w3:
             workers = [w1, w2, w3]
             async with tp.open_client(w1.peer_address) as c1, tp.open_client(w2.peer_address) as c2, \
                     tp.open_client(w3.peer_address) as c3:
@@ -114,8 +188,13 @@ if __name__ == "__main__":
     parser.add_argument("--prompt-tokens", type=int, default=2000)
     parser.add_argument("--through-loop", action="store_true",
                         help="send attention queries through the trio loop instead of the step's own socket")
+    parser.add_argument("--only", choices=("borrow", "spread"), default=None)
+    parser.add_argument("--capacity", type=int, default=1024, help="KV tokens of each instance (borrow_vs_static)")
+    parser.add_argument("--num-requests", type=int, default=None)
     ns = parser.parse_args()
     ns.new_tokens = 16 if ns.quick else 48
     ns.repeat = 1 if ns.quick else 3
+    if ns.num_requests is None:
+        ns.num_requests = 16 if ns.quick else 32
     os.environ.setdefault("TQDM_DISABLE", "1")
     trio.run(main, ns)

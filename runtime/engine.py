@@ -43,6 +43,7 @@ __all__ = ["Engine", "EngineRequest", "EngineStats"]
 log = logging.getLogger("infinillm.engine")
 
 _RID_BITS = 40  # request ids: instance id << 40 | a counter
+_BORROW_AHEAD = 4  # blocks a loan takes beyond what the step needs (see Engine._borrow)
 
 
 @dataclass(slots=True)
@@ -413,10 +414,18 @@ class Engine:
     # ---- the cluster: loans, remote blocks, serving creditors' queries -----------------------
 
     def _borrow(self, rid: int, n: int) -> None:
-        """Borrow ``n`` blocks for a running request from the peers with the most room, split
-        over several when no one has enough; a peer that refuses (its room went meanwhile) is
-        skipped. What could not be had is asked for again by the next step's plan."""
-        for peer in sorted(self.peers.values(), key=lambda p: -p.lendable()):
+        """Borrow ``n`` blocks for a running request, and up to ``_BORROW_AHEAD`` more that it
+        will grow into (never past its own maximum), so a growing request does not stop for a
+        loan at every block. Its present creditors come first (each one more is a query per
+        layer), then the peers with the most room; a loan is split over several when no one
+        has enough, and a peer that refuses (its room went meanwhile) is skipped. What could not
+        be had is asked for again by the next step's plan."""
+        req = self.requests.get(rid)
+        if req is not None:
+            most = -(-(len(req.prompt_token_ids) + req.max_new_tokens) // self.block_size)
+            n = max(n, min(n + _BORROW_AHEAD, most - self.tables.num_blocks(rid)))
+        held = {i for i, _ in self.tables.runs(rid)} if self.tables.has_request(rid) else set()
+        for peer in sorted(self.peers.values(), key=lambda p: (p.instance_id not in held, -p.lendable())):
             take = min(n, peer.lendable())
             if take <= 0:
                 continue

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import uuid
 from collections import deque
@@ -878,6 +879,9 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
     engine = runtime.engine
     cache = config.cache
     lendable = cache.max_lent_blocks(num_blocks)
+    threads = config.parallel.worker_threads
+    if threads is None and device.type == "cpu":  # the host's cores, shared among its instances
+        threads = max(1, (os.cpu_count() or 1) // config.parallel.num_instances)
     tp = await stack.enter_async_context(open_transport(config.transport))
     nursery = await stack.enter_async_context(trio.open_nursery())  # the peers' and homes' tasks run here
     puller = await stack.enter_async_context(tp.open_puller(name="from-workers"))
@@ -896,7 +900,7 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
             dtype=str(dtype).removeprefix("torch."), device=str(device), heartbeat_address=puller.address,
             heartbeat_interval_s=config.parallel.heartbeat_interval_s, cluster_blocks=cluster_blocks,
             max_num_seqs=config.scheduler.max_num_seqs, max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            seed=config.model.seed,
+            seed=config.model.seed, threads=threads,
         ))  # fmt: skip
         addresses[instance_id] = worker.peer_address
         client = await stack.enter_async_context(tp.open_client(worker.peer_address))

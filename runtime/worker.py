@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig().max_num_batched_tokens)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (CPU): default torch's own")
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
@@ -137,6 +138,8 @@ async def serve(args: argparse.Namespace) -> None:
     import torch
 
     parent = os.getppid()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model, tokenizer, margs = await trio.to_thread.run_sync(
         lambda: load_model(args.model, dtype=dtype, device=args.device, progress=False)
@@ -260,7 +263,7 @@ async def open_worker(
     max_model_len: int | None = None, dtype: str = "float32", device: str = "cpu", ready_timeout_s: float = 300.0,
     heartbeat_address: str | None = None, heartbeat_interval_s: float = 0.1, cluster_blocks: int | None = None,
     max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
-    env: dict[str, str] | None = None,
+    threads: int | None = None, env: dict[str, str] | None = None,
 ) -> AsyncIterator[WorkerProcess]:
     """Start ``python -m infinillm.worker`` and wait until it serves; on exit close its stdin
     (it stops) and wait for it. A worker that dies before it is ready raises ``InfiniLLMError``
@@ -278,6 +281,8 @@ async def open_worker(
         argv += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
     if seed:
         argv += ["--seed", str(seed)]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
     if heartbeat_address is not None:
         argv += ["--heartbeat-address", heartbeat_address, "--heartbeat-interval-s", str(heartbeat_interval_s)]
     # Its stderr goes to a file (a pipe nobody reads would fill and stall it), read back if it
