@@ -92,6 +92,12 @@ class RemotePartial(Protocol):
     ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+def _subplan(plan: DecodePlan, keep: torch.Tensor) -> DecodePlan:
+    """The part of a decode plan for the requests ``keep`` [B'] marks."""
+    return DecodePlan(plan.requests[keep], plan.rows[keep], plan.slots[keep], plan.visible[keep], plan.seen[keep],
+                      plan.window)
+
+
 class DistAttentionBackend:
     """Per-step attention: local paged partial attention, merged with remote partials.
 
@@ -134,6 +140,21 @@ class DistAttentionBackend:
             )
             if self._fast_decode:
                 self._slot_index = m.slot_mapping.long()
+        # With remote partials, only the rows of spread requests need a log-sum-exp and a merge:
+        # the decode rows of requests whose every block is here keep the fused path.
+        self._spread_rows: torch.Tensor | None = None
+        self._local_plans: dict[int | None, DecodePlan] = {}
+        if self.remote and self._decode_plans:
+            spread = torch.zeros(metadata.q_pos.numel(), dtype=torch.bool, device=metadata.q_pos.device)
+            for peer in self.remote:
+                spread[peer.rows] = True
+            self._spread_rows = torch.nonzero(spread).flatten()
+            for w, plan in list(self._decode_plans.items()):
+                here = ~spread[plan.rows]
+                local = _subplan(plan, here)
+                if local.rows.numel() and bool(local.seen.all()):
+                    self._local_plans[w] = local
+                    self._decode_plans[w] = _subplan(plan, ~here)
 
     def window(self, layer: int) -> int | None:
         """Layer ``layer``'s sliding window (None: full causal attention)."""
@@ -157,15 +178,28 @@ class DistAttentionBackend:
             q, m.cu_q, m.q_pos, kc, vc, m.block_table, m.block_start, m.block_len, self.scale,
             backend=self.backend, decode_plan=self._decode_plans.get(window), need_lse=bool(self.remote), window=window,
         )
+        local = self._local_plans.get(window)
+        if local is not None:  # decode rows with every key here: the fused path, nothing to merge
+            out[local.rows] = decode_attention_sdpa(q.index_select(0, local.rows), local, kc, vc, self.scale).to(out.dtype)
         if not self.remote:
             return out
-        outs, lses = [out.float()], [lse]  # partials merge in fp32
+        rows = self._spread_rows
+        if rows is None:  # (the Triton path merges every row; rows with no remote key are unchanged)
+            outs, lses = [out.float()], [lse]  # partials merge in fp32
+            for wait in pending:
+                o, s = wait()
+                outs.append(o)
+                lses.append(s)
+            merged, _ = merge_partials(torch.stack(outs), torch.stack(lses), backend=self.backend)
+            return merged.to(q.dtype)
+        outs, lses = [out.index_select(0, rows).float()], [lse.index_select(0, rows)]
         for wait in pending:
             o, s = wait()
-            outs.append(o)
-            lses.append(s)
+            outs.append(o.index_select(0, rows))
+            lses.append(s.index_select(0, rows))
         merged, _ = merge_partials(torch.stack(outs), torch.stack(lses), backend=self.backend)
-        return merged.to(q.dtype)
+        out[rows] = merged.to(out.dtype)
+        return out
 
     def _decode_layer(self, q, k, v, kc, vc, plan: DecodePlan) -> torch.Tensor:
         num_blocks, block_size, num_kv_heads, head_dim = kc.shape

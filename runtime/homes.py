@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -182,7 +183,7 @@ class RemoteOutput:
     cumulative ``RequestOutput``."""
 
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "logprobs", "token_ids", "text", "logprob_list",
-                 "cumulative_logprob", "placement", "last")
+                 "cumulative_logprob", "placement", "last", "arrival")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], logprobs: bool) -> None:
         self.request_id = request_id
@@ -195,6 +196,7 @@ class RemoteOutput:
         self.cumulative_logprob: float | None = None
         self.placement: dict[int, int] = {}
         self.last: RequestOutput | None = None
+        self.arrival = time.monotonic()  # until the worker's own figure comes
 
     def apply(self, d: RequestDelta) -> RequestOutput:
         self.token_ids.extend(d.token_ids)
@@ -222,9 +224,14 @@ class RemoteOutput:
         return self.last
 
     def final(self, reason: str, error: str | None = None) -> RequestOutput:
-        """The last output, made here (the runtime is closing, or the worker refused it)."""
-        metrics = self.last.metrics if self.last is not None else None
-        return self._output(reason, None, True, metrics, error)
+        """The last output, made here (the runtime is closing, or the worker refused it), with
+        the metrics an engine gives a request it ends: finished at its last token."""
+        m = self.last.metrics if self.last is not None else None
+        if m is None:
+            m = RequestMetrics(arrival_time=self.arrival, num_prompt_tokens=len(self.prompt_token_ids))
+        else:
+            m = dataclasses.replace(m, finished_time=m.last_token_time)
+        return self._output(reason, None, True, m, error)
 
     def _output(self, reason, stop, finished, metrics, error) -> RequestOutput:
         completion = CompletionOutput(
@@ -258,22 +265,44 @@ class WorkerHome:
         self._send.send_nowait(update)
 
     async def request(self, msg):
-        """Send ``msg`` after everything queued before it and return the worker's answer."""
+        """Send ``msg`` after everything queued before it and return the worker's answer;
+        ``InfiniLLMError`` if the runtime stops talking to the worker first (it is closing)."""
         done, box = trio.Event(), []
-        self._send.send_nowait((msg, done, box))
+        try:
+            self._send.send_nowait((msg, done, box))
+        except trio.ClosedResourceError:
+            raise InfiniLLMError(f"instance {self.instance_id}: the runtime is closing") from None
         await done.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:  # closing: nothing more is sent; whoever waits for an answer gets an error
+            self._send.close()
+            closing = InfiniLLMError(f"instance {self.instance_id}: the runtime is closing")
+            while True:
+                try:
+                    msg = self._recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if isinstance(msg, tuple):
+                    msg[2].append(closing)
+                    msg[1].set()
+
+    async def _run(self) -> None:
         async for msg in self._recv:
             if isinstance(msg, tuple):  # a request whose caller waits for the answer
                 msg, done, box = msg
                 try:
                     box.append(await self.client.request(msg))
-                except Exception as e:  # noqa: BLE001 - handed to the caller
-                    box.append(e)
+                except BaseException as e:  # handed to the caller (a cancellation: re-raised too)
+                    box.append(e if isinstance(e, Exception) else
+                               InfiniLLMError(f"instance {self.instance_id}: the runtime is closing"))
+                    if not isinstance(e, Exception):
+                        raise
                 finally:
                     done.set()
                 continue

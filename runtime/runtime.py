@@ -330,8 +330,17 @@ class Runtime:
         """``statistics()`` with every worker as of now, not as of its last heartbeat: each
         instance first waits until the blocks it gave back have been freed where they lay, then
         reports its pool; this returns once the ledger holds every report."""
+        await trio.lowlevel.checkpoint()
+        try:
+            await self._sync_workers()
+        except InfiniLLMError:
+            if not self._closed:
+                raise
+        return self.statistics()  # (after the close: the last figures)
+
+    async def _sync_workers(self) -> None:
         if self._closed:
-            return self.statistics()
+            return
         await self._aborts_applied()
         for peer in self.engine.peers.values():
             await peer.wait_released()
@@ -340,20 +349,25 @@ class Runtime:
             replies = {}
 
             async def sync(home, snapshot=snapshot) -> None:
-                replies[home.instance_id] = await home.request(Sync(snapshot))
+                try:
+                    replies[home.instance_id] = await home.request(Sync(snapshot))
+                except InfiniLLMError:
+                    if not self._closed:
+                        raise  # (closing: the last figures will do)
 
             async with trio.open_nursery() as nursery:
                 for home in homes:
                     nursery.start_soon(sync, home)
         for instance_id, reply in replies.items():
-            while self.ledger.instance(instance_id).version < reply.version:
+            while self.ledger.instance(instance_id).version < reply.version and not self._closed:
                 await self._heard.wait()
+        if self._closed:
+            return
         if not self._stepping:
             with self.engine.pool_lock:
                 delta = self.engine.pool.take_delta()
             if not delta.empty:
                 self.ledger.apply_delta(delta)
-        return self.statistics()
 
     def _engine_snapshot(self) -> tuple[EngineStats, dict[str, dict[int, int]]]:
         engine = self.engine
@@ -685,6 +699,8 @@ class Runtime:
     def _end_all(self) -> None:
         """At close: every request still here ends with an abort output (engine between steps)."""
         self._closed = True
+        self._heard.set()  # a sync_statistics() waiting for a heartbeat returns
+        self._after_steps.set()
         for request_id in list(self._requests):
             self._abort_now(request_id)
         self._queue.clear()
@@ -769,10 +785,12 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
     block comes out as itself (not wrapped in an exception group) once the runtime has shut
     down.
 
-    With ``num_instances`` N > 1, instance 0 runs here and is the home of every request;
-    instances 1..N-1 are worker processes (``python -m infinillm.worker``) that lend it KV
-    blocks and compute partial attention over them (each with ``kv_capacity_tokens`` of its
-    own, lending at most ``max_lend_fraction`` of it). Leaving the block stops them.
+    With ``num_instances`` N > 1, instance 0 runs here and instances 1..N-1 are worker
+    processes (``python -m infinillm.worker``), each with ``kv_capacity_tokens`` of its own.
+    The router places each request on one of them (its home); every instance lends the others
+    at most ``max_lend_fraction`` of its blocks and computes partial attention over what it
+    lends. Leaving the block ends every request, lets the workers free what they lent, and
+    stops them.
     """
     from .loader import load_model
 

@@ -66,6 +66,7 @@ uniform long before)."""
 MAX_REPETITION_PENALTY = 1e6
 """Repetition penalties lie in [1 / this, this], so penalised logits stay finite in float32."""
 
+MAX_STOP_BYTES = 65536  # stop strings, all together (they travel to worker instances)
 MAX_SEED = (1 << 64) - 1
 """The largest seed ``torch.Generator.manual_seed`` takes."""
 
@@ -186,6 +187,16 @@ class SamplingParams:
         if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
             allowed = "must be a non-empty string or a list of non-empty strings"
             raise ValidationError("stop", stop, allowed, owner=_OWNER)
+        size = 0
+        for s in strings:
+            try:
+                size += len(s.encode("utf-8"))
+            except UnicodeEncodeError as e:
+                raise ValidationError("stop", s[max(0, e.start - 8) : e.end + 8],
+                                      f"must be valid Unicode: {e.reason} at index {e.start}", owner=_OWNER) from None
+        if size > MAX_STOP_BYTES:
+            raise ValidationError("stop", f"{len(strings)} strings of {size} UTF-8 bytes",
+                                  f"must be at most {MAX_STOP_BYTES} bytes in all", owner=_OWNER)
         return tuple(strings)
 
     @staticmethod

@@ -194,3 +194,33 @@ def test_a_reservation_never_committed_expires_and_its_blocks_are_lent_again(tin
     again = creditor.lend_reserve(2, 4, ttl_s=60.0)  # past the first one's ttl: it is given back
     assert again is not None and creditor.pool.num_reserved == 4
     assert creditor.lend_commit(again, 2 << 40 | 1) and creditor.pool.num_lent == 4
+
+
+def test_requests_all_at_home_keep_the_fused_path_in_a_step_with_spread_ones(tiny, monkeypatch):
+    import infinillm.attention as attention
+
+    prompts = prompts_of([150, 9, 230, 12])  # two spread, two that fit at home
+    want = run(make_engine(tiny, 0, 200), prompts, GREEDY)
+    home, creditors = make_cluster(tiny, 6, [24, 24, 24], max_num_batched_tokens=48)
+    fused_rows_in_spread_steps = []
+    real = attention.decode_attention_sdpa
+
+    def counted(q, plan, *args):
+        fused_rows_in_spread_steps.append(q.shape[0])
+        return real(q, plan, *args)
+
+    real_init = attention.DistAttentionBackend.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        if self.remote:  # only count the fused path where some request of the step is spread
+            self._local_plans = {w: p for w, p in self._local_plans.items()}
+            monkeypatch.setattr(attention, "decode_attention_sdpa", counted)
+        else:
+            monkeypatch.setattr(attention, "decode_attention_sdpa", real)
+
+    monkeypatch.setattr(attention.DistAttentionBackend, "__init__", init)
+    got = run(home, prompts, GREEDY)
+    assert_same(got, want)
+    assert fused_rows_in_spread_steps, "no decode row of a home-only request took the fused path beside spread rows"
+    assert_pools_empty(home, *creditors)
