@@ -191,9 +191,10 @@ if __name__ == "__main__":
     parser.add_argument("--only", choices=("borrow", "spread"), default=None)
     parser.add_argument("--capacity", type=int, default=1024, help="KV tokens of each instance (borrow_vs_static)")
     parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=None, help="runs of each (medians); default 3, 1 with --quick")
     ns = parser.parse_args()
     ns.new_tokens = 16 if ns.quick else 48
-    ns.repeat = 1 if ns.quick else 3
+    ns.repeat = ns.repeat or (1 if ns.quick else 3)
     if ns.num_requests is None:
         ns.num_requests = 16 if ns.quick else 32
     os.environ.setdefault("TQDM_DISABLE", "1")

@@ -884,6 +884,14 @@ def _single_error(group: BaseExceptionGroup) -> BaseException | None:
     return leaves[0] if len(leaves) == 1 and not isinstance(leaves[0], trio.Cancelled) else None
 
 
+def _worker_device(device: torch.device, instance_id: int) -> str:
+    """A worker's device: on a host with several GPUs, one each (instance i on GPU i modulo
+    their number; instance 0, in this process, on the one ``device`` names); else ``device``."""
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        return f"cuda:{instance_id % torch.cuda.device_count()}"
+    return str(device)
+
+
 async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num_blocks: int, cluster_blocks: int,
                          device: torch.device, dtype: torch.dtype) -> None:
     """Start instances 1..N-1 as worker processes (``num_blocks`` each, one after another),
@@ -915,7 +923,8 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
         worker = await stack.enter_async_context(open_worker(
             config.model.model, instance_id, num_blocks, block_size=cache.block_size,
             max_lend_fraction=cache.max_lend_fraction, max_model_len=config.model.max_model_len,
-            dtype=str(dtype).removeprefix("torch."), device=str(device), heartbeat_address=puller.address,
+            dtype=str(dtype).removeprefix("torch."), device=_worker_device(device, instance_id),
+            heartbeat_address=puller.address, reservation_ttl_s=cache.reservation_ttl_s,
             heartbeat_interval_s=config.parallel.heartbeat_interval_s, cluster_blocks=cluster_blocks,
             max_num_seqs=config.scheduler.max_num_seqs, max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             seed=config.model.seed, threads=threads,

@@ -263,7 +263,7 @@ async def open_worker(
     max_model_len: int | None = None, dtype: str = "float32", device: str = "cpu", ready_timeout_s: float = 300.0,
     heartbeat_address: str | None = None, heartbeat_interval_s: float = 0.1, cluster_blocks: int | None = None,
     max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
-    threads: int | None = None, env: dict[str, str] | None = None,
+    threads: int | None = None, reservation_ttl_s: float | None = None, env: dict[str, str] | None = None,
 ) -> AsyncIterator[WorkerProcess]:
     """Start ``python -m infinillm.worker`` and wait until it serves; on exit close its stdin
     (it stops) and wait for it. A worker that dies before it is ready raises ``InfiniLLMError``
@@ -283,6 +283,8 @@ async def open_worker(
         argv += ["--seed", str(seed)]
     if threads is not None:
         argv += ["--threads", str(threads)]
+    if reservation_ttl_s is not None:
+        argv += ["--reservation-ttl-s", str(reservation_ttl_s)]
     if heartbeat_address is not None:
         argv += ["--heartbeat-address", heartbeat_address, "--heartbeat-interval-s", str(heartbeat_interval_s)]
     # Its stderr goes to a file (a pipe nobody reads would fill and stall it), read back if it
