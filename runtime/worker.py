@@ -79,11 +79,11 @@ def _parser() -> argparse.ArgumentParser:
 def _heartbeat(engine: Engine, force: bool = False) -> HeartbeatDelta | None:
     """The pool's counter changes since the last heartbeat and the batch's load (None when
     nothing changed and ``force`` is false)."""
-    with engine.pool_lock:
+    with engine.pool_lock:  # (the planner changes under it too: a consistent load)
         delta = engine.pool.take_delta()
+        s = engine.planner.statistics()
     if delta.empty and not force:
         return None
-    s = engine.planner.statistics()
     return HeartbeatDelta.from_pool_delta(delta, batch_size=s.num_running, num_waiting=s.num_waiting)
 
 
