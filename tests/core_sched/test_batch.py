@@ -460,3 +460,18 @@ def test_compiled_and_twin_make_identical_plans_and_account_for_every_block(
                 event("a step asked for loans")
     a, b = (e.bp for e in engines)
     assert (a.running_ids(), a.waiting_ids(), a.statistics()) == (b.running_ids(), b.waiting_ids(), b.statistics())
+
+
+def test_while_others_run_a_request_waits_until_its_whole_context_fits(core):
+    # 16 blocks of 4 tokens, a budget of 8 tokens a step. Request 1 holds 12 blocks; request 2
+    # (a 24-token prompt: 6 blocks) has its first chunk's 2 blocks free, but not its whole
+    # context: admitting it would only have it preempted (and recomputed) as the others grow.
+    bp = make(core, max_num_batched_tokens=8)
+    bp.add_request(1, 48, 4)
+    for _ in range(6):  # request 1's prefill, 8 tokens a step (its sampled token not appended)
+        bp.schedule()
+    bp.add_request(2, 24, 4)
+    plan = bp.schedule()  # 4 blocks free of the 6 request 2 needs: it waits
+    assert [c.request_id for c in plan.chunks] == [] and bp.num_waiting == 1
+    plan = bp.schedule(loan_available=2)  # with 2 the cluster may lend, it fits: admitted
+    assert [c.request_id for c in plan.chunks] == [2] and plan.chunks[0].num_tokens == 8
