@@ -254,7 +254,7 @@ cdef class BatchPlanner:
                 chunk = min(r.num_tokens, budget)
                 need = cdiv(chunk, self._block_size)
                 free = self._pool.num_free
-                if not self._running.empty() and cdiv(r.num_tokens, self._block_size) > free + loan_available:
+                if cdiv(r.num_tokens, self._block_size) > free + loan_available:
                     break  # its whole context would not fit: admitting it now would only be undone
                 if need > free:
                     if not self._running.empty() or free == 0:

@@ -68,14 +68,14 @@ class BatchPlanner:
     2. Waiting requests, FCFS, only in a step that asked for no loan and preempted nobody
        (memory is short: admitting now would take blocks the running requests need next),
        while tokens and sequence slots are left: the first chunk is the whole prompt (plus
-       outputs, for a preempted request) cut to the tokens left (chunked prefill). While other
-       requests run, a request is admitted only when its whole context fits (free blocks here
-       plus ``loan_available``: a request admitted on less would be preempted again as soon as
-       it or the running ones grow, and recompute each time) and its first chunk's blocks are
-       free here: waiting requests never borrow or preempt, they wait for memory, and the
-       queue stops at the first that does not fit (FCFS). One exception keeps an idle instance
-       live: with nothing running (so nothing here will free blocks), the head's first chunk
-       shrinks to the free blocks.
+       outputs, for a preempted request) cut to the tokens left (chunked prefill). A request
+       is admitted only when its whole context fits (free blocks here plus ``loan_available``:
+       a request admitted on less would be preempted again as soon as it or the running ones
+       grow, and recompute each time) and its first chunk's blocks are free here: waiting
+       requests never borrow or preempt, they wait for memory, and the queue stops at the first
+       that does not fit (FCFS). On an idle instance (nothing running, so nothing here will
+       free blocks) the head's first chunk shrinks to the free blocks, and the rest is borrowed
+       as it runs.
 
     Every planned chunk has its room made before ``schedule`` returns (blocks allocated from
     the pool and appended to the table, ``tables.append_tokens(rid, chunk)``,
@@ -289,7 +289,7 @@ class BatchPlanner:
                 chunk = min(r.num_tokens, budget)
                 need = _cdiv(chunk, self._block_size)
                 free = self._pool.num_free
-                if self._running and _cdiv(r.num_tokens, self._block_size) > free + loan_available:
+                if _cdiv(r.num_tokens, self._block_size) > free + loan_available:
                     break  # its whole context would not fit: admitting it now would only be undone
                 if need > free:
                     if self._running or free == 0:

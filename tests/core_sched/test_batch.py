@@ -149,7 +149,9 @@ def test_an_idle_instance_admits_what_fits_then_borrows_the_rest(core):
     bp = make(core, num_blocks=4, max_num_batched_tokens=32)
     bp.add_request(1, 30, 4)
     assert bp.waiting_blocks == 8  # ceil(min(30, 32) / 4)
-    plan = bp.schedule()
+    plan = bp.schedule(loan_available=3)  # 4 free + 3 lendable < 8: it waits (no admission undone later)
+    assert plan == StepPlan((), (), (), 0) and bp.num_waiting == 1
+    plan = bp.schedule(loan_available=4)
     # nothing runs here, so the first chunk shrinks to the 4 free blocks: 4 * 4 = 16 tokens
     assert plan.chunks == (chunk(1, 0, 16, False),)
     plan = bp.schedule(loan_available=10)
