@@ -215,7 +215,7 @@ class RemoteOutput:
         stop = d.stop_reason if d.stop_reason is not None else d.stop_token_id
         finished = d.finish_reason is not None
         metrics = RequestMetrics(
-            arrival_time=d.arrival_time, first_scheduled_time=d.first_scheduled_time,
+            arrival_time=d.arrival_time or self.arrival, first_scheduled_time=d.first_scheduled_time,
             first_token_time=d.first_token_time, last_token_time=d.last_token_time,
             finished_time=d.last_token_time if finished else None, num_prompt_tokens=len(self.prompt_token_ids),
             num_generated_tokens=len(self.token_ids), num_preemptions=d.num_preemptions,
