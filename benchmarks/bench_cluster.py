@@ -12,7 +12,9 @@ Prints JSON lines {"metric", "value", "unit"}, all measured in this run:
 - ``spread_decode_tok_s``: the same request whose home holds a few blocks and borrows the rest
   from 3 worker processes over ZeroMQ (per layer one query per creditor, merged by
   log-sum-exp); ``spread_vs_single`` is their ratio (issue #11: >= 0.6);
-- ``spread_instances``: how many instances held its blocks.
+- ``spread_instances``: how many instances held its blocks;
+- with ``--local-peers``, ``spread_local_vs_single`` instead: the creditors are engines of this
+  process (``LocalPeer``, no sockets), which isolates the spread path's own cost.
 
 For ``spread_vs_single`` the home engine runs in this process, its steps in a worker thread
 of a trio loop, as the runtime runs them; its workers get the torch threads the runtime would
@@ -144,6 +146,19 @@ async def spread_vs_single(args: argparse.Namespace) -> None:
     home_blocks = need // 4
     lend = -(-(need - home_blocks) // 3) + 2
     spreads, held = [], set()
+    if args.local_peers:  # the creditors as engines of this process: the spread path without IPC
+        from infinillm.cluster import LocalPeer
+
+        for _ in range(args.repeat):
+            creditors = [make_engine(loaded, i, 2 * lend) for i in (1, 2, 3)]
+            home = make_engine(loaded, 0, home_blocks, home_blocks + 3 * lend)
+            home.peers = {c.instance_id: LocalPeer(c) for c in creditors}
+            spreads.append(await decode_rate(home, prompt, args.new_tokens))
+        s, p = statistics.median(singles), statistics.median(spreads)
+        emit("single_decode_tok_s", s, "tok/s", runs=[round(x, 2) for x in singles])
+        emit("spread_local_decode_tok_s", p, "tok/s", runs=[round(x, 2) for x in spreads])
+        emit("spread_local_vs_single", p / s, "x", prompt_tokens=args.prompt_tokens)
+        return
     async with open_transport() as tp, trio.open_nursery() as nursery:
         workers, clients = [], []
         threads = max(1, (os.cpu_count() or 1) // 4)  # as open_runtime(num_instances=4) shares the cores
@@ -189,6 +204,9 @@ if __name__ == "__main__":
     parser.add_argument("--through-loop", action="store_true",
                         help="send attention queries through the trio loop instead of the step's own socket")
     parser.add_argument("--only", choices=("borrow", "spread"), default=None)
+    parser.add_argument("--local-peers", action="store_true",
+                        help="spread over creditor engines of this process (LocalPeer: no sockets), to see the "
+                             "spread path's own cost")
     parser.add_argument("--capacity", type=int, default=1024, help="KV tokens of each instance (borrow_vs_static)")
     parser.add_argument("--num-requests", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=None, help="runs of each (medians); default 3, 1 with --quick")
