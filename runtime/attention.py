@@ -140,15 +140,13 @@ class DistAttentionBackend:
             )
             if self._fast_decode:
                 self._slot_index = m.slot_mapping.long()
-        # With remote partials, only the rows of spread requests need a log-sum-exp and a merge:
-        # the decode rows of requests whose every block is here keep the fused path.
-        self._spread_rows: torch.Tensor | None = None
+        # With remote partials, only the rows of spread requests need a log-sum-exp: the decode
+        # rows of requests whose every block is here keep the fused path.
         self._local_plans: dict[int | None, DecodePlan] = {}
         if self.remote and self._decode_plans:
             spread = torch.zeros(metadata.q_pos.numel(), dtype=torch.bool, device=metadata.q_pos.device)
             for peer in self.remote:
                 spread[peer.rows] = True
-            self._spread_rows = torch.nonzero(spread).flatten()
             for w, plan in list(self._decode_plans.items()):
                 here = ~spread[plan.rows]
                 local = _subplan(plan, here)
@@ -179,27 +177,18 @@ class DistAttentionBackend:
             backend=self.backend, decode_plan=self._decode_plans.get(window), need_lse=bool(self.remote), window=window,
         )
         local = self._local_plans.get(window)
-        if local is not None:  # decode rows with every key here: the fused path, nothing to merge
+        if local is not None:  # decode rows with every key here: the fused path
             out[local.rows] = decode_attention_sdpa(q.index_select(0, local.rows), local, kc, vc, self.scale).to(out.dtype)
+            lse[local.rows] = 0.0  # any finite lse: no remote partial has these rows (-inf), so the merge keeps out
         if not self.remote:
             return out
-        rows = self._spread_rows
-        if rows is None:  # (the Triton path merges every row; rows with no remote key are unchanged)
-            outs, lses = [out.float()], [lse]  # partials merge in fp32
-            for wait in pending:
-                o, s = wait()
-                outs.append(o)
-                lses.append(s)
-            merged, _ = merge_partials(torch.stack(outs), torch.stack(lses), backend=self.backend)
-            return merged.to(q.dtype)
-        outs, lses = [out.index_select(0, rows).float()], [lse.index_select(0, rows)]
+        outs, lses = [out.float()], [lse]  # partials merge in fp32
         for wait in pending:
             o, s = wait()
-            outs.append(o.index_select(0, rows))
-            lses.append(s.index_select(0, rows))
+            outs.append(o)
+            lses.append(s)
         merged, _ = merge_partials(torch.stack(outs), torch.stack(lses), backend=self.backend)
-        out[rows] = merged.to(out.dtype)
-        return out
+        return merged.to(q.dtype)
 
     def _decode_layer(self, q, k, v, kc, vc, plan: DecodePlan) -> torch.Tensor:
         num_blocks, block_size, num_kv_heads, head_dim = kc.shape

@@ -57,7 +57,7 @@ from .transport import (
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["Peer", "PendingAttention", "LocalPeer", "RemoteAttention", "PeerService", "ZmqPeer"]
+__all__ = ["Peer", "PendingAttention", "LocalPeer", "RemoteAttention", "PeerService", "ZmqPeer", "connect_peer"]
 
 log = logging.getLogger("infinillm.cluster")
 
@@ -355,3 +355,18 @@ class ZmqPeer:
             return reply
 
         return wait
+
+
+async def connect_peer(stack, tp, instance_id: int, address: str, nursery: trio.Nursery, lendable: int) -> ZmqPeer:
+    """A ``ZmqPeer`` for the instance serving its peer socket at ``address``: a ``Client`` (for
+    reservations, commits, releases) and the step thread's own DEALER (attention queries), both
+    closed by ``stack`` (an ``AsyncExitStack`` of the calling task, which must own the loop's
+    nursery ``nursery``)."""
+    from .transport import DealerSocket
+
+    client = await stack.enter_async_context(tp.open_client(address))
+    direct = tp.socket(DealerSocket)
+    tp.connect(direct, address)
+    stack.callback(direct.close)
+    return ZmqPeer(instance_id, client, nursery, trio.lowlevel.current_trio_token(), lendable,
+                   direct=direct.zmq_socket, codec=tp.codec)

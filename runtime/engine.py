@@ -254,6 +254,13 @@ class Engine:
         req.finish_reason, req.stop_reason = reason, None
         return req.snapshot(finished=True, error=error)
 
+    def placement(self, rid: int) -> dict[int, int]:
+        """How many blocks each instance holds of a request in the block tables."""
+        held: dict[int, int] = {}
+        for instance, blocks in self.tables.runs(rid):
+            held[instance] = held.get(instance, 0) + len(blocks)
+        return held
+
     @property
     def has_work(self) -> bool:
         return bool(self.requests)

@@ -162,11 +162,11 @@ class ControlService:
             maker = self.makers.get(out.request_id)
             if maker is None:
                 continue
-            placement: dict[int, int] = {}
             request = runtime._requests.get(out.request_id)
-            if not runtime._stepping and request is not None and request.rid is not None and engine.tables.has_request(request.rid):
-                for instance, blocks in engine.tables.runs(request.rid):
-                    placement[instance] = placement.get(instance, 0) + len(blocks)
+            placement = {}
+            if not runtime._stepping and request is not None and request.rid is not None \
+                    and engine.tables.has_request(request.rid):
+                placement = engine.placement(request.rid)
             deltas.append(maker.delta(out, placement))
             if out.finished:
                 del self.makers[out.request_id]

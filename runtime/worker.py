@@ -39,14 +39,14 @@ from dataclasses import dataclass
 
 import trio
 
-from .cluster import PeerService, ZmqPeer
+from .cluster import PeerService, connect_peer
 from .config import CacheConfig, RuntimeConfig, SchedulerConfig, TransportConfig
 from .engine import Engine
 from .errors import InfiniLLMError
 from .homes import ControlService
 from .loader import load_model
 from .runtime import Runtime
-from .transport import ConnectPeers, DealerSocket, HeartbeatDelta, Sync, Synced, open_transport
+from .transport import ConnectPeers, HeartbeatDelta, Sync, Synced, open_transport
 
 __all__ = ["main", "serve", "open_worker", "WorkerProcess"]
 
@@ -173,10 +173,8 @@ async def serve(args: argparse.Namespace) -> None:
                     raise box[0]
 
             async with trio.open_nursery() as nursery:
-                runtime = Runtime(RuntimeConfig(), engine, tokenizer)
-                control = ControlService(runtime, nursery)
 
-                def outputs(outs) -> None:
+                def outputs(outs) -> None:  # (control is made just below, before any output)
                     msg = control.outputs_to_deltas(outs)
                     if msg is not None:
                         out_send.send_nowait(msg)
@@ -184,7 +182,8 @@ async def serve(args: argparse.Namespace) -> None:
                 def heartbeat() -> None:
                     out_send.send_nowait(_heartbeat(engine, force=True))
 
-                runtime._output_sink, runtime._pool_sink = outputs, heartbeat
+                runtime = Runtime(RuntimeConfig(), engine, tokenizer, output_sink=outputs, pool_sink=heartbeat)
+                control = ControlService(runtime, nursery)
 
                 async def handle(msg):
                     if isinstance(msg, ConnectPeers):
@@ -221,7 +220,6 @@ async def _connect_peers(tp, engine: Engine, nursery: trio.Nursery, requests: tr
                          task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Owns the connections to the other instances (``ConnectPeers``), so they open and close
     in this one task, and makes each a ``ZmqPeer`` of the engine."""
-    token = trio.lowlevel.current_trio_token()
     async with contextlib.AsyncExitStack() as stack:
         task_status.started()
         async for msg, done, box in requests:
@@ -229,12 +227,7 @@ async def _connect_peers(tp, engine: Engine, nursery: trio.Nursery, requests: tr
                 for instance_id, address, lendable in zip(msg.instance_ids, msg.addresses, msg.lendable):
                     if instance_id == engine.instance_id or instance_id in engine.peers:
                         raise InfiniLLMError(f"ConnectPeers: instance {instance_id} is this one or already connected")
-                    client = await stack.enter_async_context(tp.open_client(address))
-                    direct = tp.socket(DealerSocket)  # the step thread's own, for attention queries
-                    tp.connect(direct, address)
-                    stack.callback(direct.close)
-                    engine.peers[instance_id] = ZmqPeer(instance_id, client, nursery, token, lendable,
-                                                        direct=direct.zmq_socket, codec=tp.codec)
+                    engine.peers[instance_id] = await connect_peer(stack, tp, instance_id, address, nursery, lendable)
             except Exception as e:  # noqa: BLE001 - the reply to ConnectPeers
                 box.append(e)
             finally:
@@ -271,20 +264,12 @@ async def open_worker(
     argv = [sys.executable, "-m", "infinillm.worker", "--model", str(model), "--instance-id", str(instance_id),
             "--num-blocks", str(num_blocks), "--block-size", str(block_size), "--max-lend-fraction",
             str(max_lend_fraction), "--dtype", dtype, "--device", device]
-    if max_model_len is not None:
-        argv += ["--max-model-len", str(max_model_len)]
-    if cluster_blocks is not None:
-        argv += ["--cluster-blocks", str(cluster_blocks)]
-    if max_num_seqs is not None:
-        argv += ["--max-num-seqs", str(max_num_seqs)]
-    if max_num_batched_tokens is not None:
-        argv += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
-    if seed:
-        argv += ["--seed", str(seed)]
-    if threads is not None:
-        argv += ["--threads", str(threads)]
-    if reservation_ttl_s is not None:
-        argv += ["--reservation-ttl-s", str(reservation_ttl_s)]
+    optional = {"--max-model-len": max_model_len, "--cluster-blocks": cluster_blocks, "--max-num-seqs": max_num_seqs,
+                "--max-num-batched-tokens": max_num_batched_tokens, "--seed": seed or None, "--threads": threads,
+                "--reservation-ttl-s": reservation_ttl_s}
+    for flag, value in optional.items():
+        if value is not None:
+            argv += [flag, str(value)]
     if heartbeat_address is not None:
         argv += ["--heartbeat-address", heartbeat_address, "--heartbeat-interval-s", str(heartbeat_interval_s)]
     # Its stderr goes to a file (a pipe nobody reads would fill and stall it), read back if it
