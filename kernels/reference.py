@@ -36,6 +36,7 @@ __all__ = [
     "append_kv_ref",
     "DecodePlan",
     "build_decode_plan",
+    "select_plan",
     "decode_attention_sdpa",
 ]
 
@@ -137,6 +138,12 @@ class DecodePlan:
     least one is; ``window``: the sliding window it was built for (None: full attention).
     With a window only the blocks that overlap some query's window are in ``slots``, so T is
     about ``window + block_size``, not the whole context.
+
+    ``runs``: when the plan has at most ``_RUN_MAX_REQUESTS`` requests and the keys each one
+    sees are one run of consecutive cache slots (the common case: a pool hands a growing
+    request neighbouring blocks), ``(first slot, count)`` per request, and the kernels read
+    those keys as views of the cache instead of gathering them; else None. (Attention does not
+    depend on the order of the keys, only on which ones are seen.)
     """
 
     requests: torch.Tensor
@@ -145,6 +152,26 @@ class DecodePlan:
     visible: torch.Tensor
     seen: torch.Tensor
     window: int | None
+    runs: tuple[tuple[int, int], ...] | None = None
+
+
+# Up to this many decode requests read their keys as views of the cache, one request at a time,
+# when each one's keys are a run of slots; more take one batched gather (fewer, larger calls).
+_RUN_MAX_REQUESTS = 4
+
+
+def _slot_runs(slots: torch.Tensor, visible: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
+    """``DecodePlan.runs`` of a plan's ``slots`` and ``visible`` [B', T], or None."""
+    b = slots.shape[0]
+    if b == 0 or b > _RUN_MAX_REQUESTS:
+        return None
+    count = visible.sum(dim=1)
+    first = slots.masked_fill(~visible, torch.iinfo(slots.dtype).max).amin(dim=1)
+    last = slots.masked_fill(~visible, -1).amax(dim=1)
+    # Distinct slots (blocks are distinct) fill [first, last] exactly when there are last-first+1.
+    if not bool(((count > 0) & (last - first + 1 == count)).all()):
+        return None
+    return tuple(zip(first.tolist(), count.tolist()))
 
 
 def build_decode_plan(
@@ -178,7 +205,14 @@ def build_decode_plan(
     key_pos = starts[:, :, None] + offsets[None, None, :]
     visible = _visible(key_pos, held, pos[:, :, None], window).flatten(1)  # [B', T]
     slots = (bt.clamp(min=0)[:, :, None] * block_size + offsets[None, None, :]).flatten(1)
-    return DecodePlan(requests, rows, slots, visible, visible.any(dim=1), window)
+    return DecodePlan(requests, rows, slots, visible, visible.any(dim=1), window, _slot_runs(slots, visible))
+
+
+def select_plan(plan: DecodePlan, keep: torch.Tensor) -> DecodePlan:
+    """The part of a decode plan for the requests ``keep`` [B'] marks."""
+    slots, visible = plan.slots[keep], plan.visible[keep]
+    return DecodePlan(plan.requests[keep], plan.rows[keep], slots, visible, plan.seen[keep], plan.window,
+                      _slot_runs(slots, visible))
 
 
 def _gather_plan_keys(plan: DecodePlan, cache: torch.Tensor) -> torch.Tensor:
@@ -194,6 +228,18 @@ def decode_attention_sdpa(q: torch.Tensor, plan: DecodePlan, k_cache, v_cache, s
     without the log-sum-exp, over the keys ``plan.visible`` marks (its window included); every
     query must see at least one key (``plan.seen``)."""
     b, num_heads, head_dim = q.shape
+    if plan.runs is not None:  # each request's keys are one run of slots: views, no gather
+        num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+        flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+        flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+        out = torch.empty(b, num_heads, head_dim, dtype=k_cache.dtype, device=q.device)
+        for i, (first, count) in enumerate(plan.runs):
+            out[i] = torch.nn.functional.scaled_dot_product_attention(
+                q[i].view(1, num_heads, 1, head_dim).to(k_cache.dtype),
+                flat_k[first:first + count].permute(1, 0, 2)[None], flat_v[first:first + count].permute(1, 0, 2)[None],
+                scale=scale, enable_gqa=num_heads != num_kv_heads,
+            ).view(num_heads, head_dim)
+        return out
     k, v = _gather_plan_keys(plan, k_cache), _gather_plan_keys(plan, v_cache)
     o = torch.nn.functional.scaled_dot_product_attention(
         q.view(b, num_heads, 1, head_dim).to(k.dtype), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3),
@@ -216,6 +262,22 @@ def _decode_attention(q, plan: DecodePlan, k_cache, v_cache, scale: float, out, 
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     b = plan.slots.shape[0]
+    if plan.runs is not None:  # each request's keys are one run of slots: views, no gather, no mask
+        num_blocks, block_size, _, _ = k_cache.shape
+        flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+        flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+        rows = plan.rows.tolist()
+        for row, (first, count) in zip(rows, plan.runs):
+            qs = q[row].float().view(num_kv_heads, group, head_dim)
+            k = flat_k[first:first + count].float().permute(1, 2, 0)  # [Hkv, D, n]
+            v = flat_v[first:first + count].float().permute(1, 0, 2)  # [Hkv, n, D]
+            scores = torch.matmul(qs, k)  # [Hkv, G, n], unscaled
+            top = scores.amax(dim=-1, keepdim=True)
+            p = scores.sub_(top).mul_(scale).exp_()
+            total = p.sum(dim=-1, keepdim=True)
+            out[row] = torch.matmul(p, v).div_(total).view(num_heads, head_dim).to(out.dtype)
+            lse[row] = top.mul_(scale).add_(total.log_()).view(num_heads)
+        return
     k, v = _gather_plan_keys(plan, k_cache), _gather_plan_keys(plan, v_cache)
     k, v = k.float(), v.float()
     qs = q.index_select(0, plan.rows).float().view(b, num_kv_heads, group, head_dim)  # [B', Hkv, G, D]

@@ -34,7 +34,7 @@ from typing import Protocol
 import torch
 
 from .kernels import append_kv, merge_partials, partial_attention, resolve_backend
-from .kernels.reference import DecodePlan, build_decode_plan, decode_attention_sdpa
+from .kernels.reference import DecodePlan, build_decode_plan, decode_attention_sdpa, select_plan
 
 __all__ = ["KVCache", "AttentionMetadata", "DistAttentionBackend", "RemotePartial"]
 
@@ -92,12 +92,6 @@ class RemotePartial(Protocol):
     ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-def _subplan(plan: DecodePlan, keep: torch.Tensor) -> DecodePlan:
-    """The part of a decode plan for the requests ``keep`` [B'] marks."""
-    return DecodePlan(plan.requests[keep], plan.rows[keep], plan.slots[keep], plan.visible[keep], plan.seen[keep],
-                      plan.window)
-
-
 class DistAttentionBackend:
     """Per-step attention: local paged partial attention, merged with remote partials.
 
@@ -149,10 +143,10 @@ class DistAttentionBackend:
                 spread[peer.rows] = True
             for w, plan in list(self._decode_plans.items()):
                 here = ~spread[plan.rows]
-                local = _subplan(plan, here)
+                local = select_plan(plan, here)
                 if local.rows.numel() and bool(local.seen.all()):
                     self._local_plans[w] = local
-                    self._decode_plans[w] = _subplan(plan, ~here)
+                    self._decode_plans[w] = select_plan(plan, ~here)
 
     def window(self, layer: int) -> int | None:
         """Layer ``layer``'s sliding window (None: full causal attention)."""

@@ -310,6 +310,61 @@ def test_a_step_plan_batches_decode_requests_exactly():
     torch.testing.assert_close(o_n, o_r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("num_requests", [1, 3, 6])
+def test_decode_requests_whose_keys_are_one_run_of_slots_read_views_exactly(window, num_requests):
+    """Decode requests whose visible keys fill a run of consecutive slots (blocks side by side,
+    in any order, the last one part full) read them as views of the cache: the same out and
+    lse as the reference, with and without the lse; past ``_RUN_MAX_REQUESTS`` requests, or
+    with a block out of the run, the batched gather takes over, with the same results."""
+    from infinillm.kernels.reference import _RUN_MAX_REQUESTS, build_decode_plan, partial_attention_ref, partial_attention_torch
+
+    gen = torch.Generator().manual_seed(11)
+    block_size, hkv, group, d = 4, 2, 3, 64
+    ctxs = [13, 16, 23, 28, 33, 36][:num_requests]  # the reversed ones (odd r) end on a full block
+    blocks = [-(-c // block_size) for c in ctxs]
+    num_blocks = sum(blocks) + 2
+    k_cache = torch.randn(num_blocks, block_size, hkv, d, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, hkv, d, generator=gen)
+    m = max(blocks)
+    bt = torch.full((num_requests, m), -1, dtype=torch.int32)
+    bs_ = torch.zeros((num_requests, m), dtype=torch.int32)
+    bl = torch.zeros((num_requests, m), dtype=torch.int32)
+    first = 1
+    for r, (ctx, nb) in enumerate(zip(ctxs, blocks)):
+        ids = list(range(first, first + nb))
+        if r % 2:
+            ids.reverse()  # side by side in reverse, all full: still one run of slots
+        first += nb
+        for j, blk in enumerate(ids):
+            bt[r, j], bs_[r, j], bl[r, j] = blk, j * block_size, min(block_size, ctx - j * block_size)
+    cu = torch.arange(num_requests + 1, dtype=torch.int32)
+    q_pos = torch.tensor([c - 1 for c in ctxs], dtype=torch.int32)
+    q = torch.randn(num_requests, hkv * group, d, generator=gen)
+
+    def check(bt):
+        plan = build_decode_plan(cu, q_pos, bt, bs_, bl, block_size, window)
+        o_r, l_r = partial_attention_ref(q, cu, q_pos, k_cache, v_cache, bt, bs_, bl, window=window)
+        o_t, l_t = partial_attention_torch(q, cu, q_pos, k_cache, v_cache, bt, bs_, bl, decode_plan=plan, window=window)
+        torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-5)
+        o_n, _ = partial_attention_torch(q, cu, q_pos, k_cache, v_cache, bt, bs_, bl, decode_plan=plan,
+                                         need_lse=False, window=window)
+        torch.testing.assert_close(o_n, o_r, atol=1e-5, rtol=1e-5)
+        return plan
+
+    plan = check(bt)
+    if num_requests <= _RUN_MAX_REQUESTS:
+        assert plan.runs is not None and len(plan.runs) == num_requests
+        for (start, count), ctx in zip(plan.runs, ctxs):
+            assert count == (ctx if window is None else min(ctx, window))
+    else:
+        assert plan.runs is None
+    broken = bt.clone()
+    broken[0, 1] = num_blocks - 1  # one block of the first request away from its run
+    assert check(broken).runs is None
+
+
 # ---- sliding window: every path against the dense masked softmax ------------------------------
 
 WINDOW_CASES = [
