@@ -202,6 +202,19 @@ cdef class BatchPlanner:
             return []
         return self._drop(request_id)
 
+    def preempt(self, int64_t request_id):
+        """Preempt a running request now, in recompute mode; see the twin."""
+        cdef Request* r = self._get(request_id)
+        cdef size_t k
+        if not r.running:
+            return ()
+        for k in range(self._running.size()):
+            if self._running[k] == request_id:
+                self._running.erase(self._running.begin() + k)
+                break
+        self._num_preemptions += 1
+        return self._preempt(request_id)
+
     # ---- the step ----------------------------------------------------------------------------
 
     def schedule(self, int64_t loan_available=0):

@@ -242,6 +242,17 @@ class BatchPlanner:
             return []
         return self._drop(request_id)
 
+    def preempt(self, request_id: int) -> tuple:
+        """Preempt a running request now, in recompute mode (as ``schedule`` does when memory
+        runs short: its blocks freed, ``num_computed = 0``, first in ``waiting``); returns its
+        remote runs for the caller to free. A waiting request is left as it is (returns ())."""
+        r = self._get(request_id)
+        if not r.running:
+            return ()
+        self._running.remove(request_id)
+        self._num_preemptions += 1
+        return self._preempt(request_id)
+
     # ---- the step ----------------------------------------------------------------------------
 
     def schedule(self, loan_available: int = 0) -> StepPlan:

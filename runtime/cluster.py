@@ -38,7 +38,7 @@ import torch
 import trio
 import zmq
 
-from .errors import TransportError, ValidationError
+from .errors import InstanceDeadError, TransportError, ValidationError
 from .transport import (
     AttentionQuery,
     AttentionResult,
@@ -66,6 +66,9 @@ log = logging.getLogger("infinillm.cluster")
 _INLINE_QUERY_ROWS = 64
 
 PendingAttention = Callable[[], AttentionResult]
+
+# A step waiting on a creditor's attention result looks this often whether it was lost.
+_LOST_POLL_S = 0.1
 """Waits for a creditor's answer to one ``AttentionQuery`` and returns it."""
 
 
@@ -256,20 +259,44 @@ class ZmqPeer:
         self._releasing_lock = threading.Lock()
         self._released = trio.Event()
         self._released.set()
+        self.lost: str | None = None  # why the peer is gone (``mark_lost``), or None
+        self._scopes: set[trio.CancelScope] = set()  # its requests in flight on the loop
 
     @property
     def instance_id(self) -> int:
         return self._instance_id
 
     def lendable(self) -> int:
-        return max(0, self._lendable)
+        return 0 if self.lost is not None else max(0, self._lendable)
 
     def set_lendable(self, n: int) -> None:
         """The gManager's fresher figure (its ledger, from the peer's heartbeats)."""
         self._lendable = n
 
+    def mark_lost(self, reason: str) -> None:
+        """The peer is gone (on the loop's thread): its requests in flight end at once with
+        ``InstanceDeadError``, an attention wait raises it within ``_LOST_POLL_S``, and nothing
+        more is sent to it (a release is dropped: what it held went with it)."""
+        self.lost = reason
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def _dead(self) -> InstanceDeadError:
+        return InstanceDeadError(f"instance {self._instance_id} is gone: {self.lost}")
+
+    async def _ask(self, msg):
+        if self.lost is not None:
+            raise self._dead()
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                return await self.client.request(msg)
+            finally:
+                self._scopes.discard(scope)
+        raise self._dead()  # cancelled by mark_lost
+
     def _request(self, msg):
-        return trio.from_thread.run(self.client.request, msg, trio_token=self._token)
+        return trio.from_thread.run(self._ask, msg, trio_token=self._token)
 
     def reserve(self, borrower: int, n: int) -> int | None:
         reply = self._request(ReserveBlocks(borrower, n))
@@ -284,6 +311,8 @@ class ZmqPeer:
         return list(reply.block_ids)
 
     def release(self, request_id: int, blocks: list[int]) -> None:
+        if self.lost is not None:
+            return
         with self._releasing_lock:
             if self._releasing == 0:
                 self._released = trio.Event()  # before the count shows: a waiter sees this one
@@ -293,7 +322,9 @@ class ZmqPeer:
 
     async def _release(self, msg: ReleaseBlocks) -> None:
         try:
-            await self.client.request(msg)
+            await self._ask(msg)
+        except InstanceDeadError:
+            pass  # what it held went with it
         except (TransportError, trio.ClosedResourceError) as e:  # the peer has gone, or we are closing
             log.warning("instance %d: releasing blocks of request %d failed: %s", self._instance_id, msg.request_id, e)
         finally:
@@ -316,7 +347,7 @@ class ZmqPeer:
 
         async def ask() -> None:
             try:
-                box["result"] = await self.client.request(query)
+                box["result"] = await self._ask(query)
             except trio.Cancelled:
                 box["error"] = TransportError(f"instance {self._instance_id}: the query was cancelled (closing)")
                 raise
@@ -329,8 +360,13 @@ class ZmqPeer:
         return lambda: self._wait_boxed(done, box)
 
     def _wait_boxed(self, done: threading.Event, box: dict) -> AttentionResult:
-        if not done.wait(self.timeout_s):
-            raise TransportError(f"instance {self._instance_id}: no attention result within {self.timeout_s} s")
+        waited = 0.0
+        while not done.wait(_LOST_POLL_S):
+            waited += _LOST_POLL_S
+            if self.lost is not None:
+                raise self._dead()
+            if waited >= self.timeout_s:
+                raise TransportError(f"instance {self._instance_id}: no attention result within {self.timeout_s} s")
         if "error" in box:
             raise box["error"]
         return box["result"]
@@ -338,15 +374,23 @@ class ZmqPeer:
     def _start_direct(self, query: AttentionQuery) -> PendingAttention:
         """Send on the step thread's own socket; the callable receives the reply with this
         sequence number (dropping any older one a failed step left unread)."""
+        if self.lost is not None:
+            raise self._dead()
         sock = self._direct
         self._seq += 1
         seq = self._seq
         sock.send_multipart(self._codec.encode(query, seq), copy=False)
 
         def wait() -> AttentionResult:
+            waited = 0.0
             while True:
-                if not sock.poll(int(self.timeout_s * 1000)):
-                    raise TransportError(f"instance {self._instance_id}: no attention result within {self.timeout_s} s")
+                if not sock.poll(int(_LOST_POLL_S * 1000)):  # in slices: a lost peer is noticed
+                    waited += _LOST_POLL_S
+                    if self.lost is not None:
+                        raise self._dead()
+                    if waited >= self.timeout_s:
+                        raise TransportError(f"instance {self._instance_id}: no attention result within {self.timeout_s} s")
+                    continue
                 got, reply = self._codec.decode(sock.recv_multipart(copy=False))
                 if got == seq:
                     break

@@ -33,7 +33,7 @@ from .kernels.reference import DecodePlan, build_decode_plan
 from .transport import AttentionQuery, AttentionResult
 from .config import CacheConfig, SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import RequestTooLongError, ValidationError
+from .errors import InstanceDeadError, RequestTooLongError, ValidationError
 from .model import LlamaModel, ModelArgs
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, make_logprobs_dict
 from .sampling import Sampler, SamplingParams, make_generator
@@ -172,6 +172,11 @@ class Engine:
         # reservation (``lend_*``, on the serving loop). Never held while waiting on a peer.
         self.pool_lock = threading.Lock()
         self.num_loans = 0  # loans granted: a step that only borrowed still made progress
+        # Peers reported gone (``lose_peer``, any thread) and not yet forgotten (``reap_lost``,
+        # between steps): instance -> (blocks it could lend, why).
+        self._lost_pending: dict[int, tuple[int, str]] = {}
+        self.lost: dict[int, str] = {}  # every peer forgotten so far, and why
+        self._lent_to: set[int] = set()  # requests of other homes that hold blocks here
         self._served_plans: dict[tuple, tuple] = {}  # debtors' decode plans, reused across layers
         self.num_steps = 0
         self.generated_tokens = 0
@@ -275,10 +280,10 @@ class Engine:
         (their blocks freed; the ones that already finished in this step keep their output);
         every other request is untouched and goes on. A failure in scheduling itself raises.
         """
+        outputs: list[RequestOutput] = self.reap_lost() if self._lost_pending else []
         loan_available = sum(p.lendable() for p in self.peers.values())
         with self.pool_lock:
             plan = self.planner.schedule(loan_available)
-        outputs: list[RequestOutput] = []
         for p in plan.preempted:  # recompute: back in the planner's waiting queue, tokens kept here
             self.requests[p.request_id].num_preemptions += 1
             self._release_remote(p.request_id, p.remote_runs)
@@ -290,6 +295,14 @@ class Engine:
         try:
             self._run(plan, outputs)
         except Exception as exc:  # noqa: BLE001 - ends this step's requests, not the engine
+            if isinstance(exc, InstanceDeadError) and self._lost_pending:
+                # A creditor died under the step: nothing was sampled; its requests compute
+                # their tokens again, here or on the survivors, and the others go on.
+                log.warning("step %d: %s; its %d requests are recomputed", self.num_steps, exc, len(plan.chunks))
+                for c in plan.chunks:
+                    self._preempt_now(c.request_id)
+                outputs.extend(self.reap_lost())
+                return outputs
             log.exception("step %d failed; ending its %d requests", self.num_steps, len(plan.chunks))
             error = f"{type(exc).__name__}: {exc}"
             for c in plan.chunks:
@@ -436,10 +449,13 @@ class Engine:
             take = min(n, peer.lendable())
             if take <= 0:
                 continue
-            reservation = peer.reserve(self.instance_id, take)
-            if reservation is None:
+            try:
+                reservation = peer.reserve(self.instance_id, take)
+                if reservation is None:
+                    continue
+                blocks = peer.commit(reservation, rid)
+            except InstanceDeadError:  # it died meanwhile (its reservation went with it)
                 continue
-            blocks = peer.commit(reservation, rid)
             with self.pool_lock:
                 self.planner.add_loan(rid, peer.instance_id, blocks)
             self.num_loans += 1
@@ -448,9 +464,70 @@ class Engine:
                 return
 
     def _release_remote(self, rid: int, runs) -> None:
-        """Free the blocks creditors hold for a request that ended or was preempted."""
+        """Free the blocks creditors hold for a request that ended or was preempted (those on
+        a lost peer went with it)."""
         for instance, blocks in runs:
-            self.peers[instance].release(rid, list(blocks))
+            peer = self.peers.get(instance)
+            if peer is not None:
+                peer.release(rid, list(blocks))
+
+    def _preempt_now(self, rid: int) -> None:
+        """Recompute a running request from its tokens (its blocks freed everywhere)."""
+        req = self.requests.get(rid)
+        if req is None:
+            return
+        with self.pool_lock:
+            was_running = self.planner.is_running(rid)
+            runs = self.planner.preempt(rid)
+        if was_running:
+            req.num_preemptions += 1
+        self._release_remote(rid, runs)
+
+    # ---- lost peers --------------------------------------------------------------------------
+
+    def lose_peer(self, instance_id: int, max_lent: int, reason: str) -> None:
+        """Instance ``instance_id`` is gone (any thread; the runtime calls it from its loop):
+        a step waiting on it stops within a fraction of a second, and between two steps
+        ``reap_lost`` forgets it. ``max_lent``: the blocks it could lend, which leave the
+        cluster."""
+        if instance_id in self.lost or instance_id in self._lost_pending or instance_id == self.instance_id:
+            return
+        self._lost_pending[instance_id] = (max_lent, reason)  # first: a step that sees the error checks it
+        peer = self.peers.get(instance_id)
+        if peer is not None and hasattr(peer, "mark_lost"):
+            peer.mark_lost(reason)
+
+    def reap_lost(self) -> list[RequestOutput]:
+        """Between steps: forget the lost peers. Requests with blocks on one are preempted
+        (recomputed from their tokens, on what is left); blocks lent to requests homed on one
+        are freed; the cluster's blocks shrink by what it could lend, and a request that can
+        no longer fit ends with ``finish_reason="error"`` (returned)."""
+        outputs: list[RequestOutput] = []
+        for instance_id, (max_lent, reason) in list(self._lost_pending.items()):
+            self.peers.pop(instance_id, None)
+            for rid in list(self.requests):
+                if self.tables.has_request(rid) and any(i == instance_id for i, _ in self.tables.runs(rid)):
+                    self._preempt_now(rid)
+            with self.pool_lock:
+                for rid in [r for r in self._lent_to if r >> _RID_BITS == instance_id]:
+                    self.pool.free_request(rid)
+                    self._lent_to.discard(rid)
+                self.pool.expire(time.monotonic())
+                cluster = max(self.pool.num_blocks, self.planner.cluster_blocks - max_lent)
+                self.planner.cluster_blocks = cluster
+            self.lost[instance_id] = reason
+            del self._lost_pending[instance_id]
+            for rid, req in list(self.requests.items()):
+                need = -(-(len(req.prompt_token_ids) + req.max_new_tokens) // self.block_size)
+                if need > cluster:
+                    out = self.fail(rid, (
+                        f"instance {instance_id} was lost ({reason}) and the {cluster} KV blocks left in the cluster "
+                        f"({cluster * self.block_size} tokens) cannot hold this request's {need}"
+                    ))  # fmt: skip
+                    if out is not None:
+                        outputs.append(out)
+            log.warning("instance %d lost (%s): forgotten; the cluster has %d blocks", instance_id, reason, cluster)
+        return outputs
 
     def lend_reserve(self, borrower: int, n: int, ttl_s: float) -> int | None:
         """Reserve ``n`` blocks for instance ``borrower`` (first come, first served), after
@@ -462,7 +539,9 @@ class Engine:
 
     def lend_commit(self, reservation_id: int, request_id: int) -> list[int]:
         with self.pool_lock:
-            return self.pool.commit(reservation_id, request_id, time.monotonic())
+            blocks = self.pool.commit(reservation_id, request_id, time.monotonic())
+            self._lent_to.add(request_id)
+            return blocks
 
     def lend_cancel(self, reservation_id: int) -> None:
         with self.pool_lock:
@@ -472,6 +551,8 @@ class Engine:
         """Free blocks lent to ``request_id`` (all of them when ``blocks`` is empty)."""
         with self.pool_lock:
             self.pool.free_blocks(request_id, blocks or self.pool.blocks_of(request_id))
+            if not self.pool.blocks_of(request_id):
+                self._lent_to.discard(request_id)
 
     def serve_attention(self, query: AttentionQuery) -> AttentionResult:
         """A debtor's partial attention over the blocks this instance lends it: write the new k,

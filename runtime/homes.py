@@ -36,7 +36,7 @@ import trio
 from .errors import InfiniLLMError, TransportError
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling import SamplingParams
-from .transport import AbortRequest, AddRequest, Client, LendableUpdate, RequestDelta, StepOutputs
+from .transport import AbortRequest, AddRequest, Client, InstancesLost, LendableUpdate, RequestDelta, StepOutputs
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -145,7 +145,12 @@ class ControlService:
                     peers[instance_id].set_lendable(n)
             self.runtime._wake.set()  # a request waiting for a loan may get one now
             return None
-        raise InfiniLLMError(f"{type(msg).__name__} is not a control message (AddRequest, AbortRequest, LendableUpdate)")
+        if isinstance(msg, InstancesLost):
+            self.runtime.lose_peers(msg.instance_ids, msg.max_lent, msg.reason)
+            return None
+        raise InfiniLLMError(
+            f"{type(msg).__name__} is not a control message (AddRequest, AbortRequest, LendableUpdate, InstancesLost)"
+        )
 
     async def _drain(self, stream) -> None:
         """Keep the request's stream read (the deltas leave through the output sink)."""
@@ -253,6 +258,17 @@ class WorkerHome:
         self.client = client
         self._on_refused = on_refused
         self._send, self._recv = trio.open_memory_channel(math.inf)
+        self._scope = trio.CancelScope()
+        self._gone: str | None = None
+
+    def lost(self, reason: str) -> None:
+        """The worker is gone: stop sending; whoever waits for an answer gets an error."""
+        self._gone = reason
+        self._scope.cancel()
+
+    def send(self, msg) -> None:
+        """Send a one-way control message after everything queued before it."""
+        self._send.send_nowait(msg)
 
     def add(self, wire_id: int, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._send.send_nowait(AddRequest(wire_id, torch.tensor(prompt_token_ids, dtype=torch.int64),
@@ -279,10 +295,12 @@ class WorkerHome:
 
     async def run(self) -> None:
         try:
-            await self._run()
-        finally:  # closing: nothing more is sent; whoever waits for an answer gets an error
+            with self._scope:
+                await self._run()
+        finally:  # closing (or the worker is gone): nothing more is sent; waiters get an error
             self._send.close()
-            closing = InfiniLLMError(f"instance {self.instance_id}: the runtime is closing")
+            closing = InfiniLLMError(f"instance {self.instance_id}: " + (
+                f"the instance is gone ({self._gone})" if self._gone else "the runtime is closing"))
             while True:
                 try:
                     msg = self._recv.receive_nowait()
@@ -299,8 +317,8 @@ class WorkerHome:
                 try:
                     box.append(await self.client.request(msg))
                 except BaseException as e:  # handed to the caller (a cancellation: re-raised too)
-                    box.append(e if isinstance(e, Exception) else
-                               InfiniLLMError(f"instance {self.instance_id}: the runtime is closing"))
+                    box.append(e if isinstance(e, Exception) else InfiniLLMError(f"instance {self.instance_id}: " + (
+                        f"the instance is gone ({self._gone})" if self._gone else "the runtime is closing")))
                     if not isinstance(e, Exception):
                         raise
                 finally:

@@ -36,6 +36,7 @@ after that raises ``InfiniLLMError``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -59,7 +60,7 @@ from .errors import InfiniLLMError, ValidationError
 from .memory import derive_num_blocks, kv_bytes_per_token
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
-from .transport import ConnectPeers, HeartbeatDelta, LendableUpdate, StepOutputs, Sync, open_transport
+from .transport import ConnectPeers, HeartbeatDelta, InstancesLost, LendableUpdate, StepOutputs, Sync, open_transport
 
 if TYPE_CHECKING:
     from .worker import WorkerProcess
@@ -79,7 +80,8 @@ class RuntimeStats:
 
     ``instances[0]`` is the in-process instance; with workers, ``instances[i]`` is worker i as
     the gManager's ledger last heard from it (its heartbeats: blocks and load; no step
-    counters; ``Runtime.sync_statistics()`` asks every worker first). ``homes`` maps each
+    counters; ``Runtime.sync_statistics()`` asks every worker first); a worker that died is
+    left out of ``instances`` and named in ``lost_instances`` (with what happened). ``homes`` maps each
     placed request's id to the instance serving it, ``placements`` each running request's id to
     the blocks each instance holds of it (``{instance: blocks}``; for a request on a worker, as
     of its last output).
@@ -98,6 +100,7 @@ class RuntimeStats:
     instances: tuple[EngineStats, ...]
     placements: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     homes: Mapping[str, int] = field(default_factory=dict)
+    lost_instances: Mapping[int, str] = field(default_factory=dict)
 
     @property
     def kv_free_blocks(self) -> int:
@@ -128,6 +131,10 @@ class _Request:
     need: int = 0  # KV blocks it may grow to (prompt + max new tokens): the router's measure
     aborted: bool = False  # abort() before its stream was first read
     ended: trio.Event = field(default_factory=trio.Event)
+    last: RequestOutput | None = None  # the last output its stream was given
+    # After its home was lost: what it had produced before, which the outputs of its new home
+    # (a request of the tokens so far) continue.
+    base: RequestOutput | None = None
 
 
 class RequestStream:
@@ -257,6 +264,7 @@ class Runtime:
         # A worker's runtime hands its outputs and pool changes to its control socket instead.
         self._output_sink = output_sink
         self._pool_sink = pool_sink
+        self.lost_instances: dict[int, str] = {}  # workers that died, and how
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -384,6 +392,7 @@ class Runtime:
         stats, placements = self._stats_before_step if self._stepping else self._engine_snapshot()
         workers = tuple(
             _stats_from_view(self.ledger.instance(w.instance_id), stats.block_size) for w in self.workers
+            if w.instance_id not in self.lost_instances
         )
         placements = dict(placements)
         for request in self._wire.values():
@@ -400,6 +409,7 @@ class Runtime:
             instances=(stats, *workers),
             placements=placements,
             homes=homes,
+            lost_instances=dict(self.lost_instances),
         )
 
     @staticmethod
@@ -509,6 +519,8 @@ class Runtime:
             await self._after_steps.wait()
 
     def _between_steps(self) -> None:
+        if self.engine._lost_pending:
+            self._route(self.engine.reap_lost())
         self._apply_aborts()
         self._after_steps.set()
         self._after_steps = trio.Event()
@@ -544,6 +556,9 @@ class Runtime:
             request = self._requests.get(out.request_id)
             if request is None or request.send is None:
                 continue
+            if request.base is not None:
+                out = _continued(request, out)
+            request.last = out
             try:
                 request.send.send_nowait(out)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -604,6 +619,8 @@ class Runtime:
                 started = r.remote.last is not None
             else:
                 continue  # not placed yet
+            if r.instance not in queue:
+                continue  # its home was lost: being placed again
             queue[r.instance] += 1
             if not started:
                 free[r.instance] -= r.need
@@ -665,6 +682,72 @@ class Runtime:
         if request is not None:
             self._route([request.remote.final("error", error)])
 
+    # ---- lost instances ----------------------------------------------------------------------
+
+    def lose_peers(self, instance_ids: Sequence[int], max_lent: Sequence[int], reason: str) -> None:
+        """Other instances are gone: this engine stops waiting on them and, between two steps,
+        recomputes its requests that had blocks there (``Engine.reap_lost``)."""
+        for instance_id, n in zip(instance_ids, max_lent):
+            self.engine.lose_peer(instance_id, n, reason)
+        self._wake.set()
+
+    def _instance_lost(self, instance_id: int, reason: str) -> None:
+        """The gManager's part when a worker dies: it leaves the ledger, the router and every
+        survivor's peers; the requests it was home to start again on the survivors from the
+        tokens they have (each stream goes on where it was)."""
+        home = self.homes.pop(instance_id, None)
+        if self._closed or home is None:
+            return
+        log.warning("instance %d lost: %s", instance_id, reason)
+        self.lost_instances[instance_id] = reason
+        home.lost(reason)
+        max_lent = self.ledger.instance(instance_id).max_lent
+        self.ledger.remove_instance(instance_id)
+        self.lose_peers((instance_id,), (max_lent,), reason)
+        for other in self.homes.values():
+            other.send(InstancesLost((instance_id,), (max_lent,), reason))
+        for request in [r for r in self._wire.values() if r.instance == instance_id]:
+            self._rehome(request, instance_id, reason)
+        self._last_lendable = ()  # tell every home what each survivor may lend
+        self._ledger_changed()
+        self._heard.set()  # a sync_statistics() waiting for the lost one's heartbeat goes on
+        self._heard = trio.Event()
+
+    def _rehome(self, request: _Request, lost: int, reason: str) -> None:
+        """Start a request whose home was lost again on a survivor, as a request of its prompt
+        and the tokens it had generated, for what it may still generate; its stream continues
+        (``_continued``). One that cannot fit any more ends with an error that says why."""
+        del self._wire[request.wire]
+        request.wire = request.remote = None
+        if request.last is not None:
+            request.base = request.last
+        done = list(request.base.outputs[0].token_ids) if request.base is not None else []
+        params = request.params
+        if done:
+            max_tokens = None if params.max_tokens is None else params.max_tokens - len(done)
+            if max_tokens is not None and max_tokens <= 0:  # its last output was lost with it
+                self._route([_final_output(request, "length")])
+                return
+            params = dataclasses.replace(params, max_tokens=max_tokens, min_tokens=max(0, params.min_tokens - len(done)))
+        tokens = request.prompt_token_ids + done
+        try:
+            max_new = self.engine.check_request(tokens, params)
+        except InfiniLLMError as e:
+            self._route([_final_output(request, "error", f"instance {lost} was lost ({reason}); {e}")])
+            return
+        request.need = -(-(len(tokens) + max_new) // self.engine.block_size)
+        home = (self.router.place([request.need], self._loads())[0] if self.homes else self.engine.instance_id)
+        request.instance = home
+        if home == self.engine.instance_id:
+            request.rid = self.engine.add_request(request.request_id, tokens, params, request.prompt)
+            self._wake.set()
+        else:
+            request.wire = self._next_wire
+            self._next_wire += 1
+            request.remote = RemoteOutput(request.request_id, request.prompt, tokens, params.logprobs is not None)
+            self._wire[request.wire] = request
+            self.homes[home].add(request.wire, tokens, params)
+
     def _apply_aborts(self) -> None:
         aborts, self._aborts = self._aborts, set()
         for request_id in aborts:
@@ -722,6 +805,35 @@ def _stats_from_view(view, block_size: int) -> EngineStats:
         kv_lent_blocks=view.lent, kv_borrowed_blocks=view.borrowed, kv_reserved_blocks=view.reserved,
         block_size=block_size, num_steps=0, num_preemptions=0, generated_tokens=0, prompt_tokens=0,
     )
+
+
+def _continued(request: _Request, out: RequestOutput) -> RequestOutput:
+    """An output of a request started again after its home was lost, as its stream expects:
+    what it had before (``request.base``) followed by what the new home made, with its own
+    prompt."""
+    base, was = request.base, request.base.outputs[0]
+    now = out.outputs[0] if out.outputs else None
+    if now is None:
+        return dataclasses.replace(out, prompt=request.prompt, prompt_token_ids=list(request.prompt_token_ids),
+                                   outputs=list(base.outputs))
+    logprobs = None
+    if was.logprobs is not None and now.logprobs is not None:
+        logprobs = [*was.logprobs, *now.logprobs]
+    cumulative = None
+    if was.cumulative_logprob is not None or now.cumulative_logprob is not None:
+        cumulative = (was.cumulative_logprob or 0.0) + (now.cumulative_logprob or 0.0)
+    completion = dataclasses.replace(now, text=was.text + now.text, token_ids=[*was.token_ids, *now.token_ids],
+                                     logprobs=logprobs, cumulative_logprob=cumulative)
+    metrics = out.metrics
+    if metrics is not None and base.metrics is not None:
+        b = base.metrics
+        metrics = dataclasses.replace(
+            metrics, arrival_time=b.arrival_time, first_scheduled_time=b.first_scheduled_time or metrics.first_scheduled_time,
+            first_token_time=b.first_token_time or metrics.first_token_time, num_prompt_tokens=b.num_prompt_tokens,
+            num_generated_tokens=len(completion.token_ids), num_preemptions=b.num_preemptions + metrics.num_preemptions + 1,
+        )  # fmt: skip
+    return dataclasses.replace(out, prompt=request.prompt, prompt_token_ids=list(request.prompt_token_ids),
+                               outputs=[completion], metrics=metrics)
 
 
 def _final_output(request: _Request, reason: str, error: str | None = None) -> RequestOutput:
@@ -866,6 +978,14 @@ async def _receive_from_workers(puller, runtime: Runtime) -> None:
         return  # the runtime is closing
 
 
+async def _watch_worker(runtime: Runtime, worker: WorkerProcess) -> None:
+    """A worker's process ending while the runtime serves is the loss of that instance."""
+    rc = await worker.process.wait()
+    if not runtime.closed:
+        how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+        runtime._instance_lost(worker.instance_id, f"its process was {how}" if rc < 0 else f"its process {how}")
+
+
 def _single_error(group: BaseExceptionGroup) -> BaseException | None:
     """The one exception (not a cancellation) inside nested groups, or None."""
     leaves = []
@@ -926,6 +1046,8 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
         home = runtime.homes[instance_id] = WorkerHome(instance_id, control, runtime._remote_refused)
         workers.append(worker)
     runtime.workers = tuple(workers)
+    for worker in workers:
+        nursery.start_soon(_watch_worker, runtime, worker)
     for instance_id, home in runtime.homes.items():
         others = [i for i in addresses if i != instance_id]
         await home.client.request(ConnectPeers(tuple(others), tuple(addresses[i] for i in others),

@@ -56,6 +56,7 @@ __all__ = [
     "AbortRequest",
     "ConnectPeers",
     "LendableUpdate",
+    "InstancesLost",
     "Sync",
     "Synced",
     "RequestDelta",
@@ -608,6 +609,25 @@ class Synced(Message):
 
     def _check(self) -> None:
         _nonneg("Synced", instance_id=self.instance_id, version=self.version)
+
+
+@message(21)
+@dataclass(frozen=True, slots=True)
+class InstancesLost(Message):
+    """Runtime -> worker: these instances are gone (their process died, or stopped answering).
+    Each could lend at most ``max_lent[i]`` blocks, which leave the cluster; the worker drops
+    them as peers, recomputes its requests that had blocks there, and frees what it lent to
+    requests homed there. ``reason`` says what happened, for the log."""
+
+    instance_ids: tuple[int, ...]
+    max_lent: tuple[int, ...]
+    reason: str = ""
+
+    def _check(self) -> None:
+        if len(self.max_lent) != len(self.instance_ids):
+            _fail("InstancesLost", "max_lent", self.max_lent, f"must have one figure per instance ({len(self.instance_ids)})")
+        if any(b < 0 for b in self.max_lent) or any(i < 0 for i in self.instance_ids):
+            _fail("InstancesLost", "max_lent", self.max_lent, "must be >= 0, as the instance ids")
 
 
 @message(15)

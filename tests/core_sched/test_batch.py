@@ -263,6 +263,30 @@ def test_preempting_a_request_with_borrowed_blocks_returns_them_in_the_plan(core
     assert bp.pool.num_borrowed == 0 and bp.pool.num_used == 3 and bp.pool.num_free == 1
 
 
+def test_preempt_now_frees_a_running_request_for_recompute_and_keeps_its_tokens(core):
+    """``preempt`` (a creditor was lost): the request's blocks go back, its borrowed ones are
+    returned to the caller, it waits first in line with every token kept, and it is admitted
+    again as a whole prefill of those tokens."""
+    bp = make(core, num_blocks=4)
+    bp.add_request(1, 4, 8)
+    bp.add_request(2, 8, 8)
+    bp.schedule()
+    bp.append_output(1)
+    bp.append_output(2)
+    plan = bp.schedule(loan_available=4)
+    bp.add_loan(2, 7, [40])
+    assert bp.pool.num_borrowed == 1
+    assert bp.preempt(2) == ((7, (40,)),)
+    assert not bp.is_running(2) and bp.num_waiting == 1 and bp.num_computed(2) == 0 and bp.num_tokens(2) == 9
+    assert bp.pool.num_borrowed == 0 and bp.pool.num_used == 2
+    assert bp.statistics().num_preemptions == 1
+    assert bp.preempt(2) == ()  # waiting: left as it is
+    with pytest.raises(SchedulerError, match="unknown request 3"):
+        bp.preempt(3)
+    bp.finish(1)
+    assert bp.schedule().chunks == (chunk(2, 0, 9, True),)  # back as a prefill of all 9 tokens
+
+
 # ---- the engine's calls ------------------------------------------------------------------------
 
 

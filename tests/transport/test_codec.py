@@ -53,6 +53,7 @@ from infinillm.transport import (
     Synced,
     ConnectPeers,
     LendableUpdate,
+    InstancesLost,
 )
 
 from .conftest import make_query
@@ -193,6 +194,7 @@ def one_of_each() -> list:
             first_token_time=11.0, last_token_time=11.5, placement=(0, 3, 2, 1)),)),
         ConnectPeers((0, 2), ("ipc:///tmp/peer0", "tcp://127.0.0.1:5555"), (4, 4)),
         LendableUpdate((0, 1, 2), (3, 0, 4)),
+        InstancesLost((2,), (8,), "exited with -9"),
         Sync(),
         Sync(snapshot=True),
         Synced(1, 7),

@@ -1,0 +1,153 @@
+"""Workers that die (kill -9) while the runtime serves: every stream ends; with room on the
+survivors, greedy outputs equal a run without the kill; without room, the request ends with an
+error that says why; new requests are served afterwards, and no KV block is left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import trio
+
+import infinillm
+from infinillm import SamplingParams
+from infinillm.testing import make_tiny_model
+
+BLOCK = 16
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+def prompt(n: int, i: int = 0) -> list[int]:
+    return [(i * 11 + j * 7) % 300 + 3 for j in range(n)]
+
+
+async def reference(tiny_model, prompts, params) -> list[tuple[int, ...]]:
+    """What one instance with room for everything generates."""
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=4096,
+                                      max_model_len=1024) as rt:
+        outs = []
+        for i, p in enumerate(prompts):
+            async for out in rt.generate({"prompt_token_ids": p}, params, request_id=f"ref{i}"):
+                pass
+            outs.append(tuple(out.outputs[0].token_ids))
+        return outs
+
+
+def kill(rt, instance_id: int) -> None:
+    (worker,) = [w for w in rt.workers if w.instance_id == instance_id]
+    os.kill(worker.process.pid, signal.SIGKILL)
+
+
+async def settled(rt):
+    """Statistics once every survivor has freed what it should (no block leaked anywhere)."""
+    s = await rt.sync_statistics()
+    for i in s.instances:
+        assert (i.kv_used_blocks, i.kv_lent_blocks, i.kv_borrowed_blocks, i.kv_reserved_blocks) == (0, 0, 0, 0), i
+    return s
+
+
+async def test_a_creditor_killed_during_generation_the_request_is_recomputed_on_the_survivors(tiny_model):
+    # 26 blocks for 16 at home: two creditors lend (each at most 8); after one dies, the home
+    # and the two others still have room (16 + 8 + 8).
+    params = SamplingParams(max_tokens=80, temperature=0, ignore_eos=True)
+    p = prompt(330)
+    (want,) = await reference(tiny_model, [p], params)
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=16 * BLOCK,
+                                      max_model_len=512, num_instances=4, max_num_batched_tokens=64) as rt:
+        killed = None
+        outs = []
+        with trio.fail_after(120):
+            async for out in rt.generate({"prompt_token_ids": p}, params, request_id="long"):
+                outs.append(out)
+                s = rt.statistics()
+                if killed is None and "long" in s.placements:
+                    home = s.homes["long"]
+                    creditors = [i for i, n in s.placements["long"].items() if i not in (0, home) and n > 0]
+                    if creditors and len(out.outputs[0].token_ids) >= 3:
+                        killed = creditors[0]
+                        kill(rt, killed)
+        assert killed is not None, "the request never spread onto a worker other than its home"
+        final = outs[-1]
+        assert final.finished and final.outputs[0].finish_reason == "length"
+        assert tuple(final.outputs[0].token_ids) == want
+        # The stream never went back: each output extends the one before.
+        for a, b in zip(outs, outs[1:]):
+            assert tuple(b.outputs[0].token_ids[: len(a.outputs[0].token_ids)]) == tuple(a.outputs[0].token_ids)
+        assert final.metrics.num_preemptions >= 1
+        s = await settled(rt)
+        assert set(s.lost_instances) == {killed} and "signal 9" in s.lost_instances[killed]
+        assert killed not in [i.instance_id for i in s.instances]
+        # A new request is served afterwards, by the survivors.
+        async for out in rt.generate({"prompt_token_ids": p}, params, request_id="after"):
+            pass
+        assert tuple(out.outputs[0].token_ids) == want
+        await settled(rt)
+
+
+async def test_a_home_worker_killed_during_generation_its_requests_continue_elsewhere(tiny_model):
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, logprobs=1)
+    prompts = [prompt(40 + 9 * i, i) for i in range(4)]
+    want = await reference(tiny_model, prompts, params)
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=32 * BLOCK,
+                                      max_model_len=1024, num_instances=3) as rt:
+        finals, streams = {}, {i: [] for i in range(4)}
+        killed = trio.Event()
+        victim = {}
+
+        async def one(i):
+            async for out in rt.generate({"prompt_token_ids": prompts[i]}, params, request_id=f"r{i}"):
+                streams[i].append(out)
+                home = rt.statistics().homes.get(f"r{i}")
+                if not killed.is_set() and home not in (None, 0) and len(out.outputs[0].token_ids) >= 5:
+                    victim["instance"], victim["request"] = home, i
+                    killed.set()
+                    kill(rt, home)
+            finals[i] = out
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(one, i)
+        assert killed.is_set(), "no request was homed on a worker"
+        for i in range(4):
+            out = finals[i]
+            assert out.finished and out.outputs[0].finish_reason == "length", out
+            assert tuple(out.outputs[0].token_ids) == want[i]
+            assert len(out.outputs[0].logprobs) == 60 and list(out.prompt_token_ids) == prompts[i]
+            for a, b in zip(streams[i], streams[i][1:]):
+                assert b.outputs[0].text.startswith(a.outputs[0].text)
+        s = await settled(rt)
+        assert set(s.lost_instances) == {victim["instance"]}
+        assert s.num_errors == 0 and s.num_finished == 4
+
+
+async def test_when_the_survivors_cannot_hold_a_request_it_ends_with_an_error_that_says_why(tiny_model):
+    # 16 here + 8 + 8 lendable = 32 blocks; the request needs 30; after a creditor dies, 24.
+    params = SamplingParams(max_tokens=80, temperature=0, ignore_eos=True)
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=16 * BLOCK,
+                                      max_model_len=480, num_instances=3, max_num_batched_tokens=64) as rt:
+        killed = None
+        with trio.fail_after(120):
+            async for out in rt.generate({"prompt_token_ids": prompt(400)}, params, request_id="big"):
+                s = rt.statistics()
+                if killed is None and len(s.placements.get("big", {})) == 3 and s.homes["big"] == 0:
+                    killed = 1
+                    kill(rt, 1)
+        assert killed == 1
+        assert out.finished and out.outputs[0].finish_reason == "error"
+        assert "instance 1 was lost" in out.error and "cannot hold" in out.error, out.error
+        s = await settled(rt)
+        assert s.num_errors == 1 and set(s.lost_instances) == {1}
+        small = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        async for out in rt.generate({"prompt_token_ids": prompt(50)}, small):
+            pass
+        assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 8
+        with pytest.raises(infinillm.RequestTooLongError, match="cluster has 24 blocks"):
+            rt.generate({"prompt_token_ids": prompt(400)}, params)
+        await settled(rt)
