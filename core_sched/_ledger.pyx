@@ -161,6 +161,15 @@ cdef class DebtLedger:
         if status != LEDGER_OK:
             raise _counters_error(instance_id, s.capacity, s.free, s.used, s.lent, s.reserved, s.borrowed)
 
+    def set_max_lent(self, int64_t instance_id, max_lent):
+        """The instance's lending cap, as its pool now has it; see the twin."""
+        if not self.c.has_instance(instance_id):
+            raise SchedulerError(f"unknown instance {instance_id}")
+        capacity = self.c.instance(instance_id).counters.capacity
+        if isinstance(max_lent, bool) or not isinstance(max_lent, int) or not 0 <= max_lent <= capacity:
+            raise ValidationError("max_lent", max_lent, f"must be an integer in [0, {capacity}] (capacity)")
+        self.c.set_max_lent(instance_id, max_lent)
+
     def set_load(self, int64_t instance_id, batch_size, num_waiting, waiting_blocks):
         """The instance's load: running requests, queued ones, blocks the head of the queue needs."""
         _check_range("batch_size", batch_size, 0)

@@ -59,6 +59,12 @@ cdef class BlockPool:
     def max_lent_blocks(self):
         return self.c.max_lent()
 
+    def set_max_lent_blocks(self, n):
+        """A new lending cap in [0, num_blocks]; see the twin."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.c.num_blocks():
+            raise ValidationError("max_lent_blocks", n, f"must be an integer in [0, {self.c.num_blocks()}] (num_blocks)")
+        self.c.set_max_lent(n)
+
     @property
     def num_free(self):
         return self.c.num_free()

@@ -162,6 +162,14 @@ class DebtLedger:
             c.capacity, c.free, c.used, c.lent, c.reserved, c.borrowed,
         )  # fmt: skip
 
+    def set_max_lent(self, instance_id: int, max_lent: int) -> None:
+        """The instance's lending cap, as its pool now has it (``BlockPool.set_max_lent_blocks``,
+        reported in its heartbeats): what it may lend follows."""
+        x = self._get(instance_id)
+        if isinstance(max_lent, bool) or not isinstance(max_lent, int) or not 0 <= max_lent <= x.capacity:
+            raise ValidationError("max_lent", max_lent, f"must be an integer in [0, {x.capacity}] (capacity)")
+        x.max_lent = max_lent
+
     def set_load(self, instance_id: int, batch_size: int, num_waiting: int, waiting_blocks: int) -> None:
         """The instance's load: running requests, queued ones, blocks the head of the queue needs."""
         _check_range("batch_size", batch_size, 0)

@@ -62,6 +62,13 @@ class BlockPool:
     def max_lent_blocks(self) -> int:
         return self._max_lent
 
+    def set_max_lent_blocks(self, n: int) -> None:
+        """A new lending cap in [0, num_blocks] (memory pressure lowers it, relief raises it
+        back). Loans already made stay; while lent + reserved >= the cap nothing more is lent."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self._num_blocks:
+            raise ValidationError("max_lent_blocks", n, f"must be an integer in [0, {self._num_blocks}] (num_blocks)")
+        self._max_lent = n
+
     @property
     def num_free(self) -> int:
         return len(self._free_stack)

@@ -114,7 +114,10 @@ class CacheConfig:
     it is derived on GPUs from NVML free memory times ``gpu_memory_utilization``, and on CPU
     from ``cpu_kv_fraction`` of available memory. An instance lends at most
     ``max_lend_fraction`` of its blocks, so its own requests keep room. A loan reservation
-    not committed within ``reservation_ttl_s`` returns its blocks.
+    not committed within ``reservation_ttl_s`` returns its blocks. While less than twice
+    ``min_free_memory_fraction`` of the device's memory is free (NVML on GPUs, the host's
+    available memory on CPU; other processes took it) an instance lends less, and nothing new
+    at or below ``min_free_memory_fraction`` (0: never limited); loans already made stay.
     """
 
     block_size: int = 16
@@ -123,6 +126,7 @@ class CacheConfig:
     cpu_kv_fraction: float = 0.25
     max_lend_fraction: float = 0.5
     reservation_ttl_s: float = 2.0
+    min_free_memory_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         o = "CacheConfig"
@@ -135,6 +139,7 @@ class CacheConfig:
         _float(o, "cpu_kv_fraction", self.cpu_kv_fraction, 0.0, 1.0, lo_open=True)
         _float(o, "max_lend_fraction", self.max_lend_fraction, 0.0, 1.0)
         _float(o, "reservation_ttl_s", self.reservation_ttl_s, 0.0, 3600.0, lo_open=True)
+        _float(o, "min_free_memory_fraction", self.min_free_memory_fraction, 0.0, 0.5)
 
     @property
     def num_blocks(self) -> int | None:

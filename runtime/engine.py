@@ -119,6 +119,9 @@ class EngineStats:
     num_preemptions: int
     generated_tokens: int
     prompt_tokens: int
+    max_lent_blocks: int = 0  # its lending cap now (lowered while its device's memory is short)
+    memory_total_bytes: int = 0  # its device's memory as last read (0: not watched)
+    memory_free_bytes: int = 0
 
 
 class Engine:
@@ -177,6 +180,7 @@ class Engine:
         self._lost_pending: dict[int, tuple[int, str]] = {}
         self.lost: dict[int, str] = {}  # every peer forgotten so far, and why
         self._lent_to: set[int] = set()  # requests of other homes that hold blocks here
+        self.memory = None  # a memory.MemoryWatch when it lends to peers: its device's memory
         self._served_plans: dict[tuple, tuple] = {}  # debtors' decode plans, reused across layers
         self.num_steps = 0
         self.generated_tokens = 0
@@ -612,4 +616,7 @@ class Engine:
             num_preemptions=s.num_preemptions,
             generated_tokens=self.generated_tokens,
             prompt_tokens=self.prompt_tokens,
+            max_lent_blocks=self.pool.max_lent_blocks,
+            memory_total_bytes=self.memory.reading.total if self.memory is not None and self.memory.reading else 0,
+            memory_free_bytes=self.memory.reading.free if self.memory is not None and self.memory.reading else 0,
         )

@@ -27,6 +27,10 @@ __all__ = [
     "MemoryProbe",
     "NvmlProbe",
     "MemoryMonitor",
+    "MemoryWatch",
+    "HostMemoryProbe",
+    "lend_cap",
+    "default_probe",
     "kv_bytes_per_token",
     "derive_num_blocks",
     "host_available_bytes",
@@ -75,6 +79,78 @@ class NvmlProbe:
 
     def close(self) -> None:
         self._nvml.nvmlShutdown()
+
+
+class HostMemoryProbe:
+    """The host's memory as a ``MemoryProbe`` (one device, index 0): ``MemTotal`` and
+    ``MemAvailable`` of ``/proc/meminfo``. On CPU hosts it plays NVML's part."""
+
+    def device_count(self) -> int:
+        return 1
+
+    def read(self, device_index: int) -> MemoryInfo:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = min(total, host_available_bytes())
+        return MemoryInfo(device_index, total, free, total - free)
+
+
+def lend_cap(reading: MemoryInfo, full_cap: int, min_free_fraction: float) -> int:
+    """Blocks an instance may lend given a memory reading of its device: all of ``full_cap``
+    while at least twice ``min_free_fraction`` of the device is free; none when
+    ``min_free_fraction`` or less is (other processes have taken the memory: the instance stops
+    taking new loans); in between, in proportion. Loans already made are kept."""
+    if reading.total <= 0 or min_free_fraction <= 0:
+        return full_cap
+    free = reading.free / reading.total
+    if free >= 2 * min_free_fraction:
+        return full_cap
+    if free <= min_free_fraction:
+        return 0
+    return int(full_cap * (free - min_free_fraction) / min_free_fraction + 1e-9)  # (1e-9: 0.15 - 0.1 is 0.0499...)
+
+
+def default_probe(device: torch.device | str) -> MemoryProbe:
+    """The probe of an instance's device: NVML on a GPU, the host's memory on CPU; with
+    ``INFINILLM_FAKE_MEMORY_FILE`` set, ``infinillm.testing.FileMemoryProbe`` (a test double
+    for NVML, for tests on machines without a GPU: the file says the memory)."""
+    fake = os.environ.get("INFINILLM_FAKE_MEMORY_FILE")
+    if fake:
+        from .testing import FileMemoryProbe
+
+        return FileMemoryProbe(fake)
+    return NvmlProbe() if torch.device(device).type == "cuda" else HostMemoryProbe()
+
+
+class MemoryWatch:
+    """An instance's device memory, read every ``poll()``, setting its pool's lending cap
+    (``lend_cap``; under the engine's ``pool_lock``) and, where the gManager keeps this
+    instance, the ledger's. ``reading`` is the last one; ``poll`` returns True when the cap
+    changed."""
+
+    def __init__(self, probe: MemoryProbe, device_index: int, pool, full_cap: int, min_free_fraction: float,
+                 lock=None, ledger=None) -> None:
+        self.probe = probe
+        self.device_index = device_index
+        self.pool = pool
+        self.full_cap = full_cap
+        self.min_free_fraction = min_free_fraction
+        self.lock = lock
+        self.ledger = ledger
+        self.reading: MemoryInfo | None = None
+
+    def poll(self) -> bool:
+        self.reading = self.probe.read(self.device_index)
+        cap = lend_cap(self.reading, self.full_cap, self.min_free_fraction)
+        if cap == self.pool.max_lent_blocks:
+            return False
+        if self.lock is not None:
+            with self.lock:
+                self.pool.set_max_lent_blocks(cap)
+        else:
+            self.pool.set_max_lent_blocks(cap)
+        if self.ledger is not None:
+            self.ledger.set_max_lent(self.pool.instance_id, cap)
+        return True
 
 
 class MemoryMonitor:

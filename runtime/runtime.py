@@ -57,7 +57,7 @@ from .engine import Engine, EngineStats
 from .homes import RemoteOutput, WorkerHome
 from .router import InstanceLoad, Router
 from .errors import InfiniLLMError, ValidationError
-from .memory import derive_num_blocks, kv_bytes_per_token
+from .memory import MemoryWatch, default_probe, derive_num_blocks, kv_bytes_per_token
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
 from .transport import ConnectPeers, HeartbeatDelta, InstancesLost, LendableUpdate, StepOutputs, Sync, open_transport
@@ -265,6 +265,9 @@ class Runtime:
         self._output_sink = output_sink
         self._pool_sink = pool_sink
         self.lost_instances: dict[int, str] = {}  # workers that died, and how
+        self.memory: MemoryWatch | None = None  # with peers: the device memory that caps lending
+        self._worker_memory: dict[int, tuple[int, int]] = {}  # (total, free) bytes, from heartbeats
+        self._heard_count: dict[int, int] = {}  # heartbeats received from each worker
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -347,6 +350,8 @@ class Runtime:
     async def _sync_workers(self) -> None:
         if self._closed:
             return
+        if self.memory is not None and self.memory.poll():  # this instance's memory as of now
+            self._ledger_changed()
         await self._aborts_applied()
         for peer in self.engine.peers.values():
             await peer.wait_released()
@@ -365,7 +370,8 @@ class Runtime:
                 for home in homes:
                     nursery.start_soon(sync, home)
         for instance_id, reply in replies.items():
-            while self.ledger.instance(instance_id).version < reply.version and not self._closed:
+            while self._heard_count.get(instance_id, 0) < reply.heartbeats and not self._closed \
+                    and instance_id not in self.lost_instances:
                 await self._heard.wait()
         if self._closed:
             return
@@ -391,7 +397,8 @@ class Runtime:
     def _statistics(self, idle: bool = False) -> RuntimeStats:
         stats, placements = self._stats_before_step if self._stepping else self._engine_snapshot()
         workers = tuple(
-            _stats_from_view(self.ledger.instance(w.instance_id), stats.block_size) for w in self.workers
+            _stats_from_view(self.ledger.instance(w.instance_id), stats.block_size, self._worker_memory.get(w.instance_id))
+            for w in self.workers
             if w.instance_id not in self.lost_instances
         )
         placements = dict(placements)
@@ -658,10 +665,12 @@ class Runtime:
             home.lendable(update)
 
     async def _heartbeats(self) -> None:
-        """This instance's heartbeat while it is idle (it lends between its own steps)."""
+        """This instance's heartbeat while it is idle (it lends between its own steps), and its
+        memory reading (``memory``: the lending cap follows the device's free memory)."""
         while True:
             await trio.sleep(self.config.parallel.heartbeat_interval_s)
-            if not self._stepping and self._apply_own_delta():
+            capped = self.memory is not None and self.memory.poll()
+            if (not self._stepping and self._apply_own_delta()) or capped:
                 self._ledger_changed()
 
     async def _settle_workers(self) -> None:
@@ -797,13 +806,16 @@ def _check_unicode(field: str, text: str) -> None:
         raise ValidationError(field, text[max(0, e.start - 8) : e.end + 8], f"must be valid Unicode: {e.reason} at index {e.start}") from None
 
 
-def _stats_from_view(view, block_size: int) -> EngineStats:
-    """A worker's figures as the ledger holds them (no step counters: it is not a home)."""
+def _stats_from_view(view, block_size: int, memory: tuple[int, int] | None = None) -> EngineStats:
+    """A worker's figures as the ledger holds them (no step counters: it is not a home), and
+    its memory as its last heartbeat read it."""
+    total, free = memory or (0, 0)
     return EngineStats(
         instance_id=view.instance_id, num_running=view.batch_size, num_waiting=view.num_waiting,
         kv_capacity_blocks=view.capacity, kv_free_blocks=view.free, kv_used_blocks=view.used,
         kv_lent_blocks=view.lent, kv_borrowed_blocks=view.borrowed, kv_reserved_blocks=view.reserved,
         block_size=block_size, num_steps=0, num_preemptions=0, generated_tokens=0, prompt_tokens=0,
+        max_lent_blocks=view.max_lent, memory_total_bytes=total, memory_free_bytes=free,
     )
 
 
@@ -965,17 +977,31 @@ async def _receive_from_workers(puller, runtime: Runtime) -> None:
             if isinstance(msg, StepOutputs):
                 runtime._remote_outputs(msg)
             elif isinstance(msg, HeartbeatDelta):
+                runtime._heard_count[msg.instance_id] = runtime._heard_count.get(msg.instance_id, 0) + 1
                 if not ledger.has_instance(msg.instance_id):
                     continue
                 if not ledger.apply_delta(msg.to_pool_delta()):
                     log.warning("instance %d: heartbeat %d does not follow %d; waiting for the next", msg.instance_id,
                                 msg.version, ledger.instance(msg.instance_id).version)
                 ledger.set_load(msg.instance_id, msg.batch_size, msg.num_waiting, msg.waiting_blocks)
+                if msg.max_lent >= 0:
+                    ledger.set_max_lent(msg.instance_id, min(msg.max_lent, ledger.instance(msg.instance_id).capacity))
+                if msg.memory_total:
+                    runtime._worker_memory[msg.instance_id] = (msg.memory_total, msg.memory_free)
                 runtime._ledger_changed()
                 runtime._heard.set()
                 runtime._heard = trio.Event()
     except trio.ClosedResourceError:
         return  # the runtime is closing
+
+
+def _memory_watch(runtime: Runtime, device: torch.device, full_cap: int) -> MemoryWatch:
+    """Instance 0's memory watch (``memory.default_probe``), which keeps the ledger's cap too."""
+    engine = runtime.engine
+    engine.memory = MemoryWatch(default_probe(device), (device.index or 0) if device.type == "cuda" else 0, engine.pool,
+                                full_cap, runtime.config.cache.min_free_memory_fraction, lock=engine.pool_lock,
+                                ledger=runtime.ledger)
+    return engine.memory
 
 
 async def _watch_worker(runtime: Runtime, worker: WorkerProcess) -> None:
@@ -1038,7 +1064,7 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
             heartbeat_address=puller.address, reservation_ttl_s=cache.reservation_ttl_s,
             heartbeat_interval_s=config.parallel.heartbeat_interval_s, cluster_blocks=cluster_blocks,
             max_num_seqs=config.scheduler.max_num_seqs, max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            seed=config.model.seed, threads=threads,
+            seed=config.model.seed, threads=threads, min_free_memory_fraction=cache.min_free_memory_fraction,
         ))  # fmt: skip
         addresses[instance_id] = worker.peer_address
         engine.peers[instance_id] = await connect_peer(stack, tp, instance_id, worker.peer_address, nursery, lendable)
@@ -1053,5 +1079,6 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
         await home.client.request(ConnectPeers(tuple(others), tuple(addresses[i] for i in others),
                                                tuple(lendable for _ in others)))
         nursery.start_soon(home.run)
+    runtime.memory = _memory_watch(runtime, device, lendable)
     nursery.start_soon(runtime._heartbeats)
     stack.callback(nursery.cancel_scope.cancel)  # first thing at the end: no task sends on a closed socket

@@ -45,6 +45,7 @@ __all__ = [
     "greedy_reference",
     "import_transformers",
     "FakeNvmlProbe",
+    "FileMemoryProbe",
     "assert_runtime_idle",
     "default_device",
     "TINY_CHAT_TEMPLATE",
@@ -457,6 +458,23 @@ class FakeNvmlProbe:
         if not 0 <= device_index < self.count:
             raise ValidationError("device_index", device_index, f"must be in [0, {self.count - 1}]")
         return MemoryInfo(device_index, self.total, self.free, self.total - self.free)
+
+
+class FileMemoryProbe:
+    """Test double for NVML in another process (a worker): reads ``"<total> <free>"`` (bytes)
+    from a file the test writes, so a test can play another process taking device memory.
+    Selected by ``INFINILLM_FAKE_MEMORY_FILE`` (``memory.default_probe``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def device_count(self) -> int:
+        return 1
+
+    def read(self, device_index: int) -> MemoryInfo:
+        with open(self.path) as f:
+            total, free = (int(x) for x in f.read().split())
+        return MemoryInfo(device_index, total, free, total - free)
 
 
 def assert_runtime_idle(rt) -> None:

@@ -45,6 +45,7 @@ from .engine import Engine
 from .errors import InfiniLLMError
 from .homes import ControlService
 from .loader import load_model
+from .memory import MemoryWatch, default_probe
 from .runtime import Runtime
 from .transport import ConnectPeers, HeartbeatDelta, Sync, Synced, open_transport
 
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-lend-fraction", type=float, default=0.5)
     p.add_argument("--reservation-ttl-s", type=float, default=2.0)
+    p.add_argument("--min-free-memory-fraction", type=float, default=CacheConfig().min_free_memory_fraction,
+                   help="lend nothing new while at most this fraction of the device's memory is free")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--cluster-blocks", type=int, default=None, help="blocks a request may span (own + lendable)")
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs)
@@ -84,15 +87,35 @@ def _heartbeat(engine: Engine, force: bool = False) -> HeartbeatDelta | None:
         s = engine.planner.statistics()
     if delta.empty and not force:
         return None
-    return HeartbeatDelta.from_pool_delta(delta, batch_size=s.num_running, num_waiting=s.num_waiting)
+    reading = engine.memory.reading if engine.memory is not None else None
+    return HeartbeatDelta.from_pool_delta(
+        delta, batch_size=s.num_running, num_waiting=s.num_waiting, max_lent=engine.pool.max_lent_blocks,
+        memory_total=reading.total if reading else 0, memory_free=reading.free if reading else 0,
+    )
 
 
-async def _send_heartbeats(engine: Engine, send: trio.MemorySendChannel, interval_s: float) -> None:
-    """Between steps too: lending changes the pool while this engine is idle."""
+class _Pushed:
+    """The worker's one-way messages to the runtime, in order, counting its heartbeats (a
+    ``Synced`` says how many were pushed before it, so the runtime waits for that one)."""
+
+    def __init__(self, send: trio.MemorySendChannel) -> None:
+        self._send = send
+        self.heartbeats = 0
+
+    def send(self, msg) -> None:
+        if isinstance(msg, HeartbeatDelta):
+            self.heartbeats += 1
+        self._send.send_nowait(msg)
+
+
+async def _send_heartbeats(engine: Engine, out: _Pushed, interval_s: float) -> None:
+    """Between steps too: lending changes the pool while this engine is idle; and its memory
+    reading, which sets its lending cap (a change is reported at once)."""
     while True:
-        hb = _heartbeat(engine)
+        capped = engine.memory is not None and engine.memory.poll()
+        hb = _heartbeat(engine, force=capped)
         if hb is not None:
-            send.send_nowait(hb)
+            out.send(hb)
         await trio.sleep(interval_s)
 
 
@@ -154,8 +177,12 @@ async def serve(args: argparse.Namespace) -> None:
                if step.strip() and int(instance) == args.instance_id}
     if fail_at:
         engine.model = _FaultyModel(model, lambda: engine.num_steps, fail_at)
+    device = torch.device(args.device)
+    engine.memory = MemoryWatch(default_probe(device), (device.index or 0) if device.type == "cuda" else 0, engine.pool,
+                                engine.pool.max_lent_blocks, args.min_free_memory_fraction, lock=engine.pool_lock)
     service = PeerService(engine, reservation_ttl_s=args.reservation_ttl_s)
     out_send, out_recv = trio.open_memory_channel(math.inf)  # to the runtime, in order
+    pushed = _Pushed(out_send)
     async with open_transport(TransportConfig(transport=args.transport)) as tp:
         async with trio.open_nursery() as peer_nursery, contextlib.AsyncExitStack() as stack:
             pusher = None
@@ -177,10 +204,10 @@ async def serve(args: argparse.Namespace) -> None:
                 def outputs(outs) -> None:  # (control is made just below, before any output)
                     msg = control.outputs_to_deltas(outs)
                     if msg is not None:
-                        out_send.send_nowait(msg)
+                        pushed.send(msg)
 
                 def heartbeat() -> None:
-                    out_send.send_nowait(_heartbeat(engine, force=True))
+                    pushed.send(_heartbeat(engine, force=True))
 
                 runtime = Runtime(RuntimeConfig(), engine, tokenizer, output_sink=outputs, pool_sink=heartbeat)
                 control = ControlService(runtime, nursery)
@@ -194,15 +221,17 @@ async def serve(args: argparse.Namespace) -> None:
                             await p.wait_released()
                         if not msg.snapshot:
                             return Synced(engine.instance_id, 0)
+                        if engine.memory is not None:  # as of now, memory included
+                            engine.memory.poll()
                         hb = _heartbeat(engine, force=True)
-                        out_send.send_nowait(hb)
-                        return Synced(engine.instance_id, hb.version)
+                        pushed.send(hb)
+                        return Synced(engine.instance_id, hb.version, pushed.heartbeats)
                     return await control.handle(msg)
 
                 peer = await nursery.start(_serve_socket, tp, service.handle, f"peer{args.instance_id}", 4)
                 ctl = await nursery.start(_serve_socket, tp, handle, f"control{args.instance_id}", 1)
                 nursery.start_soon(runtime._serve)
-                nursery.start_soon(_send_heartbeats, engine, out_send, args.heartbeat_interval_s)
+                nursery.start_soon(_send_heartbeats, engine, pushed, args.heartbeat_interval_s)
                 print("ready", peer, ctl, flush=True)
                 for wait in (_wait_stdin_closed, lambda: _watch_parent(parent)):
                     async def stop_when(wait=wait) -> None:
@@ -257,6 +286,7 @@ async def open_worker(
     heartbeat_address: str | None = None, heartbeat_interval_s: float = 0.1, cluster_blocks: int | None = None,
     max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
     threads: int | None = None, reservation_ttl_s: float | None = None, env: dict[str, str] | None = None,
+    min_free_memory_fraction: float | None = None,
 ) -> AsyncIterator[WorkerProcess]:
     """Start ``python -m infinillm.worker`` and wait until it serves; on exit close its stdin
     (it stops) and wait for it. A worker that dies before it is ready raises ``InfiniLLMError``
@@ -266,7 +296,7 @@ async def open_worker(
             str(max_lend_fraction), "--dtype", dtype, "--device", device]
     optional = {"--max-model-len": max_model_len, "--cluster-blocks": cluster_blocks, "--max-num-seqs": max_num_seqs,
                 "--max-num-batched-tokens": max_num_batched_tokens, "--seed": seed or None, "--threads": threads,
-                "--reservation-ttl-s": reservation_ttl_s}
+                "--reservation-ttl-s": reservation_ttl_s, "--min-free-memory-fraction": min_free_memory_fraction}
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]

@@ -276,6 +276,9 @@ class HeartbeatDelta(Message):
 
     The receiver applies it only if ``base_version`` is the version it last saw from this
     instance; otherwise it asks for a snapshot (a delta with ``base_version == 0`` is one).
+    ``max_lent`` is the pool's lending cap now (it follows the device's free memory; -1: not
+    reported), ``memory_total`` / ``memory_free`` the instance's device memory in bytes as last
+    read (NVML, or the host's on CPU; 0: not read).
     """
 
     instance_id: int
@@ -290,13 +293,21 @@ class HeartbeatDelta(Message):
     batch_size: int = 0
     num_waiting: int = 0
     waiting_blocks: int = 0
+    max_lent: int = -1
+    memory_total: int = 0
+    memory_free: int = 0
 
     def _check(self) -> None:
         o = "HeartbeatDelta"
         _nonneg(o, instance_id=self.instance_id, base_version=self.base_version, version=self.version,
-                batch_size=self.batch_size, num_waiting=self.num_waiting, waiting_blocks=self.waiting_blocks)
+                batch_size=self.batch_size, num_waiting=self.num_waiting, waiting_blocks=self.waiting_blocks,
+                memory_total=self.memory_total, memory_free=self.memory_free)
         if self.version < self.base_version:
             _fail(o, "version", self.version, f"must be >= base_version={self.base_version}")
+        if self.max_lent < -1:
+            _fail(o, "max_lent", self.max_lent, "must be >= 0, or -1 (not reported)")
+        if self.memory_free > self.memory_total:
+            _fail(o, "memory_free", self.memory_free, f"must be <= memory_total={self.memory_total}")
 
     def to_pool_delta(self) -> Any:
         """The ``core_sched.PoolDelta`` to give ``DebtLedger.apply_delta``."""
@@ -307,11 +318,13 @@ class HeartbeatDelta(Message):
 
     @classmethod
     def from_pool_delta(cls, delta: Any, *, batch_size: int = 0, num_waiting: int = 0,
-                        waiting_blocks: int = 0) -> HeartbeatDelta:
-        """From a ``core_sched.PoolDelta`` and the batch planner's load."""
+                        waiting_blocks: int = 0, max_lent: int = -1, memory_total: int = 0,
+                        memory_free: int = 0) -> HeartbeatDelta:
+        """From a ``core_sched.PoolDelta``, the batch planner's load, the lending cap and the
+        last memory reading."""
         return cls(delta.instance_id, delta.base_version, delta.version, delta.capacity, delta.free,
                    delta.used, delta.lent, delta.reserved, delta.borrowed, batch_size, num_waiting,
-                   waiting_blocks)
+                   waiting_blocks, max_lent, memory_total, memory_free)
 
 
 @message(4)
@@ -602,13 +615,16 @@ class Sync(Message):
 @message(20)
 @dataclass(frozen=True, slots=True)
 class Synced(Message):
-    """The answer to ``Sync``: the version of the heartbeat pushed for it (0 without one)."""
+    """The answer to ``Sync``: the version of the heartbeat pushed for it (0 without one), and
+    how many heartbeats the instance had pushed with it (the runtime waits until it has heard
+    that many: an unchanged pool keeps its version, the load and memory readings do not)."""
 
     instance_id: int
     version: int
+    heartbeats: int = 0
 
     def _check(self) -> None:
-        _nonneg("Synced", instance_id=self.instance_id, version=self.version)
+        _nonneg("Synced", instance_id=self.instance_id, version=self.version, heartbeats=self.heartbeats)
 
 
 @message(21)

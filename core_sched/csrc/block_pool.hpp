@@ -78,6 +78,9 @@ class BlockPool {
   int32_t instance_id() const { return instance_id_; }
   int32_t num_blocks() const { return num_blocks_; }
   int32_t max_lent() const { return max_lent_; }
+  // A new lending cap (memory pressure lowers it, relief raises it back). Loans already made
+  // stay; while lent + reserved >= the cap, nothing more is lent.
+  void set_max_lent(int32_t n) { max_lent_ = n; }
   int32_t num_free() const { return static_cast<int32_t>(free_stack_.size()); }
   int32_t num_used() const { return used_; }
   int32_t num_lent() const { return lent_; }

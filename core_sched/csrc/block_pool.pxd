@@ -37,6 +37,7 @@ cdef extern from "block_pool.hpp":
         int32_t instance_id()
         int32_t num_blocks()
         int32_t max_lent()
+        void set_max_lent(int32_t n)
         int32_t num_free()
         int32_t num_used()
         int32_t num_lent()

@@ -211,6 +211,13 @@ class DebtLedger {
     return LEDGER_OK;
   }
 
+  int32_t set_max_lent(int64_t id, int32_t max_lent) {
+    auto it = instances_.find(id);
+    if (it == instances_.end()) return LEDGER_UNKNOWN_INSTANCE;
+    it->second.max_lent = max_lent;
+    return LEDGER_OK;
+  }
+
   int32_t set_load(int64_t id, int32_t batch_size, int32_t num_waiting, int32_t waiting_blocks) {
     auto it = instances_.find(id);
     if (it == instances_.end()) return LEDGER_UNKNOWN_INSTANCE;

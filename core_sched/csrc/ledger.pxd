@@ -81,6 +81,7 @@ cdef extern from "ledger.hpp":
         int64_t num_instances()
         int32_t apply_delta(int64_t id, const CLedgerDelta& d)
         int32_t apply_snapshot(int64_t id, const CLedgerDelta& s)
+        int32_t set_max_lent(int64_t id, int32_t max_lent)
         int32_t set_load(int64_t id, int32_t batch_size, int32_t num_waiting, int32_t waiting_blocks)
         int32_t record_blocks(int64_t rid, int64_t home, int64_t instance, int64_t delta) except +
         int64_t forget_request(int64_t rid) except +

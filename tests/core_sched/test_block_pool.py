@@ -90,6 +90,23 @@ def test_lending_goes_through_a_reservation_under_the_cap(core):
     assert pool.state(6) == BLOCK_FREE and pool.state(0) == BLOCK_USED
 
 
+def test_a_lower_lending_cap_stops_new_loans_and_keeps_the_old_ones(core):
+    """Memory pressure lowers the cap below what is lent: loans stay, nothing more is lent;
+    relief raises it and lending resumes."""
+    pool = core.BlockPool(0, 10, max_lent_blocks=6)
+    rid = pool.try_reserve(2, 4, 0.0, 1.0)
+    pool.commit(rid, request_id=700, now=0.1)
+    pool.set_max_lent_blocks(2)
+    assert pool.max_lent_blocks == 2 and pool.lendable == 0 and pool.num_lent == 4
+    assert pool.try_reserve(2, 1, 0.2, 1.0) is None
+    pool.set_max_lent_blocks(10)
+    assert pool.lendable == 6 and pool.try_reserve(2, 6, 0.3, 1.0) is not None
+    for bad in (-1, 11, 2.5, True):
+        with pytest.raises(ValidationError, match=r"max_lent_blocks=.* is invalid: must be an integer in \[0, 10\]"):
+            pool.set_max_lent_blocks(bad)
+    assert pool.max_lent_blocks == 10
+
+
 def test_reservations_expire_and_an_expired_commit_fails(core):
     pool = core.BlockPool(1, 6)
     a = pool.try_reserve(0, 2, now=0.0, ttl=1.0)

@@ -99,6 +99,20 @@ def test_the_ledger_follows_real_pools_through_their_deltas(core):
     assert ledger.instance(1).lendable == 3  # min(9 free, 6 - 3 lent - 0)
 
 
+def test_a_new_lending_cap_changes_what_the_instance_may_lend(core):
+    ledger = core.DebtLedger()
+    ledger.register_instance(0, 10, 4)
+    assert ledger.instance(0).lendable == 4
+    ledger.set_max_lent(0, 1)
+    assert ledger.instance(0).max_lent == 1 and ledger.instance(0).lendable == 1
+    ledger.set_max_lent(0, 10)
+    assert ledger.instance(0).lendable == 10
+    with pytest.raises(ValidationError, match=r"max_lent=11 is invalid: must be an integer in \[0, 10\] \(capacity\)"):
+        ledger.set_max_lent(0, 11)
+    with pytest.raises(SchedulerError, match="unknown instance 3"):
+        ledger.set_max_lent(3, 1)
+
+
 def test_load_is_validated_and_feeds_lendable_and_totals(core):
     ledger = core.DebtLedger()
     ledger.register_instance(0, 10, 4)

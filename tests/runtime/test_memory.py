@@ -64,3 +64,46 @@ def test_monitor_polls_every_device():
     assert readings[1].used == 75 and readings[1].used_fraction == 0.75
     with pytest.raises(ValidationError, match=r"device_index=2 is invalid: must be in \[0, 1\]"):
         probe.read(2)
+
+
+def test_lend_cap_follows_free_memory():
+    from infinillm.memory import MemoryInfo, lend_cap
+
+    def at(free):
+        return lend_cap(MemoryInfo(0, 1000, free, 1000 - free), 40, 0.1)
+
+    assert [at(f) for f in (1000, 200, 150, 120, 100, 50, 0)] == [40, 40, 20, 8, 0, 0, 0]
+    assert lend_cap(MemoryInfo(0, 1000, 0, 1000), 40, 0.0) == 40  # no floor: never limited
+
+
+def test_memory_pressure_stops_lending_and_relief_resumes_it():
+    """Another process takes device memory (the NVML test double says so): the pool's and the
+    ledger's lending caps drop to 0 and reservations are refused, loans already made are kept;
+    when it leaves, lending resumes."""
+    from infinillm import core_sched
+    from infinillm.memory import MemoryWatch
+
+    gib = 1 << 30
+    probe = FakeNvmlProbe(total=80 * gib, free=40 * gib)  # test double: no GPU on this machine
+    pool = core_sched.BlockPool(0, 64, 32)
+    ledger = core_sched.DebtLedger()
+    ledger.register_instance(0, 64, 32)
+    watch = MemoryWatch(probe, 0, pool, full_cap=32, min_free_fraction=0.05, ledger=ledger)
+    assert not watch.poll() and pool.lendable == 32 and watch.reading.free == 40 * gib
+    rid = pool.try_reserve(1, 8, 0.0, 10.0)
+    pool.commit(rid, (1 << 40) + 1, 0.1)
+    probe.free = 2 * gib  # 2.5% free: another process took the rest
+    assert watch.poll()
+    assert pool.max_lent_blocks == 0 and pool.lendable == 0 and ledger.instance(0).max_lent == 0
+    assert pool.try_reserve(1, 1, 0.2, 10.0) is None and pool.num_lent == 8
+    probe.free = 6 * gib  # 7.5%: half way back
+    assert watch.poll() and pool.max_lent_blocks == 16 and pool.lendable == 8
+    probe.free = 40 * gib
+    assert watch.poll() and pool.lendable == 24 and ledger.instance(0).max_lent == 32
+
+
+def test_the_host_probe_reads_this_machine():
+    from infinillm.memory import HostMemoryProbe
+
+    r = HostMemoryProbe().read(0)
+    assert r.total > 0 and 0 < r.free <= r.total and r.used == r.total - r.free

@@ -197,7 +197,7 @@ def one_of_each() -> list:
         InstancesLost((2,), (8,), "exited with -9"),
         Sync(),
         Sync(snapshot=True),
-        Synced(1, 7),
+        Synced(1, 7, 3),
         ErrorReply("CapacityError", "no room"),
         Ack(),
     ]
@@ -228,7 +228,7 @@ def _golden():
         ("AttentionQuery", AttentionQuery(
             2, (7, 8), torch.arange(8, dtype=f16).view(2, 1, 4), None, torch.tensor([5, 9], dtype=i32),
             torch.tensor([[[3], [4]], [[0], [16]], [[6], [10]]], dtype=i32)), 5, [
-            "9c" "02" "01" "05"  # [12 items: version 2, type 1, seq 5,
+            "9c" "03" "01" "05"  # [12 items: version 3, type 1, seq 5,
             "02" "920708"  # layer 2, request_ids [7, 8],
             "94a3663136020104" "c0"  # q ["f16", 2, 1, 4], cu_q None,
             "92a369333202" "94a3693332030201"  # q_pos ["i32", 2], blocks ["i32", 3, 2, 1],
@@ -243,7 +243,7 @@ def _golden():
             k=torch.tensor([[[-1.0, 0.5]], [[2.0, -2.0]]], dtype=f16),
             v=torch.tensor([[[1.0, 1.0]], [[0.25, 3.0]]], dtype=f16),
             slot_mapping=torch.tensor([20, 21], dtype=torch.int64)), 6, [
-            "9c" "02" "01" "06" "00" "9103"  # [version 2, type 1, seq 6, layer 0, request_ids [3],
+            "9c" "03" "01" "06" "00" "9103"  # [version 3, type 1, seq 6, layer 0, request_ids [3],
             "94a3663136020102" "92a369333202" "92a369333202"  # q ["f16", 2, 1, 2], cu_q ["i32", 2], q_pos
             "94a3693332030101"  # blocks ["i32", 3, 1, 1],
             "94a3663136020102" "94a3663136020102" "92a369363402",  # k, v ["f16", 2, 1, 2], slot_mapping ["i64", 2]]
@@ -257,36 +257,37 @@ def _golden():
         ]),
         ("AttentionResult", AttentionResult(
             2, torch.arange(8, dtype=f16).view(2, 1, 4), torch.tensor([[0.5], [-float("inf")]])), 5, [
-            "96" "02" "02" "05" "02"  # [version 2, type 2, seq 5, layer 2,
+            "96" "03" "02" "05" "02"  # [version 3, type 2, seq 5, layer 2,
             "94a3663136020104" "93a36633320201",  # out ["f16", 2, 1, 4], lse ["f32", 2, 1]]
             "0000003c004000420044004500460047" "0000003f000080ff",  # out at 0, lse at 16 (0.5, -inf)
         ]),
         ("HeartbeatDelta", HeartbeatDelta(1, 4, 7, 100, 60, 40, 10, 0, 3, batch_size=5, num_waiting=2,
                                           waiting_blocks=300), 0, [
-            "9f" "02" "03" "00"  # [15 items: version 2, type 3, seq 0 (one-way),
-            "010407643c280a000305" "02" "cd012c",  # 1, 4, 7, 100, 60, 40, 10, 0, 3, 5, 2, 300 (uint16)]
+            "dc0012" "03" "03" "00"  # [18 items: version 3, type 3, seq 0 (one-way),
+            "010407643c280a000305" "02" "cd012c"  # 1, 4, 7, 100, 60, 40, 10, 0, 3, 5, 2, 300 (uint16),
+            "ff" "00" "00",  # max_lent -1 (not reported), memory_total 0, memory_free 0]
         ]),
         ("AddRequest", AddRequest(42, torch.tensor([1, 2, 300], dtype=i32),
                                   {"max_tokens": 8, "temperature": 0.5, "stop": ("a",), "seed": None}), 9, [
-            "96" "02" "0c" "09" "2a" "92a369333203"  # [version 2, type 12, seq 9, request_id 42, ["i32", 3],
+            "96" "03" "0c" "09" "2a" "92a369333203"  # [version 3, type 12, seq 9, request_id 42, ["i32", 3],
             "84" "aa6d61785f746f6b656e73" "08"  # {4 items: "max_tokens": 8,
             "ab74656d7065726174757265" "cb3fe0000000000000"  # "temperature": 0.5 (float64),
             "a473746f70" "91a161" "a473656564" "c0",  # "stop": ["a"], "seed": None}]
             "01000000020000002c010000",
         ]),
         ("StepOutputs", StepOutputs(0, 17, (RequestDelta(1, (5, 6), (-0.5,)), RequestDelta(2, (9,), (), "stop"))), 0, [
-            "96" "02" "0e" "00" "00" "11" "92"  # [version 2, type 14, seq 0, instance 0, step 17, [2 records:
+            "96" "03" "0e" "00" "00" "11" "92"  # [version 3, type 14, seq 0, instance 0, step 17, [2 records:
             "dc0015" "01" "920506" "91cbbfe0000000000000" "c0"  # [21 fields: 1, [5, 6], [-0.5], finish None,
             "00" "a0" "c0c0c0c0" "9090909090" "00"  # text_offset 0, text "", cumulative, stop x2, error None, top_* [], 0 preemptions,
             "cb0000000000000000" "c0c0c0" "90"  # arrival 0.0, three times None, placement []],
             "dc0015" "02" "9109" "90" "a473746f70"  # [2, [9], [], "stop",
             "00" "a0" "c0c0c0c0" "9090909090" "00" "cb0000000000000000" "c0c0c0" "90",  # the rest as above]]]
         ]),
-        ("Reservation", Reservation(None, 8, 2.0), 7, ["96" "02" "05" "07" "c0" "08" "cb4000000000000000"]),
+        ("Reservation", Reservation(None, 8, 2.0), 7, ["96" "03" "05" "07" "c0" "08" "cb4000000000000000"]),
         ("ErrorReply", ErrorReply("CapacityError", "no room"), 5, [
-            "95" "02" "0f" "05" "ad43617061636974794572726f72" "a76e6f20726f6f6d",  # "CapacityError", "no room"
+            "95" "03" "0f" "05" "ad43617061636974794572726f72" "a76e6f20726f6f6d",  # "CapacityError", "no room"
         ]),
-        ("Ack", Ack(), 6, ["93" "02" "10" "06"]),  # [version 2, type 16, seq 6]
+        ("Ack", Ack(), 6, ["93" "03" "10" "06"]),  # [version 3, type 16, seq 6]
     ]
 
 
@@ -294,12 +295,12 @@ def _golden():
 def test_golden_frames_pin_the_wire_format(name, msg, seq, golden):
     """The exact bytes of a few messages, both ways, with both codecs.
 
-    These bytes ARE the wire format (version 2: the runtime <-> worker records grew). Changing any of them changes the format: bump
+    These bytes ARE the wire format (version 3: heartbeats carry the lending cap and memory). Changing any of them changes the format: bump
     ``PROTOCOL_VERSION`` in ``transport/codec.py`` in the same change (peers of different
     versions then refuse each other's messages by name instead of misreading them), and update
     these bytes and the version pinned below together.
     """
-    assert PROTOCOL_VERSION == 2, "a new wire version: update the golden frames with it"
+    assert PROTOCOL_VERSION == 3, "a new wire version: update the golden frames with it"
     frames = [bytes.fromhex(h) for h in golden]
     assert as_bytes(CODEC.encode(msg, seq)) == frames
     got_seq, got = CODEC.decode(wire(frames))
@@ -310,12 +311,12 @@ def test_golden_frames_pin_the_wire_format(name, msg, seq, golden):
 @pytest.mark.parametrize(
     "what, frames, golden",
     [
-        ("a longer msgpack int", ["930210cc06"], ["93021006"]),  # seq 6 as uint8
-        ("an int for a float", ["96020507c00802"], ["96020507c008cb4000000000000000"]),  # ttl_s 2
-        ("a repeated map key", ["96020c092a92a36933320182a17401a17402", "01000000"],
-         ["96020c092a92a36933320181a17402", "01000000"]),  # {"t": 1, "t": 2}
-        ("non-zero padding", ["960202050294a366313602010193a36633320201", "0000003c" "0102030405060708090a0b0c" "0000003f000080ff"],
-         ["960202050294a366313602010193a36633320201", "0000003c" "000000000000000000000000" "0000003f000080ff"]),
+        ("a longer msgpack int", ["930310cc06"], ["93031006"]),  # seq 6 as uint8
+        ("an int for a float", ["96030507c00802"], ["96030507c008cb4000000000000000"]),  # ttl_s 2
+        ("a repeated map key", ["96030c092a92a36933320182a17401a17402", "01000000"],
+         ["96030c092a92a36933320181a17402", "01000000"]),  # {"t": 1, "t": 2}
+        ("non-zero padding", ["960302050294a366313602010193a36633320201", "0000003c" "0102030405060708090a0b0c" "0000003f000080ff"],
+         ["960302050294a366313602010193a36633320201", "0000003c" "000000000000000000000000" "0000003f000080ff"]),
     ],
     ids=["longer-int", "int-for-float", "repeated-map-key", "non-zero-padding"],
 )
