@@ -268,6 +268,7 @@ class Runtime:
         self.memory: MemoryWatch | None = None  # with peers: the device memory that caps lending
         self._worker_memory: dict[int, tuple[int, int]] = {}  # (total, free) bytes, from heartbeats
         self._heard_count: dict[int, int] = {}  # heartbeats received from each worker
+        self._last_heard: dict[int, float] = {}  # and when the last one came (trio time)
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -978,6 +979,7 @@ async def _receive_from_workers(puller, runtime: Runtime) -> None:
                 runtime._remote_outputs(msg)
             elif isinstance(msg, HeartbeatDelta):
                 runtime._heard_count[msg.instance_id] = runtime._heard_count.get(msg.instance_id, 0) + 1
+                runtime._last_heard[msg.instance_id] = trio.current_time()
                 if not ledger.has_instance(msg.instance_id):
                     continue
                 if not ledger.apply_delta(msg.to_pool_delta()):
@@ -1002,6 +1004,28 @@ def _memory_watch(runtime: Runtime, device: torch.device, full_cap: int) -> Memo
                                 full_cap, runtime.config.cache.min_free_memory_fraction, lock=engine.pool_lock,
                                 ledger=runtime.ledger)
     return engine.memory
+
+
+async def _watch_heartbeats(runtime: Runtime) -> None:
+    """A worker not heard from for ``heartbeat_timeout_s`` (hung, or cut off) is lost; one this
+    runtime started is killed too, so that it cannot come back as a stale member."""
+    timeout = runtime.config.parallel.heartbeat_timeout_s
+    start = trio.current_time()
+    while True:
+        tick = trio.current_time()
+        await trio.sleep(timeout / 4)
+        now = trio.current_time()
+        if now - tick > timeout / 2:  # this loop itself was held up: nobody could be heard meanwhile
+            start = now
+            runtime._last_heard = dict.fromkeys(runtime._last_heard, now)
+            continue
+        for instance_id in list(runtime.homes):
+            heard = runtime._last_heard.get(instance_id, start)
+            if now - heard > timeout and not runtime.closed:
+                runtime._instance_lost(instance_id, f"no heartbeat for {now - heard:.1f} s (heartbeat_timeout_s={timeout})")
+                for w in runtime.workers:
+                    if w.instance_id == instance_id and w.process.returncode is None:
+                        w.process.kill()
 
 
 async def _watch_worker(runtime: Runtime, worker: WorkerProcess) -> None:
@@ -1065,6 +1089,7 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
             heartbeat_interval_s=config.parallel.heartbeat_interval_s, cluster_blocks=cluster_blocks,
             max_num_seqs=config.scheduler.max_num_seqs, max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             seed=config.model.seed, threads=threads, min_free_memory_fraction=cache.min_free_memory_fraction,
+            keepalive_s=config.parallel.heartbeat_timeout_s / 4,
         ))  # fmt: skip
         addresses[instance_id] = worker.peer_address
         engine.peers[instance_id] = await connect_peer(stack, tp, instance_id, worker.peer_address, nursery, lendable)
@@ -1074,6 +1099,7 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
     runtime.workers = tuple(workers)
     for worker in workers:
         nursery.start_soon(_watch_worker, runtime, worker)
+    nursery.start_soon(_watch_heartbeats, runtime)
     for instance_id, home in runtime.homes.items():
         others = [i for i in addresses if i != instance_id]
         await home.client.request(ConnectPeers(tuple(others), tuple(addresses[i] for i in others),

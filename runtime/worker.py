@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
     p.add_argument("--heartbeat-address", default=None, help="where to push HeartbeatDelta s (the gManager's puller)")
     p.add_argument("--heartbeat-interval-s", type=float, default=0.1)
+    p.add_argument("--keepalive-s", type=float, default=1.0, help="a heartbeat at least this often, changes or not")
     return p
 
 
@@ -108,14 +109,19 @@ class _Pushed:
         self._send.send_nowait(msg)
 
 
-async def _send_heartbeats(engine: Engine, out: _Pushed, interval_s: float) -> None:
+async def _send_heartbeats(engine: Engine, out: _Pushed, interval_s: float, keepalive_s: float) -> None:
     """Between steps too: lending changes the pool while this engine is idle; and its memory
-    reading, which sets its lending cap (a change is reported at once)."""
+    reading, which sets its lending cap (a change is reported at once). At least one every
+    ``keepalive_s``, changes or not: the runtime declares an instance it has not heard from
+    for its ``heartbeat_timeout_s`` dead."""
+    last = trio.current_time()
     while True:
         capped = engine.memory is not None and engine.memory.poll()
-        hb = _heartbeat(engine, force=capped)
+        now = trio.current_time()
+        hb = _heartbeat(engine, force=capped or now - last >= keepalive_s)
         if hb is not None:
             out.send(hb)
+            last = now
         await trio.sleep(interval_s)
 
 
@@ -231,7 +237,7 @@ async def serve(args: argparse.Namespace) -> None:
                 peer = await nursery.start(_serve_socket, tp, service.handle, f"peer{args.instance_id}", 4)
                 ctl = await nursery.start(_serve_socket, tp, handle, f"control{args.instance_id}", 1)
                 nursery.start_soon(runtime._serve)
-                nursery.start_soon(_send_heartbeats, engine, pushed, args.heartbeat_interval_s)
+                nursery.start_soon(_send_heartbeats, engine, pushed, args.heartbeat_interval_s, args.keepalive_s)
                 print("ready", peer, ctl, flush=True)
                 for wait in (_wait_stdin_closed, lambda: _watch_parent(parent)):
                     async def stop_when(wait=wait) -> None:
@@ -286,7 +292,7 @@ async def open_worker(
     heartbeat_address: str | None = None, heartbeat_interval_s: float = 0.1, cluster_blocks: int | None = None,
     max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
     threads: int | None = None, reservation_ttl_s: float | None = None, env: dict[str, str] | None = None,
-    min_free_memory_fraction: float | None = None,
+    min_free_memory_fraction: float | None = None, keepalive_s: float | None = None,
 ) -> AsyncIterator[WorkerProcess]:
     """Start ``python -m infinillm.worker`` and wait until it serves; on exit close its stdin
     (it stops) and wait for it. A worker that dies before it is ready raises ``InfiniLLMError``
@@ -296,7 +302,8 @@ async def open_worker(
             str(max_lend_fraction), "--dtype", dtype, "--device", device]
     optional = {"--max-model-len": max_model_len, "--cluster-blocks": cluster_blocks, "--max-num-seqs": max_num_seqs,
                 "--max-num-batched-tokens": max_num_batched_tokens, "--seed": seed or None, "--threads": threads,
-                "--reservation-ttl-s": reservation_ttl_s, "--min-free-memory-fraction": min_free_memory_fraction}
+                "--reservation-ttl-s": reservation_ttl_s, "--min-free-memory-fraction": min_free_memory_fraction,
+                "--keepalive-s": keepalive_s}
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]

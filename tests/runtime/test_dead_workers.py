@@ -151,3 +151,35 @@ async def test_when_the_survivors_cannot_hold_a_request_it_ends_with_an_error_th
         with pytest.raises(infinillm.RequestTooLongError, match="cluster has 24 blocks"):
             rt.generate({"prompt_token_ids": prompt(400)}, params)
         await settled(rt)
+
+
+async def test_a_hung_worker_is_declared_dead_after_heartbeat_timeout_s(tiny_model):
+    """A worker that stops (SIGSTOP: alive, silent) misses its heartbeats: after
+    ``heartbeat_timeout_s`` it is lost (and killed), and its requests go on elsewhere."""
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    prompts = [prompt(30 + 7 * i, i) for i in range(3)]
+    want = await reference(tiny_model, prompts, params)
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=32 * BLOCK,
+                                      max_model_len=1024, num_instances=3, heartbeat_timeout_s=1.0) as rt:
+        finals, stopped = {}, {}
+
+        async def one(i):
+            async for out in rt.generate({"prompt_token_ids": prompts[i]}, params, request_id=f"r{i}"):
+                home = rt.statistics().homes.get(f"r{i}")
+                if not stopped and home not in (None, 0) and len(out.outputs[0].token_ids) >= 3:
+                    (worker,) = [w for w in rt.workers if w.instance_id == home]
+                    stopped[home] = worker
+                    os.kill(worker.process.pid, signal.SIGSTOP)
+            finals[i] = out
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(one, i)
+        assert stopped, "no request was homed on a worker"
+        assert [tuple(finals[i].outputs[0].token_ids) for i in range(3)] == want
+        s = await settled(rt)
+        (lost,) = stopped
+        assert set(s.lost_instances) == {lost} and "no heartbeat" in s.lost_instances[lost]
+        with trio.fail_after(10):
+            await stopped[lost].process.wait()  # killed (SIGKILL ends a stopped process too)
