@@ -42,12 +42,14 @@ from .errors import InstanceDeadError, TransportError, ValidationError
 from .transport import (
     AttentionQuery,
     AttentionResult,
+    BlockTransfer,
     CancelReservation,
     Client,
     Codec,
     CommitReservation,
     Committed,
     ErrorReply,
+    FetchBlocks,
     ReleaseBlocks,
     ReserveBlocks,
     Reservation,
@@ -94,6 +96,15 @@ class Peer(Protocol):
         """Free blocks it holds for ``request_id`` (the request ended or was preempted)."""
         ...
 
+    def write_blocks(self, request_id: int, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Migration out: write ``kv`` [layers, 2, n, block_size, Hkv, D] into blocks it lends
+        ``request_id`` (committed beforehand)."""
+        ...
+
+    def read_blocks(self, request_id: int, block_ids: list[int]) -> torch.Tensor:
+        """Migration home: the KV of blocks it lends ``request_id``, as ``write_blocks`` takes it."""
+        ...
+
     def start_attention(self, query: AttentionQuery) -> PendingAttention:
         """Send a query; the returned callable waits for the result."""
         ...
@@ -127,6 +138,15 @@ class LocalPeer:
 
     def release(self, request_id: int, blocks: list[int]) -> None:
         self.engine.lend_release(request_id, blocks)
+
+    def write_blocks(self, request_id: int, block_ids: list[int], kv: torch.Tensor) -> None:
+        _, msg = self.codec.decode(self.codec.encode(BlockTransfer(request_id, tuple(block_ids), kv)))
+        self.engine.write_lent_blocks(msg.request_id, list(msg.block_ids), msg.kv)
+
+    def read_blocks(self, request_id: int, block_ids: list[int]) -> torch.Tensor:
+        _, msg = self.codec.decode(self.codec.encode(FetchBlocks(request_id, tuple(block_ids))))
+        _, answer = self.codec.decode(self.codec.encode(self.engine.read_lent_blocks(msg.request_id, list(msg.block_ids))))
+        return answer.kv
 
     def start_attention(self, query: AttentionQuery) -> PendingAttention:
         _, received = self.codec.decode(self.codec.encode(query))
@@ -228,7 +248,14 @@ class PeerService:
         if isinstance(msg, ReleaseBlocks):
             engine.lend_release(msg.request_id, list(msg.block_ids))
             return None
-        raise ValidationError("message", type(msg).__name__, "is not a peer request (reservation, commit, release, attention)")
+        if isinstance(msg, BlockTransfer):  # migration out of the debtor: copied in a thread
+            await trio.to_thread.run_sync(engine.write_lent_blocks, msg.request_id, list(msg.block_ids), msg.kv)
+            return None
+        if isinstance(msg, FetchBlocks):  # migration home
+            return await trio.to_thread.run_sync(engine.read_lent_blocks, msg.request_id, list(msg.block_ids))
+        raise ValidationError(
+            "message", type(msg).__name__, "is not a peer request (reservation, commit, release, attention, migration)"
+        )
 
 
 class ZmqPeer:
@@ -309,6 +336,12 @@ class ZmqPeer:
         reply = self._request(CommitReservation(reservation_id, request_id))
         self._lendable -= len(reply.block_ids)
         return list(reply.block_ids)
+
+    def write_blocks(self, request_id: int, block_ids: list[int], kv: torch.Tensor) -> None:
+        self._request(BlockTransfer(request_id, tuple(block_ids), kv))
+
+    def read_blocks(self, request_id: int, block_ids: list[int]) -> torch.Tensor:
+        return self._request(FetchBlocks(request_id, tuple(block_ids))).kv
 
     def release(self, request_id: int, blocks: list[int]) -> None:
         if self.lost is not None:

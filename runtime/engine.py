@@ -181,6 +181,8 @@ class Engine:
         self.lost: dict[int, str] = {}  # every peer forgotten so far, and why
         self._lent_to: set[int] = set()  # requests of other homes that hold blocks here
         self.memory = None  # a memory.MemoryWatch when it lends to peers: its device's memory
+        self._moves: list[tuple[int, int, int, int]] = []  # migrations to carry out between steps
+        self.num_blocks_moved = 0
         self._served_plans: dict[tuple, tuple] = {}  # debtors' decode plans, reused across layers
         self.num_steps = 0
         self.generated_tokens = 0
@@ -285,6 +287,8 @@ class Engine:
         every other request is untouched and goes on. A failure in scheduling itself raises.
         """
         outputs: list[RequestOutput] = self.reap_lost() if self._lost_pending else []
+        if self._moves:
+            self._run_moves()
         loan_available = sum(p.lendable() for p in self.peers.values())
         with self.pool_lock:
             plan = self.planner.schedule(loan_available)
@@ -486,6 +490,118 @@ class Engine:
         if was_running:
             req.num_preemptions += 1
         self._release_remote(rid, runs)
+
+    # ---- migration ---------------------------------------------------------------------------
+
+    def queue_move(self, rid: int, num_blocks: int, src: int, dst: int) -> None:
+        """Ask for a migration (any thread; the gManager's planner): ``num_blocks`` blocks of
+        request ``rid`` (homed here) move from instance ``src`` to ``dst``, one of them this
+        instance. Carried out before the next step (``_run_moves``)."""
+        self._moves.append((rid, num_blocks, src, dst))
+
+    def _run_moves(self) -> None:
+        moves, self._moves = self._moves, []
+        for rid, n, src, dst in moves:
+            try:
+                if src == self.instance_id and dst != src:
+                    self._move_out(rid, n, dst)
+                elif dst == self.instance_id and src != dst:
+                    self._move_home(rid, n, src)
+                else:
+                    log.warning("move of request %d from %d to %d: not this home's to make", rid, src, dst)
+            except InstanceDeadError as e:
+                log.warning("move of request %d from %d to %d dropped: %s", rid, src, dst, e)
+
+    def _last_blocks_on(self, rid: int, instance: int, n: int) -> list[int]:
+        """The ids of the last ``n`` blocks (logical order) request ``rid`` has on ``instance``:
+        the ones ``BlockTables.move_blocks`` relabels."""
+        ids = self.tables.blocks_on(rid, instance)
+        return ids[len(ids) - n:]
+
+    def _move_out(self, rid: int, n: int, dst: int) -> None:
+        """Move ``n`` of a running request's blocks from here to ``dst``, between two steps:
+        reserve and commit there, copy their k and v over, switch the table, free them here.
+        A request keeps at least one block at home."""
+        peer = self.peers.get(dst)
+        if peer is None or rid not in self.requests or not self.tables.has_request(rid):
+            return
+        n = min(n, len(self.tables.blocks_on(rid, self.instance_id)) - 1, peer.lendable())
+        if n <= 0:
+            return
+        reservation = peer.reserve(self.instance_id, n)
+        if reservation is None:
+            return
+        new_ids = peer.commit(reservation, rid)
+        old = self._last_blocks_on(rid, self.instance_id, n)
+        idx = torch.tensor(old, dtype=torch.int64, device=self.device)
+        kv = torch.stack([torch.stack([k.index_select(0, idx), v.index_select(0, idx)])
+                          for k, v in zip(self.kv.k, self.kv.v)]).cpu()
+        try:
+            peer.write_blocks(rid, new_ids, kv)
+        except Exception:
+            peer.release(rid, new_ids)
+            raise
+        with self.pool_lock:
+            self.tables.move_blocks(rid, self.instance_id, dst, new_ids)
+            self.pool.free_blocks(rid, old)
+            self.pool.add_borrowed(rid, self.instance_id, n)
+        self.num_blocks_moved += n
+
+    def _move_home(self, rid: int, n: int, src: int) -> None:
+        """Bring ``n`` of a running request's blocks home from creditor ``src``: blocks here,
+        their k and v fetched, the table switched, the creditor's blocks released."""
+        peer = self.peers.get(src)
+        if peer is None or rid not in self.requests or not self.tables.has_request(rid):
+            return
+        with self.pool_lock:
+            n = min(n, len(self.tables.blocks_on(rid, src)), self.pool.num_free)
+            if n <= 0:
+                return
+            new_ids = self.pool.allocate(rid, n)
+        old = self._last_blocks_on(rid, src, n)
+        try:
+            kv = peer.read_blocks(rid, old).to(self.device)
+        except Exception:
+            with self.pool_lock:
+                self.pool.free_blocks(rid, new_ids)
+            raise
+        idx = torch.tensor(new_ids, dtype=torch.int64, device=self.device)
+        for layer, (k, v) in enumerate(zip(self.kv.k, self.kv.v)):
+            k.index_copy_(0, idx, kv[layer, 0].to(k.dtype))
+            v.index_copy_(0, idx, kv[layer, 1].to(v.dtype))
+        with self.pool_lock:
+            self.tables.move_blocks(rid, src, self.instance_id, new_ids)
+            self.pool.remove_borrowed(rid, n)
+        peer.release(rid, old)
+        self.num_blocks_moved += n
+
+    def write_lent_blocks(self, request_id: int, block_ids: list[int], kv: torch.Tensor) -> None:
+        """A debtor moves blocks here: write their k and v into the blocks lent to it."""
+        self._check_lent(request_id, block_ids)
+        expect = (self.args.num_layers, 2, len(block_ids), self.block_size, self.args.num_kv_heads, self.args.head_dim)
+        if tuple(kv.shape) != expect:
+            raise ValidationError("BlockTransfer.kv", tuple(kv.shape), f"must be {expect} (this instance's cache)")
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        for layer, (k, v) in enumerate(zip(self.kv.k, self.kv.v)):
+            k.index_copy_(0, idx, kv[layer, 0].to(device=self.device, dtype=k.dtype))
+            v.index_copy_(0, idx, kv[layer, 1].to(device=self.device, dtype=v.dtype))
+
+    def read_lent_blocks(self, request_id: int, block_ids: list[int]):
+        """A debtor brings blocks home: their k and v (a ``BlockTransfer``)."""
+        from .transport import BlockTransfer
+
+        self._check_lent(request_id, block_ids)
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        kv = torch.stack([torch.stack([k.index_select(0, idx), v.index_select(0, idx)])
+                          for k, v in zip(self.kv.k, self.kv.v)]).cpu()
+        return BlockTransfer(request_id, tuple(block_ids), kv)
+
+    def _check_lent(self, request_id: int, block_ids: list[int]) -> None:
+        with self.pool_lock:
+            for b in block_ids:
+                owner = self.pool.owner(b) if 0 <= b < self.pool.num_blocks else None
+                if owner is None or owner[0] != request_id:
+                    raise ValidationError("block_ids", b, f"must be blocks this instance lends request {request_id}")
 
     # ---- lost peers --------------------------------------------------------------------------
 

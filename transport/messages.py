@@ -57,6 +57,7 @@ __all__ = [
     "ConnectPeers",
     "LendableUpdate",
     "InstancesLost",
+    "FetchBlocks",
     "Sync",
     "Synced",
     "RequestDelta",
@@ -454,6 +455,21 @@ class BlockTransfer(Message):
         if len(s) != 6 or s[1] != 2 or s[2] != len(self.block_ids):
             _fail("BlockTransfer", "kv", s,
                   f"must be [num_layers, 2, {len(self.block_ids)} blocks, block_size, num_kv_heads, head_dim]")
+
+
+@message(22)
+@dataclass(frozen=True, slots=True)
+class FetchBlocks(Message):
+    """A home asks a creditor for the KV of blocks it lends ``request_id`` (migration home);
+    the answer is a ``BlockTransfer`` of those blocks, in that order."""
+
+    request_id: int
+    block_ids: tuple[int, ...]
+
+    def _check(self) -> None:
+        _nonneg("FetchBlocks", request_id=self.request_id)
+        if not self.block_ids or any(b < 0 for b in self.block_ids):
+            _fail("FetchBlocks", "block_ids", self.block_ids, "must be one or more block ids >= 0")
 
 
 # ---- requests and their outputs (runtime <-> instance) ---------------------------------------

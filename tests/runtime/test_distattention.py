@@ -224,3 +224,41 @@ def test_requests_all_at_home_keep_the_fused_path_in_a_step_with_spread_ones(tin
     assert_same(got, want)
     assert fused_rows_in_spread_steps, "no decode row of a home-only request took the fused path beside spread rows"
     assert_pools_empty(home, *creditors)
+
+
+def test_blocks_migrated_mid_generation_leave_the_tokens_exactly_as_without_moves(tiny):
+    """Migration between two steps (``Engine.queue_move``): blocks of running requests go out
+    to creditors (their k and v copied, the table switched, the home's blocks freed), later
+    come home again; greedy tokens and logprobs equal a run without moves, and afterwards every
+    pool is empty."""
+    prompts = prompts_of([120, 70])
+    want = run(make_engine(tiny, 0, 64), prompts, GREEDY)
+    home, creditors = make_cluster(tiny, 40, [16, 16])
+    seen = []
+    steps = [0]
+
+    def watch():
+        steps[0] += 1
+        rids = sorted(home.requests)
+        if steps[0] == 4:  # out: 3 blocks of the first to 1, 2 of the second to 2
+            home.queue_move(rids[0], 3, 0, 1)
+            home.queue_move(rids[1], 2, 0, 2)
+        if steps[0] == 10:  # home again, one part of them
+            home.queue_move(rids[0], 2, 1, 0)
+        seen.append({home.requests[r].request_id: home.placement(r) for r in rids})
+
+    got = run(home, prompts, GREEDY, watch)
+    assert_same(got, want)
+    assert home.num_blocks_moved == 3 + 2 + 2
+    assert any(p.get("r0", {}).get(1) == 3 and p.get("r1", {}).get(2) == 2 for p in seen)
+    assert any(p.get("r0", {}).get(1) == 1 for p in seen)
+    assert_pools_empty(home, *creditors)
+
+
+def test_a_creditor_refuses_a_transfer_into_blocks_it_does_not_lend_the_request(tiny):
+    home, (creditor,) = make_cluster(tiny, 8, [8])
+    kv = torch.zeros(creditor.args.num_layers, 2, 1, BLOCK, creditor.args.num_kv_heads, creditor.args.head_dim)
+    with pytest.raises(ValidationError, match="block_ids=3 is invalid: must be blocks this instance lends request 7"):
+        creditor.write_lent_blocks(7, [3], kv)
+    with pytest.raises(ValidationError, match="block_ids=99 is invalid"):
+        creditor.read_lent_blocks(7, [99])

@@ -212,3 +212,36 @@ async def test_a_reply_left_unread_by_a_failed_step_is_skipped_on_the_direct_soc
             result = await trio.to_thread.run_sync(two_queries)
             assert result.layer == 1 and result.out.shape == (1, args.num_heads, args.head_dim)
         sock.close()
+
+
+async def test_blocks_migrate_to_a_worker_process_and_back_without_changing_a_token(tiny_folder):
+    """Migration over the wire (``BlockTransfer`` out, ``FetchBlocks`` home) to a worker
+    process: the same tokens as a run without moves, and every lent block back afterwards."""
+    want = await run(home_engine(tiny_folder, 200, 200, 2048), PROMPTS, GREEDY)
+    async with worker(tiny_folder, 1, 16) as (_, address):
+        async with open_transport() as tp, tp.open_client(address) as client:
+            async with trio.open_nursery() as nursery:
+                home = home_engine(tiny_folder, 40, 40 + 8, 2048)
+                home.peers = {1: ZmqPeer(1, client, nursery, trio.lowlevel.current_trio_token(), lendable=8)}
+                for i, p in enumerate(PROMPTS):
+                    home.add_request(f"r{i}", p, GREEDY)
+                finals, step, placements = {}, 0, []
+                while home.has_work:
+                    step += 1
+                    rids = sorted(home.requests)
+                    if step == 3:
+                        home.queue_move(rids[0], 4, 0, 1)
+                    if step == 8:
+                        home.queue_move(rids[0], 3, 1, 0)
+                    for out in await trio.to_thread.run_sync(home.step):
+                        if out.finished:
+                            c = out.outputs[0]
+                            finals[out.request_id] = (tuple(c.token_ids), c.logprobs, c.finish_reason)
+                    placements.append({r: home.placement(r) for r in home.requests})
+                await home.peers[1].wait_released()
+                reply = await client.request(ReserveBlocks(0, 8))  # all 8 lendable again
+                assert reply.reservation_id is not None, reply
+                await client.request(CancelReservation(reply.reservation_id))
+    assert home.num_blocks_moved == 7
+    assert any(p.get(r, {}).get(1) == 4 for p in placements for r in p)
+    assert {r: v[0] for r, v in finals.items()} == {r: v[0] for r, v in want.items()}

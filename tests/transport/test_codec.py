@@ -54,6 +54,7 @@ from infinillm.transport import (
     ConnectPeers,
     LendableUpdate,
     InstancesLost,
+    FetchBlocks,
 )
 
 from .conftest import make_query
@@ -195,6 +196,7 @@ def one_of_each() -> list:
         ConnectPeers((0, 2), ("ipc:///tmp/peer0", "tcp://127.0.0.1:5555"), (4, 4)),
         LendableUpdate((0, 1, 2), (3, 0, 4)),
         InstancesLost((2,), (8,), "exited with -9"),
+        FetchBlocks(42, (7, 8)),
         Sync(),
         Sync(snapshot=True),
         Synced(1, 7, 3),
