@@ -36,7 +36,16 @@ import trio
 from .errors import InfiniLLMError, TransportError
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling import SamplingParams
-from .transport import AbortRequest, AddRequest, Client, InstancesLost, LendableUpdate, RequestDelta, StepOutputs
+from .transport import (
+    AbortRequest,
+    AddRequest,
+    Client,
+    InstancesLost,
+    LendableUpdate,
+    MoveBlocks,
+    RequestDelta,
+    StepOutputs,
+)
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -148,8 +157,15 @@ class ControlService:
         if isinstance(msg, InstancesLost):
             self.runtime.lose_peers(msg.instance_ids, msg.max_lent, msg.reason)
             return None
+        if isinstance(msg, MoveBlocks):  # the gManager's planner: carried out between two steps
+            request = self.runtime._requests.get(str(msg.request_id))
+            if request is not None and request.rid is not None:
+                self.runtime.engine.queue_move(request.rid, msg.num_blocks, msg.src, msg.dst)
+                self.runtime._wake.set()
+            return None
         raise InfiniLLMError(
-            f"{type(msg).__name__} is not a control message (AddRequest, AbortRequest, LendableUpdate, InstancesLost)"
+            f"{type(msg).__name__} is not a control message "
+            "(AddRequest, AbortRequest, LendableUpdate, InstancesLost, MoveBlocks)"
         )
 
     async def _drain(self, stream) -> None:

@@ -60,7 +60,16 @@ from .errors import InfiniLLMError, ValidationError
 from .memory import MemoryWatch, default_probe, derive_num_blocks, kv_bytes_per_token
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
-from .transport import ConnectPeers, HeartbeatDelta, InstancesLost, LendableUpdate, StepOutputs, Sync, open_transport
+from .transport import (
+    ConnectPeers,
+    HeartbeatDelta,
+    InstancesLost,
+    LendableUpdate,
+    MoveBlocks,
+    StepOutputs,
+    Sync,
+    open_transport,
+)
 
 if TYPE_CHECKING:
     from .worker import WorkerProcess
@@ -68,6 +77,9 @@ if TYPE_CHECKING:
 __all__ = ["open_runtime", "Runtime", "RuntimeStats", "RequestStream"]
 
 log = logging.getLogger("infinillm.runtime")
+
+# Ledger ids of requests homed on workers: apart from the engine ids of this instance's own.
+_WIRE_LID = 1 << 62
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _THROUGHPUT_WINDOW_S = 10.0
@@ -132,6 +144,8 @@ class _Request:
     aborted: bool = False  # abort() before its stream was first read
     ended: trio.Event = field(default_factory=trio.Event)
     last: RequestOutput | None = None  # the last output its stream was given
+    lid: int | None = None  # its id in the gManager's ledger (placement, the planner's moves)
+    recorded: dict[int, int] = field(default_factory=dict)  # its blocks per instance, as the ledger has them
     # After its home was lost: what it had produced before, which the outputs of its new home
     # (a request of the tokens so far) continue.
     base: RequestOutput | None = None
@@ -269,6 +283,9 @@ class Runtime:
         self._worker_memory: dict[int, tuple[int, int]] = {}  # (total, free) bytes, from heartbeats
         self._heard_count: dict[int, int] = {}  # heartbeats received from each worker
         self._last_heard: dict[int, float] = {}  # and when the last one came (trio time)
+        self._by_lid: dict[int, _Request] = {}  # placed requests by ledger id
+        self.planner = None  # core_sched.Planner, with workers (``_plan_moves``)
+        self.num_moves = 0  # planner moves sent to the homes
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -529,6 +546,8 @@ class Runtime:
     def _between_steps(self) -> None:
         if self.engine._lost_pending:
             self._route(self.engine.reap_lost())
+        if self.homes:
+            self._record_own_placements()
         self._apply_aborts()
         self._after_steps.set()
         self._after_steps = trio.Event()
@@ -577,6 +596,7 @@ class Runtime:
                 self._aborts.discard(out.request_id)
                 if request.wire is not None:
                     self._wire.pop(request.wire, None)
+                self._forget(request)
                 self._release(request)
                 reason = out.outputs[0].finish_reason if out.outputs else None
                 if reason == "abort":
@@ -604,13 +624,52 @@ class Runtime:
                     )
                 except InfiniLLMError as exc:  # e.g. the cluster shrank since the call was checked
                     self._route([_final_output(request, "error", str(exc))])
+                    continue
+                self._place(request, request.rid)
             else:
                 request.wire = self._next_wire
                 self._next_wire += 1
+                self._place(request, _WIRE_LID | request.wire)
                 request.remote = RemoteOutput(request.request_id, request.prompt, request.prompt_token_ids,
                                               request.params.logprobs is not None)
                 self._wire[request.wire] = request
                 self.homes[home].add(request.wire, request.prompt_token_ids, request.params)
+
+    # ---- the gManager's view of where requests live (for the planner) ----------------------
+
+    def _record(self, request: _Request, placement: Mapping[int, int]) -> None:
+        """Bring the ledger's placement of a request to ``placement`` (blocks per instance)."""
+        ledger = self.ledger
+        if request.lid is None or not ledger.has_instance(request.instance):
+            return
+        for instance in set(placement) | set(request.recorded):
+            diff = placement.get(instance, 0) - request.recorded.get(instance, 0)
+            if diff and ledger.has_instance(instance):
+                ledger.record_blocks(request.lid, request.instance, instance, diff)
+                request.recorded[instance] = placement.get(instance, 0)
+
+    def _forget(self, request: _Request) -> None:
+        if request.lid is not None:
+            self._by_lid.pop(request.lid, None)
+            if self.ledger.has_request(request.lid):
+                self.ledger.forget_request(request.lid)
+            request.lid = None
+            request.recorded.clear()
+
+    def _record_own_placements(self) -> None:
+        """After a step of this instance: its requests' placements and its load, to the ledger."""
+        engine = self.engine
+        for req in engine.requests.values():
+            request = self._requests.get(req.request_id)
+            if request is not None and request.rid == req.rid and engine.tables.has_request(req.rid):
+                self._record(request, engine.placement(req.rid))
+        s = engine.planner.statistics()
+        self.ledger.set_load(engine.instance_id, s.num_running, s.num_waiting, s.waiting_blocks)
+
+    def _place(self, request: _Request, lid: int) -> None:
+        if self.homes:  # (one instance: no ledger placements, no planner)
+            request.lid = lid
+            self._by_lid[lid] = request
 
     def _loads(self) -> list[InstanceLoad]:
         """Every instance's free blocks (after reservations, less the needs of the requests
@@ -643,6 +702,8 @@ class Runtime:
                 continue  # it ended here already (the runtime closed, or the worker refused it)
             self._remote_tokens += len(d.token_ids)
             outputs.append(request.remote.apply(d))
+            if d.placement:
+                self._record(request, request.remote.placement)
         if outputs:
             self._throughput.append((trio.current_time(), self._generated_tokens()))
             self._route(outputs)
@@ -673,6 +734,27 @@ class Runtime:
             capped = self.memory is not None and self.memory.poll()
             if (not self._stepping and self._apply_own_delta()) or capped:
                 self._ledger_changed()
+
+    async def _plan_moves(self) -> None:
+        """The gManager's planner, every ``planner_interval_s``: its moves (at most
+        ``max_moves_per_step`` blocks a round) go to each request's home, which carries them out
+        between two steps (``Engine.queue_move``; a worker through ``MoveBlocks``)."""
+        while True:
+            await trio.sleep(self.config.scheduler.planner_interval_s)
+            if self.planner is None or self._closed:
+                continue
+            for move in self.planner.plan(self.ledger):
+                request = self._by_lid.get(move.request_id)
+                if request is None:
+                    continue
+                self.num_moves += 1
+                if request.instance == self.engine.instance_id and request.rid is not None:
+                    self.engine.queue_move(request.rid, move.num_blocks, move.src, move.dst)
+                    self._wake.set()
+                elif request.wire is not None and request.instance in self.homes:
+                    self.homes[request.instance].send(
+                        MoveBlocks(request.wire, move.num_blocks, move.src, move.dst, move.kind)
+                    )
 
     async def _settle_workers(self) -> None:
         """At close: each worker has applied the aborts sent to it and its creditors have
@@ -713,6 +795,10 @@ class Runtime:
         home.lost(reason)
         max_lent = self.ledger.instance(instance_id).max_lent
         self.ledger.remove_instance(instance_id)
+        for request in self._by_lid.values():
+            request.recorded.pop(instance_id, None)
+            if request.lid is not None and not self.ledger.has_request(request.lid):
+                request.recorded.clear()  # (homed there: the ledger forgot it)
         self.lose_peers((instance_id,), (max_lent,), reason)
         for other in self.homes.values():
             other.send(InstancesLost((instance_id,), (max_lent,), reason))
@@ -729,6 +815,7 @@ class Runtime:
         (``_continued``). One that cannot fit any more ends with an error that says why."""
         del self._wire[request.wire]
         request.wire = request.remote = None
+        self._forget(request)
         if request.last is not None:
             request.base = request.last
         done = list(request.base.outputs[0].token_ids) if request.base is not None else []
@@ -750,10 +837,12 @@ class Runtime:
         request.instance = home
         if home == self.engine.instance_id:
             request.rid = self.engine.add_request(request.request_id, tokens, params, request.prompt)
+            self._place(request, request.rid)
             self._wake.set()
         else:
             request.wire = self._next_wire
             self._next_wire += 1
+            self._place(request, _WIRE_LID | request.wire)
             request.remote = RemoteOutput(request.request_id, request.prompt, tokens, params.logprobs is not None)
             self._wire[request.wire] = request
             self.homes[home].add(request.wire, tokens, params)
@@ -997,6 +1086,24 @@ async def _receive_from_workers(puller, runtime: Runtime) -> None:
         return  # the runtime is closing
 
 
+def _throughput_model(args, dtype: torch.dtype, device: torch.device, block_size: int):
+    """The planner's throughput model of one instance, from the model's shape and a roofline
+    of the device (``core_sched.ThroughputModel``): dense layers read their weights once a step
+    (memory bound at small batches, compute bound at large ones), attention reads each context
+    token's k and v once a layer. Rough figures: the planner needs the shape of the curves,
+    not their last digit."""
+    bandwidth, flops = (2e12, 2e14) if device.type == "cuda" else (1e10, 1e11)  # bytes/s, FLOP/s
+    width = torch.empty((), dtype=dtype).element_size()
+    hidden, inter = args.hidden_size, args.intermediate_size
+    kv = args.num_kv_heads * args.head_dim
+    layer_params = hidden * (hidden + 2 * kv + hidden) + 3 * hidden * inter
+    batches = [1.0, 4.0, 16.0, 64.0, 256.0]
+    dense = [b / max(layer_params * width / bandwidth, 2 * layer_params * b / flops) for b in batches]
+    contexts = [float(block_size), 1024.0, 65536.0]
+    attn = [bandwidth / (2 * kv * width)] * len(contexts)
+    return core_sched.ThroughputModel(batches, dense, contexts, attn, args.num_layers, block_size)
+
+
 def _memory_watch(runtime: Runtime, device: torch.device, full_cap: int) -> MemoryWatch:
     """Instance 0's memory watch (``memory.default_probe``), which keeps the ledger's cap too."""
     engine = runtime.engine
@@ -1100,6 +1207,11 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
     for worker in workers:
         nursery.start_soon(_watch_worker, runtime, worker)
     nursery.start_soon(_watch_heartbeats, runtime)
+    if config.scheduler.max_moves_per_step > 0:
+        runtime.planner = core_sched.Planner(
+            _throughput_model(engine.args, dtype, device, cache.block_size), config.scheduler.max_moves_per_step
+        )
+        nursery.start_soon(runtime._plan_moves)
     for instance_id, home in runtime.homes.items():
         others = [i for i in addresses if i != instance_id]
         await home.client.request(ConnectPeers(tuple(others), tuple(addresses[i] for i in others),

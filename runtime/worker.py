@@ -90,7 +90,8 @@ def _heartbeat(engine: Engine, force: bool = False) -> HeartbeatDelta | None:
         return None
     reading = engine.memory.reading if engine.memory is not None else None
     return HeartbeatDelta.from_pool_delta(
-        delta, batch_size=s.num_running, num_waiting=s.num_waiting, max_lent=engine.pool.max_lent_blocks,
+        delta, batch_size=s.num_running, num_waiting=s.num_waiting, waiting_blocks=s.waiting_blocks,
+        max_lent=engine.pool.max_lent_blocks,
         memory_total=reading.total if reading else 0, memory_free=reading.free if reading else 0,
     )
 
