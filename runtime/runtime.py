@@ -144,6 +144,7 @@ class _Request:
     aborted: bool = False  # abort() before its stream was first read
     ended: trio.Event = field(default_factory=trio.Event)
     last: RequestOutput | None = None  # the last output its stream was given
+    abort_sent: bool = False  # an AbortRequest went to its (worker) home: if that home dies, it ends
     lid: int | None = None  # its id in the gManager's ledger (placement, the planner's moves)
     recorded: dict[int, int] = field(default_factory=dict)  # its blocks per instance, as the ledger has them
     # After its home was lost: what it had produced before, which the outputs of its new home
@@ -377,16 +378,20 @@ class Runtime:
         for snapshot in (False, True):
             replies = {}
 
+            failed: list[InfiniLLMError] = []
+
             async def sync(home, snapshot=snapshot) -> None:
                 try:
                     replies[home.instance_id] = await home.request(Sync(snapshot))
-                except InfiniLLMError:
-                    if not self._closed:
-                        raise  # (closing: the last figures will do)
+                except InfiniLLMError as e:  # closing: the last figures will do; a dead worker: left out
+                    if not self._closed and self._worker_alive(home.instance_id):
+                        failed.append(e)
 
             async with trio.open_nursery() as nursery:
                 for home in homes:
                     nursery.start_soon(sync, home)
+            if failed:
+                raise failed[0]
         for instance_id, reply in replies.items():
             while self._heard_count.get(instance_id, 0) < reply.heartbeats and not self._closed \
                     and instance_id not in self.lost_instances:
@@ -771,8 +776,19 @@ class Runtime:
 
     def _remote_refused(self, wire: int, error: str) -> None:
         request = self._wire.get(wire)
-        if request is not None:
+        if request is not None and self._worker_alive(request.instance):
             self._route([request.remote.final("error", error)])
+        # (a worker that died refuses everything: its loss starts its requests again elsewhere)
+
+    def _worker_alive(self, instance_id: int) -> bool:
+        """Whether a worker is still a member: not lost, and (one this runtime started) its
+        process still runs (it may have died a moment before its watcher noticed)."""
+        if instance_id in self.lost_instances or instance_id not in self.homes:
+            return False
+        for w in self.workers:
+            if w.instance_id == instance_id:
+                return w.process.returncode is None
+        return True
 
     # ---- lost instances ----------------------------------------------------------------------
 
@@ -787,9 +803,9 @@ class Runtime:
         """The gManager's part when a worker dies: it leaves the ledger, the router and every
         survivor's peers; the requests it was home to start again on the survivors from the
         tokens they have (each stream goes on where it was)."""
-        home = self.homes.pop(instance_id, None)
-        if self._closed or home is None:
+        if self._closed or instance_id not in self.homes:
             return
+        home = self.homes.pop(instance_id)
         log.warning("instance %d lost: %s", instance_id, reason)
         self.lost_instances[instance_id] = reason
         home.lost(reason)
@@ -816,6 +832,9 @@ class Runtime:
         del self._wire[request.wire]
         request.wire = request.remote = None
         self._forget(request)
+        if request.abort_sent:  # aborted before its home died: it ends as it was asked to
+            self._route([_final_output(request, "abort")])
+            return
         if request.last is not None:
             request.base = request.last
         done = list(request.base.outputs[0].token_ids) if request.base is not None else []
@@ -833,7 +852,9 @@ class Runtime:
             self._route([_final_output(request, "error", f"instance {lost} was lost ({reason}); {e}")])
             return
         request.need = -(-(len(tokens) + max_new) // self.engine.block_size)
-        home = (self.router.place([request.need], self._loads())[0] if self.homes else self.engine.instance_id)
+        loads = [load for load in self._loads() if load.instance_id == self.engine.instance_id
+                 or self._worker_alive(load.instance_id)]
+        home = self.router.place([request.need], loads)[0]
         request.instance = home
         if home == self.engine.instance_id:
             request.rid = self.engine.add_request(request.request_id, tokens, params, request.prompt)
@@ -862,7 +883,10 @@ class Runtime:
                 self._route([out])
         elif request.wire is not None:
             if request.wire in self._wire:
-                self.homes[request.instance].abort(request.wire)  # its last delta ends the stream
+                request.abort_sent = True
+                home = self.homes.get(request.instance)
+                if home is not None:
+                    home.abort(request.wire)  # its last delta ends the stream
                 if self._closed:  # nothing more will be read from the worker: end it here
                     self._route([request.remote.final("abort")])
         elif request.send is not None:  # queued, never admitted
@@ -919,15 +943,17 @@ def _continued(request: _Request, out: RequestOutput) -> RequestOutput:
         return dataclasses.replace(out, prompt=request.prompt, prompt_token_ids=list(request.prompt_token_ids),
                                    outputs=list(base.outputs))
     logprobs = None
-    if was.logprobs is not None and now.logprobs is not None:
-        logprobs = [*was.logprobs, *now.logprobs]
+    if was.logprobs is not None:  # (an output made here, an error or abort, has none of its own)
+        logprobs = [*was.logprobs, *(now.logprobs or ())]
     cumulative = None
     if was.cumulative_logprob is not None or now.cumulative_logprob is not None:
         cumulative = (was.cumulative_logprob or 0.0) + (now.cumulative_logprob or 0.0)
     completion = dataclasses.replace(now, text=was.text + now.text, token_ids=[*was.token_ids, *now.token_ids],
                                      logprobs=logprobs, cumulative_logprob=cumulative)
     metrics = out.metrics
-    if metrics is not None and base.metrics is not None:
+    if metrics is None and base.metrics is not None:  # an output made here: it ends at its last token
+        metrics = dataclasses.replace(base.metrics, finished_time=base.metrics.last_token_time if out.finished else None)
+    elif metrics is not None and base.metrics is not None:
         b = base.metrics
         metrics = dataclasses.replace(
             metrics, arrival_time=b.arrival_time, first_scheduled_time=b.first_scheduled_time or metrics.first_scheduled_time,
@@ -1138,7 +1164,9 @@ async def _watch_heartbeats(runtime: Runtime) -> None:
 async def _watch_worker(runtime: Runtime, worker: WorkerProcess) -> None:
     """A worker's process ending while the runtime serves is the loss of that instance."""
     rc = await worker.process.wait()
-    if not runtime.closed:
+    if runtime.closed:  # a step still in flight must not wait out its timeout on a dead creditor
+        runtime.engine.lose_peer(worker.instance_id, 0, f"its process exited ({rc}) while the runtime closed")
+    else:
         how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
         runtime._instance_lost(worker.instance_id, f"its process was {how}" if rc < 0 else f"its process {how}")
 
@@ -1204,6 +1232,12 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
         home = runtime.homes[instance_id] = WorkerHome(instance_id, control, runtime._remote_refused)
         workers.append(worker)
     runtime.workers = tuple(workers)
+    for instance_id, home in runtime.homes.items():
+        others = [i for i in addresses if i != instance_id]
+        await home.client.request(ConnectPeers(tuple(others), tuple(addresses[i] for i in others),
+                                               tuple(lendable for _ in others)))
+        nursery.start_soon(home.run)
+    # Members from here on: a worker that ends now is lost (one that fails to start is an error).
     for worker in workers:
         nursery.start_soon(_watch_worker, runtime, worker)
     nursery.start_soon(_watch_heartbeats, runtime)
@@ -1212,11 +1246,6 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
             _throughput_model(engine.args, dtype, device, cache.block_size), config.scheduler.max_moves_per_step
         )
         nursery.start_soon(runtime._plan_moves)
-    for instance_id, home in runtime.homes.items():
-        others = [i for i in addresses if i != instance_id]
-        await home.client.request(ConnectPeers(tuple(others), tuple(addresses[i] for i in others),
-                                               tuple(lendable for _ in others)))
-        nursery.start_soon(home.run)
     runtime.memory = _memory_watch(runtime, device, lendable)
     nursery.start_soon(runtime._heartbeats)
     stack.callback(nursery.cancel_scope.cancel)  # first thing at the end: no task sends on a closed socket

@@ -183,3 +183,69 @@ async def test_a_hung_worker_is_declared_dead_after_heartbeat_timeout_s(tiny_mod
         assert set(s.lost_instances) == {lost} and "no heartbeat" in s.lost_instances[lost]
         with trio.fail_after(10):
             await stopped[lost].process.wait()  # killed (SIGKILL ends a stopped process too)
+
+
+# ---- found by an adversarial review (each was a bug, now fixed) ---------------------------------
+
+
+async def test_an_abort_sent_to_a_home_that_then_dies_still_ends_the_request(tiny_model):
+    # Was: the request was started again on a survivor and ran to max_tokens ("length").
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=1024,
+                                      max_model_len=1024, num_instances=3) as rt:
+        last, victim = {}, {}
+
+        async def one(rid, p):
+            async for out in rt.generate({"prompt_token_ids": p}, params, request_id=rid):
+                last[rid] = out
+                home = rt.statistics().homes.get(rid)
+                if not victim and home not in (None, 0) and len(out.outputs[0].token_ids) >= 3:
+                    victim[rid] = home
+                    rt.abort(rid)
+                    for _ in range(3):
+                        await trio.sleep(0)  # the serving task sends the abort to the home
+                    kill(rt, home)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(one, f"r{i}", prompt(30, i))
+        ((rid, _),) = victim.items()
+        assert last[rid].outputs[0].finish_reason == "abort"
+        assert len(last[rid].outputs[0].token_ids) < 200
+        await settled(rt)
+
+
+async def test_sync_statistics_right_after_a_worker_died_leaves_it_out(tiny_model):
+    # Was: TransportError ("control1 has gone") in an ExceptionGroup.
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=1024,
+                                      max_model_len=1024, num_instances=3) as rt:
+        await rt.sync_statistics()
+        kill(rt, 1)
+        with trio.fail_after(30):
+            s = await rt.sync_statistics()
+        assert 1 not in [i.instance_id for i in s.instances] or 1 in s.lost_instances
+        s = await settled(rt)
+        assert set(s.lost_instances) == {1}
+
+
+async def test_leaving_the_runtime_right_after_a_creditor_died_does_not_wait_for_it(tiny_model):
+    # Was: the step in flight waited out the 60 s attention timeout on the dead creditor.
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    with trio.fail_after(30):
+        async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=16 * BLOCK,
+                                          max_model_len=512, num_instances=3, max_num_batched_tokens=64) as rt:
+            spread = trio.Event()
+
+            async def one():
+                async for _ in rt.generate({"prompt_token_ids": prompt(300)}, params, request_id="big"):
+                    s = rt.statistics()
+                    away = [i for i, n in s.placements.get("big", {}).items() if i not in (0, s.homes.get("big")) and n]
+                    if away and not spread.is_set():
+                        spread.set()
+                        kill(rt, away[0])
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one)
+                await spread.wait()
+                nursery.cancel_scope.cancel()  # leave at once
