@@ -223,9 +223,18 @@ class Engine:
         return max_new
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+        output_token_ids: list[int] | tuple[int, ...] = (),
     ) -> int:
+        """Queue a request. ``output_token_ids``: tokens it had generated already, elsewhere
+        (its home was lost): it resumes after them, as if it had made them here (its text,
+        held-back characters, stop strings, penalties and limits count them; their logprobs
+        are empty placeholders, the runtime puts back the ones it had; a seeded generator is
+        advanced past the draws they took)."""
         max_new = self.check_request(prompt_token_ids, params)
+        done = [int(t) for t in output_token_ids]
+        if len(done) >= max_new:
+            raise ValidationError("output_token_ids", f"<{len(done)} tokens>", f"must be fewer than the request's {max_new} new tokens")
         rid = self._next_rid
         self._next_rid += 1
         req = EngineRequest(
@@ -241,7 +250,18 @@ class Engine:
             logprobs=[] if params.logprobs is not None else None,
             arrival=time.monotonic(),
         )
-        self.planner.add_request(rid, len(prompt_token_ids), max_new)
+        for tok in done:
+            if req.detok.append(tok) is not None:
+                raise ValidationError("output_token_ids", tok, "ends the request: it is already finished")
+        if req.generator is not None and params.temperature > 0:  # one exponential race per token (Sampler)
+            draw = torch.empty(self.args.vocab_size, dtype=torch.float32, device=req.generator.device)
+            for _ in done:
+                draw.exponential_(generator=req.generator)
+        req.token_ids += done
+        req.output_token_ids += done
+        if req.logprobs is not None:
+            req.logprobs += [{} for _ in done]
+        self.planner.add_request(rid, len(prompt_token_ids) + len(done), max_new - len(done))
         self.requests[rid] = req
         self.prompt_tokens += len(prompt_token_ids)
         return rid

@@ -97,7 +97,7 @@ class DeltaMaker:
         if lps is not None:
             for tok, entry in zip(new, lps):
                 top_counts.append(len(entry))
-                chosen.append(entry[tok].logprob)
+                chosen.append(entry[tok].logprob if tok in entry else 0.0)  # ({}: a resumed request's earlier token)
                 for tid, lp in entry.items():
                     top_ids.append(tid)
                     top_lps.append(lp.logprob)
@@ -141,6 +141,8 @@ class ControlService:
             params = sampling_from_wire(msg.sampling)
             request_id = str(msg.request_id)
             stream = self.runtime.generate({"prompt_token_ids": msg.prompt_token_ids.tolist()}, params, request_id)
+            if msg.output_token_ids is not None:  # resumed after its home was lost (admitted later, between steps)
+                self.runtime._requests[request_id].resume = msg.output_token_ids.tolist()
             self.makers[request_id] = DeltaMaker(msg.request_id)
             self.nursery.start_soon(self._drain, stream)
             return None
@@ -286,9 +288,12 @@ class WorkerHome:
         """Send a one-way control message after everything queued before it."""
         self._send.send_nowait(msg)
 
-    def add(self, wire_id: int, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._send.send_nowait(AddRequest(wire_id, torch.tensor(prompt_token_ids, dtype=torch.int64),
-                                          sampling_to_wire(params)))
+    def add(self, wire_id: int, prompt_token_ids: list[int], params: SamplingParams,
+            output_token_ids: list[int] | None = None) -> None:
+        self._send.send_nowait(AddRequest(
+            wire_id, torch.tensor(prompt_token_ids, dtype=torch.int64), sampling_to_wire(params),
+            torch.tensor(output_token_ids, dtype=torch.int64) if output_token_ids else None,
+        ))
 
     def abort(self, wire_id: int) -> None:
         self._send.send_nowait(AbortRequest(wire_id))

@@ -145,6 +145,7 @@ class _Request:
     ended: trio.Event = field(default_factory=trio.Event)
     last: RequestOutput | None = None  # the last output its stream was given
     abort_sent: bool = False  # an AbortRequest went to its (worker) home: if that home dies, it ends
+    resume: list[int] | None = None  # tokens it made before its home was lost (it resumes after them)
     lid: int | None = None  # its id in the gManager's ledger (placement, the planner's moves)
     recorded: dict[int, int] = field(default_factory=dict)  # its blocks per instance, as the ledger has them
     # After its home was lost: what it had produced before, which the outputs of its new home
@@ -625,7 +626,8 @@ class Runtime:
             if home == self.engine.instance_id:
                 try:
                     request.rid = self.engine.add_request(
-                        request.request_id, request.prompt_token_ids, request.params, request.prompt
+                        request.request_id, request.prompt_token_ids, request.params, request.prompt,
+                        request.resume or (),
                     )
                 except InfiniLLMError as exc:  # e.g. the cluster shrank since the call was checked
                     self._route([_final_output(request, "error", str(exc))])
@@ -826,9 +828,11 @@ class Runtime:
         self._heard = trio.Event()
 
     def _rehome(self, request: _Request, lost: int, reason: str) -> None:
-        """Start a request whose home was lost again on a survivor, as a request of its prompt
-        and the tokens it had generated, for what it may still generate; its stream continues
-        (``_continued``). One that cannot fit any more ends with an error that says why."""
+        """Start a request whose home was lost again on a survivor, resuming after the tokens
+        it had generated (``Engine.add_request(output_token_ids=...)``: its text, stop strings,
+        penalties and limits go on as if nothing happened); its stream continues
+        (``_continued`` puts back the logprobs it had). One that cannot fit any more ends with
+        an error that says why."""
         del self._wire[request.wire]
         request.wire = request.remote = None
         self._forget(request)
@@ -838,35 +842,33 @@ class Runtime:
         if request.last is not None:
             request.base = request.last
         done = list(request.base.outputs[0].token_ids) if request.base is not None else []
-        params = request.params
-        if done:
-            max_tokens = None if params.max_tokens is None else params.max_tokens - len(done)
-            if max_tokens is not None and max_tokens <= 0:  # its last output was lost with it
-                self._route([_final_output(request, "length")])
-                return
-            params = dataclasses.replace(params, max_tokens=max_tokens, min_tokens=max(0, params.min_tokens - len(done)))
-        tokens = request.prompt_token_ids + done
         try:
-            max_new = self.engine.check_request(tokens, params)
+            max_new = self.engine.check_request(request.prompt_token_ids, request.params)
         except InfiniLLMError as e:
             self._route([_final_output(request, "error", f"instance {lost} was lost ({reason}); {e}")])
             return
-        request.need = -(-(len(tokens) + max_new) // self.engine.block_size)
+        if len(done) >= max_new:  # its last output was lost with it
+            self._route([_final_output(request, "length")])
+            return
+        request.resume = done
+        request.need = -(-(len(request.prompt_token_ids) + max_new) // self.engine.block_size)
         loads = [load for load in self._loads() if load.instance_id == self.engine.instance_id
                  or self._worker_alive(load.instance_id)]
         home = self.router.place([request.need], loads)[0]
         request.instance = home
         if home == self.engine.instance_id:
-            request.rid = self.engine.add_request(request.request_id, tokens, params, request.prompt)
+            request.rid = self.engine.add_request(request.request_id, request.prompt_token_ids, request.params,
+                                                  request.prompt, done)
             self._place(request, request.rid)
             self._wake.set()
         else:
             request.wire = self._next_wire
             self._next_wire += 1
             self._place(request, _WIRE_LID | request.wire)
-            request.remote = RemoteOutput(request.request_id, request.prompt, tokens, params.logprobs is not None)
+            request.remote = RemoteOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                                          request.params.logprobs is not None)
             self._wire[request.wire] = request
-            self.homes[home].add(request.wire, tokens, params)
+            self.homes[home].add(request.wire, request.prompt_token_ids, request.params, done)
 
     def _apply_aborts(self) -> None:
         aborts, self._aborts = self._aborts, set()
@@ -934,22 +936,27 @@ def _stats_from_view(view, block_size: int, memory: tuple[int, int] | None = Non
 
 
 def _continued(request: _Request, out: RequestOutput) -> RequestOutput:
-    """An output of a request started again after its home was lost, as its stream expects:
-    what it had before (``request.base``) followed by what the new home made, with its own
-    prompt."""
+    """An output of a request resumed after its home was lost, as its stream expects. The new
+    home's outputs hold every token and the whole text (it resumed after the earlier tokens),
+    but not the earlier tokens' logprobs (placeholders there): they come from what the stream
+    had (``request.base``). An output made here (an abort or an error) has nothing of its own
+    yet: the stream's last one, ended."""
     base, was = request.base, request.base.outputs[0]
     now = out.outputs[0] if out.outputs else None
-    if now is None:
-        return dataclasses.replace(out, prompt=request.prompt, prompt_token_ids=list(request.prompt_token_ids),
-                                   outputs=list(base.outputs))
-    logprobs = None
-    if was.logprobs is not None:  # (an output made here, an error or abort, has none of its own)
-        logprobs = [*was.logprobs, *(now.logprobs or ())]
-    cumulative = None
-    if was.cumulative_logprob is not None or now.cumulative_logprob is not None:
-        cumulative = (was.cumulative_logprob or 0.0) + (now.cumulative_logprob or 0.0)
-    completion = dataclasses.replace(now, text=was.text + now.text, token_ids=[*was.token_ids, *now.token_ids],
-                                     logprobs=logprobs, cumulative_logprob=cumulative)
+    k = len(was.token_ids)
+    if now is None or len(now.token_ids) < k:  # made here
+        completion = dataclasses.replace(
+            was, finish_reason=now.finish_reason if now is not None else None,
+            stop_reason=now.stop_reason if now is not None else None,
+        )  # fmt: skip
+    else:
+        logprobs = now.logprobs
+        if was.logprobs is not None and now.logprobs is not None:
+            logprobs = [*was.logprobs, *now.logprobs[k:]]
+        cumulative = now.cumulative_logprob
+        if was.cumulative_logprob is not None and now.cumulative_logprob is not None:
+            cumulative = was.cumulative_logprob + now.cumulative_logprob
+        completion = dataclasses.replace(now, logprobs=logprobs, cumulative_logprob=cumulative)
     metrics = out.metrics
     if metrics is None and base.metrics is not None:  # an output made here: it ends at its last token
         metrics = dataclasses.replace(base.metrics, finished_time=base.metrics.last_token_time if out.finished else None)

@@ -479,11 +479,14 @@ class FetchBlocks(Message):
 @dataclass(frozen=True, slots=True)
 class AddRequest(Message):
     """Admit a request: its prompt's token ids (int32/int64 [n]) and its sampling options by
-    vLLM ``SamplingParams`` field name (``{"max_tokens": 64, "temperature": 0.0}``)."""
+    vLLM ``SamplingParams`` field name (``{"max_tokens": 64, "temperature": 0.0}``).
+    ``output_token_ids`` (int32/int64 [m], or None): tokens it generated already on an
+    instance that was lost; it resumes after them (``Engine.add_request``)."""
 
     request_id: int
     prompt_token_ids: torch.Tensor
     sampling: dict[str, Any] = field(default_factory=dict)
+    output_token_ids: torch.Tensor | None = None
 
     def _check(self) -> None:
         o = "AddRequest"
@@ -491,6 +494,9 @@ class AddRequest(Message):
         t = self.prompt_token_ids
         if t.ndim != 1 or t.dtype not in _INDEX_DTYPES or t.shape[0] < 1:
             _fail(o, "prompt_token_ids", f"{t.dtype}{_shape(t)}", "must be int32/int64 [n >= 1]")
+        d = self.output_token_ids
+        if d is not None and (d.ndim != 1 or d.dtype not in _INDEX_DTYPES):
+            _fail(o, "output_token_ids", f"{d.dtype}{_shape(d)}", "must be int32/int64 [m], or None")
 
 
 @message(13)

@@ -186,6 +186,7 @@ def one_of_each() -> list:
         MoveBlocks(42, 4, src=0, dst=3, kind="home"),
         BlockTransfer(42, (7, 8), torch.randn(2, 2, 2, 16, 4, 64, generator=g)),  # 128 KiB: a frame of its own
         AddRequest(42, torch.tensor([1, 2, 3], dtype=torch.int32), {"max_tokens": 8, "temperature": 0.0, "stop": ("a", "b"), "seed": None}),
+        AddRequest(43, torch.tensor([1, 2], dtype=torch.int64), {}, torch.tensor([5, 6], dtype=torch.int64)),
         AbortRequest(42),
         StepOutputs(0, 17, (RequestDelta(1, (5, 6), (-0.5, -1.25)), RequestDelta(2, (9,), (), "stop"))),
         StepOutputs(2, 5, (RequestDelta(
@@ -271,10 +272,10 @@ def _golden():
         ]),
         ("AddRequest", AddRequest(42, torch.tensor([1, 2, 300], dtype=i32),
                                   {"max_tokens": 8, "temperature": 0.5, "stop": ("a",), "seed": None}), 9, [
-            "96" "03" "0c" "09" "2a" "92a369333203"  # [version 3, type 12, seq 9, request_id 42, ["i32", 3],
+            "97" "03" "0c" "09" "2a" "92a369333203"  # [version 3, type 12, seq 9, request_id 42, ["i32", 3],
             "84" "aa6d61785f746f6b656e73" "08"  # {4 items: "max_tokens": 8,
             "ab74656d7065726174757265" "cb3fe0000000000000"  # "temperature": 0.5 (float64),
-            "a473746f70" "91a161" "a473656564" "c0",  # "stop": ["a"], "seed": None}]
+            "a473746f70" "91a161" "a473656564" "c0" "c0",  # "stop": ["a"], "seed": None}, output_token_ids None]
             "01000000020000002c010000",
         ]),
         ("StepOutputs", StepOutputs(0, 17, (RequestDelta(1, (5, 6), (-0.5,)), RequestDelta(2, (9,), (), "stop"))), 0, [
@@ -315,8 +316,8 @@ def test_golden_frames_pin_the_wire_format(name, msg, seq, golden):
     [
         ("a longer msgpack int", ["930310cc06"], ["93031006"]),  # seq 6 as uint8
         ("an int for a float", ["96030507c00802"], ["96030507c008cb4000000000000000"]),  # ttl_s 2
-        ("a repeated map key", ["96030c092a92a36933320182a17401a17402", "01000000"],
-         ["96030c092a92a36933320181a17402", "01000000"]),  # {"t": 1, "t": 2}
+        ("a repeated map key", ["97030c092a92a36933320182a17401a17402c0", "01000000"],
+         ["97030c092a92a36933320181a17402c0", "01000000"]),  # {"t": 1, "t": 2}
         ("non-zero padding", ["960302050294a366313602010193a36633320201", "0000003c" "0102030405060708090a0b0c" "0000003f000080ff"],
          ["960302050294a366313602010193a36633320201", "0000003c" "000000000000000000000000" "0000003f000080ff"]),
     ],
