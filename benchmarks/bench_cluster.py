@@ -8,6 +8,11 @@ Prints JSON lines {"metric", "value", "unit"}, all measured in this run:
   (``max_lend_fraction=0``: a request waits, or is preempted and recomputed, when its instance
   is full); ``borrow_vs_static`` is their ratio (issue #11: >= 1.35);
 
+- ``planner_tok_s`` / ``on_demand_tok_s``: the same trace with borrowing, with the gManager's
+  planner migrating blocks (``max_moves_per_step=8``: spreading a debtor's long request, bringing
+  blocks home when there is room) and without (``max_moves_per_step=0``: loans on demand only);
+  ``planner_vs_on_demand`` is their ratio (issue #12: >= 1.0, the planner never hurts);
+
 - ``single_decode_tok_s``: decode tokens/s of one long request on one instance with room for it;
 - ``spread_decode_tok_s``: the same request whose home holds a few blocks and borrows the rest
   from 3 worker processes over ZeroMQ (per layer one query per creditor, merged by
@@ -21,7 +26,7 @@ of a trio loop, as the runtime runs them; its workers get the torch threads the 
 give them (this host's cores shared among the four instances).
 
 Usage: python benchmarks/bench_cluster.py [--quick] [--model smollm2|PATH] [--prompt-tokens N]
-           [--only borrow|spread]
+           [--only borrow|planner|spread]
 """
 
 from __future__ import annotations
@@ -88,15 +93,16 @@ def trace(seed: int, num_requests: int, capacity: int) -> list[tuple[float, list
     return out
 
 
-async def serve_trace(args: argparse.Namespace, lend_fraction: float) -> tuple[float, float, int]:
-    """Generated tokens/s of the trace on 4 instances, makespan, preemptions."""
+async def serve_trace(args: argparse.Namespace, lend_fraction: float, moves: int = 0) -> tuple[float, float, int]:
+    """Generated tokens/s of the trace on 4 instances, makespan, preemptions; ``moves``: the
+    planner's ``max_moves_per_step`` (0: borrowing on demand only, no migration)."""
     import infinillm
 
     capacity = args.capacity
     requests = trace(7, args.num_requests, capacity)
     async with infinillm.open_runtime(model=args.model, device="cpu", num_instances=4, kv_capacity_tokens=capacity,
                                       max_model_len=capacity, max_lend_fraction=lend_fraction,
-                                      max_num_batched_tokens=256) as rt:
+                                      max_num_batched_tokens=256, max_moves_per_step=moves) as rt:
         tokens = preemptions = 0
         t0 = trio.current_time()
 
@@ -128,9 +134,25 @@ async def borrow_vs_static(args: argparse.Namespace) -> None:
     emit("borrow_vs_static", b / s, "x", requests=args.num_requests, capacity_tokens=args.capacity)
 
 
+async def planner_vs_on_demand(args: argparse.Namespace) -> None:
+    """The same trace with borrowing, with the gManager's planner moving blocks (8 a round)
+    and without it (on-demand borrowing only)."""
+    planned, on_demand = [], []
+    for _ in range(args.repeat):  # interleaved
+        planned.append(await serve_trace(args, 0.5, moves=8))
+        on_demand.append(await serve_trace(args, 0.5, moves=0))
+    p = statistics.median(x[0] for x in planned)
+    o = statistics.median(x[0] for x in on_demand)
+    emit("planner_tok_s", p, "tok/s", runs=[round(x[0], 2) for x in planned])
+    emit("on_demand_tok_s", o, "tok/s", runs=[round(x[0], 2) for x in on_demand])
+    emit("planner_vs_on_demand", p / o, "x", requests=args.num_requests, capacity_tokens=args.capacity)
+
+
 async def main(args: argparse.Namespace) -> None:
     if args.only in (None, "borrow"):
         await borrow_vs_static(args)
+    if args.only in (None, "planner"):
+        await planner_vs_on_demand(args)
     if args.only in (None, "spread"):
         await spread_vs_single(args)
 
@@ -203,7 +225,7 @@ if __name__ == "__main__":
     parser.add_argument("--prompt-tokens", type=int, default=2000)
     parser.add_argument("--through-loop", action="store_true",
                         help="send attention queries through the trio loop instead of the step's own socket")
-    parser.add_argument("--only", choices=("borrow", "spread"), default=None)
+    parser.add_argument("--only", choices=("borrow", "planner", "spread"), default=None)
     parser.add_argument("--local-peers", action="store_true",
                         help="spread over creditor engines of this process (LocalPeer: no sockets), to see the "
                              "spread path's own cost")
