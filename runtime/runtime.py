@@ -80,6 +80,9 @@ log = logging.getLogger("infinillm.runtime")
 
 # Ledger ids of requests homed on workers: apart from the engine ids of this instance's own.
 _WIRE_LID = 1 << 62
+# A worker whose connection closed is given this long to be seen exiting before its silence is
+# taken for an error (the kernel closes a killed process's sockets before it can be reaped).
+_DYING_S = 2.0
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _THROUGHPUT_WINDOW_S = 10.0
@@ -286,6 +289,7 @@ class Runtime:
         self._heard_count: dict[int, int] = {}  # heartbeats received from each worker
         self._last_heard: dict[int, float] = {}  # and when the last one came (trio time)
         self._by_lid: dict[int, _Request] = {}  # placed requests by ledger id
+        self._cluster_nursery: trio.Nursery | None = None  # the workers' tasks (``_start_workers``)
         self.planner = None  # core_sched.Planner, with workers (``_plan_moves``)
         self.num_moves = 0  # planner moves sent to the homes
 
@@ -385,7 +389,7 @@ class Runtime:
                 try:
                     replies[home.instance_id] = await home.request(Sync(snapshot))
                 except InfiniLLMError as e:  # closing: the last figures will do; a dead worker: left out
-                    if not self._closed and self._worker_alive(home.instance_id):
+                    if not self._closed and not await self._dying(home.instance_id):
                         failed.append(e)
 
             async with trio.open_nursery() as nursery:
@@ -778,9 +782,28 @@ class Runtime:
 
     def _remote_refused(self, wire: int, error: str) -> None:
         request = self._wire.get(wire)
-        if request is not None and self._worker_alive(request.instance):
+        if request is None or not self._worker_alive(request.instance):
+            return  # (a worker that died refuses everything: its loss starts its requests again elsewhere)
+        if self._cluster_nursery is None:
             self._route([request.remote.final("error", error)])
-        # (a worker that died refuses everything: its loss starts its requests again elsewhere)
+        else:
+            self._cluster_nursery.start_soon(self._refused, request, wire, error)
+
+    async def _refused(self, request: _Request, wire: int, error: str) -> None:
+        """A refusal from a worker whose connection closed may come a moment before its process
+        is seen to end: wait for that moment before taking it as the request's error."""
+        if await self._dying(request.instance):
+            return
+        if self._wire.get(wire) is request:
+            self._route([request.remote.final("error", error)])
+
+    async def _dying(self, instance_id: int) -> bool:
+        """True when a worker this runtime started ends within ``_DYING_S`` (or is lost)."""
+        for w in self.workers:
+            if w.instance_id == instance_id:
+                with trio.move_on_after(_DYING_S):
+                    await w.process.wait()
+        return not self._worker_alive(instance_id)
 
     def _worker_alive(self, instance_id: int) -> bool:
         """Whether a worker is still a member: not lost, and (one this runtime started) its
@@ -1214,6 +1237,7 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
         threads = max(1, (os.cpu_count() or 1) // config.parallel.num_instances)
     tp = await stack.enter_async_context(open_transport(config.transport))
     nursery = await stack.enter_async_context(trio.open_nursery())  # the peers' and homes' tasks run here
+    runtime._cluster_nursery = nursery
     puller = await stack.enter_async_context(tp.open_puller(name="from-workers"))
     stack.callback(nursery.cancel_scope.cancel)  # at the end, before the sockets close
     nursery.start_soon(_receive_from_workers, puller, runtime)
