@@ -33,7 +33,7 @@ from .kernels.reference import DecodePlan, build_decode_plan
 from .transport import AttentionQuery, AttentionResult
 from .config import CacheConfig, SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import InstanceDeadError, RequestTooLongError, ValidationError
+from .errors import InstanceDeadError, RequestTooLongError, TransportError, ValidationError
 from .model import LlamaModel, ModelArgs
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, make_logprobs_dict
 from .sampling import Sampler, SamplingParams, make_generator
@@ -482,7 +482,8 @@ class Engine:
                 if reservation is None:
                     continue
                 blocks = peer.commit(reservation, rid)
-            except InstanceDeadError:  # it died meanwhile (its reservation went with it)
+            except (InstanceDeadError, TransportError) as e:  # it died (or is dying) meanwhile
+                log.warning("loan from instance %d for request %d failed: %s", peer.instance_id, rid, e)
                 continue
             with self.pool_lock:
                 self.planner.add_loan(rid, peer.instance_id, blocks)
@@ -529,7 +530,7 @@ class Engine:
                     self._move_home(rid, n, src)
                 else:
                     log.warning("move of request %d from %d to %d: not this home's to make", rid, src, dst)
-            except InstanceDeadError as e:
+            except (InstanceDeadError, TransportError) as e:
                 log.warning("move of request %d from %d to %d dropped: %s", rid, src, dst, e)
 
     def _last_blocks_on(self, rid: int, instance: int, n: int) -> list[int]:

@@ -285,8 +285,12 @@ class WorkerHome:
         self._scope.cancel()
 
     def send(self, msg) -> None:
-        """Send a one-way control message after everything queued before it."""
-        self._send.send_nowait(msg)
+        """Send a one-way control message after everything queued before it (dropped once the
+        home has stopped: the runtime is closing, or the worker is gone)."""
+        try:
+            self._send.send_nowait(msg)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
 
     def add(self, wire_id: int, prompt_token_ids: list[int], params: SamplingParams,
             output_token_ids: list[int] | None = None) -> None:
@@ -299,7 +303,7 @@ class WorkerHome:
         self._send.send_nowait(AbortRequest(wire_id))
 
     def lendable(self, update: LendableUpdate) -> None:
-        self._send.send_nowait(update)
+        self.send(update)
 
     async def request(self, msg):
         """Send ``msg`` after everything queued before it and return the worker's answer;

@@ -19,6 +19,8 @@ from typing import Protocol
 
 import torch
 
+import logging
+
 from .config import CacheConfig
 from .errors import CapacityError
 
@@ -38,6 +40,8 @@ __all__ = [
 
 # Kept free on a GPU beyond the KV cache: activations, the sampler, allocator slack.
 _GPU_WORKSPACE_BYTES = 512 << 20
+
+log = logging.getLogger("infinillm.memory")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +141,20 @@ class MemoryWatch:
         self.lock = lock
         self.ledger = ledger
         self.reading: MemoryInfo | None = None
+        self.num_failed_reads = 0
 
     def poll(self) -> bool:
-        self.reading = self.probe.read(self.device_index)
+        """Read the memory and set the cap; a reading that fails (NVML error, a file being
+        rewritten) is logged and skipped: the last cap stands."""
+        try:
+            reading = self.probe.read(self.device_index)
+        except Exception as e:  # noqa: BLE001 - a monitor must not take the instance down
+            self.num_failed_reads += 1
+            if self.num_failed_reads in (1, 10, 100) or self.num_failed_reads % 1000 == 0:
+                log.warning("memory reading of device %d failed (%d so far): %s", self.device_index,
+                            self.num_failed_reads, e)
+            return False
+        self.reading = reading
         cap = lend_cap(self.reading, self.full_cap, self.min_free_fraction)
         if cap == self.pool.max_lent_blocks:
             return False

@@ -473,7 +473,11 @@ class FileMemoryProbe:
 
     def read(self, device_index: int) -> MemoryInfo:
         with open(self.path) as f:
-            total, free = (int(x) for x in f.read().split())
+            text = f.read()
+        try:
+            total, free = (int(x) for x in text.split())
+        except ValueError:
+            raise ValueError(f"{self.path} holds {text[:40]!r}, not '<total bytes> <free bytes>'") from None
         return MemoryInfo(device_index, total, free, total - free)
 
 

@@ -262,3 +262,24 @@ def test_a_creditor_refuses_a_transfer_into_blocks_it_does_not_lend_the_request(
         creditor.write_lent_blocks(7, [3], kv)
     with pytest.raises(ValidationError, match="block_ids=99 is invalid"):
         creditor.read_lent_blocks(7, [99])
+
+
+def test_a_creditor_that_fails_a_loan_is_skipped_and_the_step_goes_on(tiny):
+    """A lender that dies while it is asked for a loan (its connection closes before its death
+    is known: a TransportError, not InstanceDeadError) is skipped; the request borrows from the
+    others. Found by an adversarial review: the error left ``step`` and failed every request."""
+    from infinillm import TransportError
+
+    prompts = prompts_of([120])
+    want = run(make_engine(tiny, 0, 64), prompts, GREEDY)
+    home, creditors = make_cluster(tiny, 6, [16, 16])
+    dying = home.peers[1]
+
+    def gone(*_):
+        raise TransportError("peer ipc:///x/peer1 has gone: its connection closed with the request pending")
+
+    dying.reserve = gone
+    got = run(home, prompts, GREEDY)
+    assert_same(got, want)
+    assert creditors[0].pool.num_lent == 0  # (nothing was ever lent by the one that failed)
+    assert_pools_empty(home, *creditors)

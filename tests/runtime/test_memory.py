@@ -107,3 +107,21 @@ def test_the_host_probe_reads_this_machine():
 
     r = HostMemoryProbe().read(0)
     assert r.total > 0 and 0 < r.free <= r.total and r.used == r.total - r.free
+
+
+def test_a_failed_reading_keeps_the_last_cap(tmp_path, caplog):
+    """NVML errors, or a file being rewritten: the reading is skipped (logged), the cap stands."""
+    from infinillm import core_sched
+    from infinillm.memory import MemoryWatch
+    from infinillm.testing import FileMemoryProbe
+
+    path = tmp_path / "mem"
+    path.write_text("1000 20")
+    pool = core_sched.BlockPool(0, 16, 8)
+    watch = MemoryWatch(FileMemoryProbe(str(path)), 0, pool, 8, 0.05)
+    assert watch.poll() and pool.max_lent_blocks == 0
+    for text in ("", "garbage", "1000"):
+        path.write_text(text)
+        assert not watch.poll()
+        assert pool.max_lent_blocks == 0 and watch.reading.free == 20
+    assert watch.num_failed_reads == 3 and "not '<total bytes> <free bytes>'" in caplog.text

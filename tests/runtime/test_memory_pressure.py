@@ -5,6 +5,8 @@ when the memory comes back. Readings reach ``statistics()`` through the heartbea
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import trio
 
@@ -23,14 +25,19 @@ def tiny_model(tmp_path_factory) -> str:
 
 async def test_lending_stops_under_memory_pressure_and_resumes_after(tiny_model, tmp_path, monkeypatch):
     memory = tmp_path / "device-memory"
-    memory.write_text("1000 500")  # half free: no pressure
+
+    def write(text):  # whole, as a probe would read it (a file written in place may be read half-written)
+        (tmp_path / "next").write_text(text)
+        os.replace(tmp_path / "next", memory)
+
+    write("1000 500")  # half free: no pressure
     monkeypatch.setenv("INFINILLM_FAKE_MEMORY_FILE", str(memory))
     async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=16 * BLOCK,
                                       max_model_len=384, num_instances=2) as rt:
         s = await rt.sync_statistics()
         assert [(i.max_lent_blocks, i.memory_total_bytes, i.memory_free_bytes) for i in s.instances] == [(8, 1000, 500)] * 2
 
-        memory.write_text("1000 20")  # 2% free: other processes took the device's memory
+        write("1000 20")  # 2% free: other processes took the device's memory
         s = await rt.sync_statistics()
         assert [(i.max_lent_blocks, i.memory_free_bytes) for i in s.instances] == [(0, 20)] * 2
 
@@ -51,7 +58,7 @@ async def test_lending_stops_under_memory_pressure_and_resumes_after(tiny_model,
                 assert s.num_waiting == 1 and s.num_running == 0 and not outs
                 assert all(i.kv_borrowed_blocks == 0 and i.kv_lent_blocks == 0 for i in s.instances)
 
-                memory.write_text("1000 170")  # 17%: pressure gone, lending resumes
+                write("1000 170")  # 17%: pressure gone, lending resumes
         assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 40
         s = await rt.sync_statistics()
         assert [i.max_lent_blocks for i in s.instances] == [8, 8]
