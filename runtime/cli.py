@@ -3,6 +3,7 @@
     infinillm generate "Tell me a joke" [--model smollm2] [--max-tokens 64] [--temperature 0]
                        [--device auto] [--kv-capacity-tokens N] [--max-model-len N] [--raw]
     infinillm keys DIR [--name NAME] [--force]
+    infinillm worker --join tcp://HOST:PORT --key FILE --model M --num-blocks N [--bind-host H]
 
 ``generate`` streams the completion to stdout through the embedded runtime (the same API an
 application uses); ``keys`` writes a CURVE key pair for the tcp endpoints.
@@ -59,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as is, without the chat template")
     k = sub.add_parser("keys", help="write a CURVE key pair for tcp endpoints")
     k.add_argument("rest", nargs=argparse.REMAINDER)
+    w = sub.add_parser("worker", help="a worker joining a runtime on another host (--join tcp://HOST:PORT --key FILE)",
+                       add_help=False)
+    w.add_argument("rest", nargs=argparse.REMAINDER)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["worker"]:  # its options are the worker's own (argparse's REMAINDER drops leading --options)
+        from .worker import main as worker_main
+
+        return worker_main(argv[1:], prog="infinillm worker")
     args = parser.parse_args(argv)
     if args.command == "keys":
         from .transport.keys import main as keys_main

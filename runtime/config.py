@@ -19,6 +19,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -220,6 +221,8 @@ class TransportConfig:
     (loopback unless configured) on ``base_port`` (0: any free port). tcp endpoints are
     authenticated with CURVE when the key files are given. ``request_timeout_s`` bounds a
     request/reply round trip; a message larger than ``max_message_bytes`` is refused.
+    ``join_address`` (``tcp://HOST:PORT``, with ``transport="tcp"``): where workers on other
+    hosts join the runtime (``infinillm worker --join``); None: nobody joins.
     """
 
     transport: Literal["inproc", "ipc", "tcp"] = "ipc"
@@ -230,6 +233,7 @@ class TransportConfig:
     curve_server_public_key_file: str | None = None
     request_timeout_s: float = 30.0
     max_message_bytes: int = 1 << 30
+    join_address: str | None = None
 
     def __post_init__(self) -> None:
         o = "TransportConfig"
@@ -247,6 +251,13 @@ class TransportConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise ValidationError(name, value, "must be a path or None", owner=o)
+        if self.join_address is not None:
+            if not isinstance(self.join_address, str) or not re.fullmatch(r"tcp://[^:/]+:\d+", self.join_address):
+                raise ValidationError("join_address", self.join_address, "must be 'tcp://HOST:PORT' (PORT 0: any)", owner=o)
+            if self.transport != "tcp":
+                raise ValidationError("join_address", self.join_address,
+                                      f"needs transport='tcp' (workers on other hosts reach every endpoint), not {self.transport!r}",
+                                      owner=o)
         if (self.curve_secret_key_file is None) != (self.curve_public_key_file is None):
             raise ValidationError(
                 "curve_secret_key_file",

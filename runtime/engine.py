@@ -645,7 +645,7 @@ class Engine:
         no longer fit ends with ``finish_reason="error"`` (returned)."""
         outputs: list[RequestOutput] = []
         for instance_id, (max_lent, reason) in list(self._lost_pending.items()):
-            self.peers.pop(instance_id, None)
+            self.peers = {i: p for i, p in self.peers.items() if i != instance_id}  # (a new dict: see add)
             for rid in list(self.requests):
                 if self.tables.has_request(rid) and any(i == instance_id for i, _ in self.tables.runs(rid)):
                     self._preempt_now(rid)

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import math
 import os
 import threading
 import uuid
@@ -64,10 +66,14 @@ from .transport import (
     ConnectPeers,
     HeartbeatDelta,
     InstancesLost,
+    Joined,
+    JoinReady,
+    JoinRequest,
     LendableUpdate,
     MoveBlocks,
     StepOutputs,
     Sync,
+    Synced,
     open_transport,
 )
 
@@ -83,6 +89,10 @@ _WIRE_LID = 1 << 62
 # A worker whose connection closed is given this long to be seen exiting before its silence is
 # taken for an error (the kernel closes a killed process's sockets before it can be reaped).
 _DYING_S = 2.0
+# A worker that joined counts, for the router, as this many more queued requests, fading to
+# none over _JOIN_RAMP_S seconds: it takes load gradually.
+_JOIN_RAMP_QUEUE = 4
+_JOIN_RAMP_S = 10.0
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _THROUGHPUT_WINDOW_S = 10.0
@@ -116,6 +126,7 @@ class RuntimeStats:
     placements: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     homes: Mapping[str, int] = field(default_factory=dict)
     lost_instances: Mapping[int, str] = field(default_factory=dict)
+    refused_joins: int = 0  # workers whose CURVE handshake on the join socket failed (a wrong key)
 
     @property
     def kv_free_blocks(self) -> int:
@@ -290,6 +301,11 @@ class Runtime:
         self._last_heard: dict[int, float] = {}  # and when the last one came (trio time)
         self._by_lid: dict[int, _Request] = {}  # placed requests by ledger id
         self._cluster_nursery: trio.Nursery | None = None  # the workers' tasks (``_start_workers``)
+        self._cluster: _Cluster | None = None  # what a worker joining from another host needs
+        self._joining: dict[int, int] = {}  # instance id -> blocks it may lend, until it is ready
+        self._joined_at: dict[int, float] = {}  # (trio time) the router gives a newcomer load gradually
+        self.join_address: str | None = None  # where workers on other hosts join, once bound
+        self._refused_joins = 0
         self.planner = None  # core_sched.Planner, with workers (``_plan_moves``)
         self.num_moves = 0  # planner moves sent to the homes
 
@@ -425,9 +441,8 @@ class Runtime:
     def _statistics(self, idle: bool = False) -> RuntimeStats:
         stats, placements = self._stats_before_step if self._stepping else self._engine_snapshot()
         workers = tuple(
-            _stats_from_view(self.ledger.instance(w.instance_id), stats.block_size, self._worker_memory.get(w.instance_id))
-            for w in self.workers
-            if w.instance_id not in self.lost_instances
+            _stats_from_view(self.ledger.instance(i), stats.block_size, self._worker_memory.get(i))
+            for i in sorted(self.homes) if self.ledger.has_instance(i)
         )
         placements = dict(placements)
         for request in self._wire.values():
@@ -445,7 +460,10 @@ class Runtime:
             placements=placements,
             homes=homes,
             lost_instances=dict(self.lost_instances),
+            refused_joins=self._refused_joins,
         )
+
+
 
     @staticmethod
     def _run_finished() -> bool:
@@ -702,6 +720,11 @@ class Runtime:
             queue[r.instance] += 1
             if not started:
                 free[r.instance] -= r.need
+        now = trio.current_time()
+        for i, since in self._joined_at.items():  # a newcomer takes load gradually
+            ramp = 1.0 - (now - since) / _JOIN_RAMP_S
+            if ramp > 0 and i in queue:
+                queue[i] += math.ceil(_JOIN_RAMP_QUEUE * ramp)
         return [InstanceLoad(i, free[i], queue[i]) for i in free]
 
     def _remote_outputs(self, msg: StepOutputs) -> None:
@@ -836,6 +859,10 @@ class Runtime:
         home.lost(reason)
         max_lent = self.ledger.instance(instance_id).max_lent
         self.ledger.remove_instance(instance_id)
+        self._joined_at.pop(instance_id, None)
+        if self._cluster is not None:
+            self._cluster.addresses.pop(instance_id, None)
+            self._cluster.lendable.pop(instance_id, None)
         for request in self._by_lid.values():
             request.recorded.pop(instance_id, None)
             if request.lid is not None and not self.ledger.has_request(request.lid):
@@ -1087,7 +1114,7 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
     body_error: BaseException | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
-            if num_instances > 1:
+            if num_instances > 1 or config.transport.join_address is not None:
                 await _start_workers(stack, runtime, num_blocks, cluster_blocks, device, dtype)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(runtime._serve)
@@ -1167,6 +1194,132 @@ def _memory_watch(runtime: Runtime, device: torch.device, full_cap: int) -> Memo
                                 full_cap, runtime.config.cache.min_free_memory_fraction, lock=engine.pool_lock,
                                 ledger=runtime.ledger)
     return engine.memory
+
+
+@dataclass(slots=True)
+class _Cluster:
+    """The runtime's side of the cluster, for workers that join later: its transport, the
+    nursery of the workers' tasks, where heartbeats go, and every member's peer socket and the
+    blocks it may lend."""
+
+    tp: Any
+    nursery: trio.Nursery
+    heartbeat_address: str
+    addresses: dict[int, str]
+    lendable: dict[int, int]
+
+
+def _fingerprint(args) -> str:
+    """What a joining worker's model must match: the shape that makes KV and attention agree."""
+    return (f"{args.num_layers}x{args.hidden_size}/{args.num_heads}q{args.num_kv_heads}kv{args.head_dim}d"
+            f"/v{args.vocab_size}")
+
+
+async def _join_handler(runtime: Runtime, joins: trio.MemorySendChannel, msg):
+    """The join socket: ``JoinRequest`` (a worker on another host: its id and the cluster's
+    settings), ``JoinReady`` (it serves: connected by ``_own_joins``), ``Sync`` (its check
+    that the runtime is still there)."""
+    if isinstance(msg, Sync):
+        return Synced(0, 0)
+    if runtime.closed:
+        raise InfiniLLMError("the runtime is closing")
+    engine, config = runtime.engine, runtime.config
+    if isinstance(msg, JoinRequest):
+        if msg.model != _fingerprint(engine.args):
+            raise ValidationError("model", msg.model, f"must be this runtime's model ({_fingerprint(engine.args)})")
+        taken = set(runtime.ledger.instance_ids()) | set(runtime.lost_instances) | set(runtime._joining)
+        instance_id = max(taken | {engine.instance_id}) + 1
+        lendable = config.cache.max_lent_blocks(msg.num_blocks)
+        runtime.ledger.register_instance(instance_id, msg.num_blocks, lendable)
+        runtime._joining[instance_id] = lendable
+        cluster = runtime._cluster
+        options = {
+            "block_size": config.cache.block_size, "max_lend_fraction": config.cache.max_lend_fraction,
+            "reservation_ttl_s": config.cache.reservation_ttl_s,
+            "min_free_memory_fraction": config.cache.min_free_memory_fraction,
+            "cluster_blocks": msg.num_blocks + sum(cluster.lendable.values()),
+            "max_model_len": config.model.max_model_len, "seed": config.model.seed,
+            "max_num_seqs": config.scheduler.max_num_seqs,
+            "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+            "heartbeat_address": cluster.heartbeat_address,
+            "heartbeat_interval_s": config.parallel.heartbeat_interval_s,
+            "keepalive_s": config.parallel.heartbeat_timeout_s / 4,
+            "dtype": str(engine.dtype).removeprefix("torch."),
+        }
+        log.info("instance %d joining: %d blocks", instance_id, msg.num_blocks)
+        return Joined(instance_id, options)
+    if isinstance(msg, JoinReady):
+        done, box = trio.Event(), []
+        await joins.send((msg, done, box))
+        await done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return None
+    raise ValidationError("message", type(msg).__name__, "is not a join message (JoinRequest, JoinReady, Sync)")
+
+
+async def _count_refused_joins(runtime: Runtime, sock) -> None:
+    """Counts the failed handshakes on the join socket (libzmq's monitor): a worker with a key
+    that is not the cluster's fails there, before any message."""
+    import zmq
+
+    from .transport.socket import ZmqSocket
+
+    monitor = ZmqSocket(sock.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    ))
+    try:
+        while True:
+            frames = await monitor._receive()
+            if frames is None:
+                return
+            runtime._refused_joins += 1
+            log.warning("a worker's handshake on the join socket failed (a wrong key?): %d so far", runtime._refused_joins)
+    finally:
+        monitor.close()
+
+
+async def _own_joins(runtime: Runtime, joins: trio.MemoryReceiveChannel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Owns the connections to the workers that joined (they open and close in this task)."""
+    async with contextlib.AsyncExitStack() as stack:
+        task_status.started()
+        async for msg, done, box in joins:
+            try:
+                box.append(await _admit_joined(runtime, stack, msg))
+            except Exception as e:  # noqa: BLE001 - the reply to JoinReady
+                box.append(e)
+            finally:
+                done.set()
+
+
+async def _admit_joined(runtime: Runtime, stack: contextlib.AsyncExitStack, msg: JoinReady) -> None:
+    """Make a worker that joined a member: this engine's peer, a home (its control socket),
+    every other instance's peer (``ConnectPeers(joined=True)``: the cluster grows), its peers
+    every member."""
+    instance_id = msg.instance_id
+    lendable = runtime._joining.pop(instance_id, None)
+    if lendable is None:
+        raise ValidationError("instance_id", instance_id, "must be the id this runtime gave in its Joined answer")
+    cluster, engine = runtime._cluster, runtime.engine
+    peer = await connect_peer(stack, cluster.tp, instance_id, msg.peer_address, cluster.nursery, lendable)
+    control = await stack.enter_async_context(cluster.tp.open_client(msg.control_address))
+    home = WorkerHome(instance_id, control, runtime._remote_refused)
+    cluster.nursery.start_soon(home.run)
+    others = sorted(cluster.addresses)
+    await home.request(ConnectPeers(tuple(others), tuple(cluster.addresses[i] for i in others),
+                                    tuple(cluster.lendable[i] for i in others)))
+    for other in list(runtime.homes.values()):
+        await other.request(ConnectPeers((instance_id,), (msg.peer_address,), (lendable,), joined=True))
+    engine.peers = {**engine.peers, instance_id: peer}  # (a new dict: a step may be reading the old one)
+    engine.planner.cluster_blocks = engine.planner.cluster_blocks + lendable
+    cluster.addresses[instance_id] = msg.peer_address
+    cluster.lendable[instance_id] = lendable
+    now = trio.current_time()
+    runtime.homes[instance_id] = home
+    runtime._last_heard[instance_id] = runtime._joined_at[instance_id] = now
+    runtime._last_lendable = ()
+    runtime._ledger_changed()
+    log.warning("instance %d joined from %s", instance_id, msg.peer_address)
 
 
 async def _watch_heartbeats(runtime: Runtime) -> None:
@@ -1279,4 +1432,12 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
         nursery.start_soon(runtime._plan_moves)
     runtime.memory = _memory_watch(runtime, device, lendable)
     nursery.start_soon(runtime._heartbeats)
+    runtime._cluster = _Cluster(tp, nursery, puller.address, addresses, dict.fromkeys(addresses, lendable))
+    if config.transport.join_address is not None:
+        joins_send, joins_recv = trio.open_memory_channel(0)
+        await nursery.start(_own_joins, runtime, joins_recv)
+        join_server = await stack.enter_async_context(tp.open_server(
+            functools.partial(_join_handler, runtime, joins_send), config.transport.join_address, name="join"))
+        runtime.join_address = join_server.address
+        nursery.start_soon(_count_refused_joins, runtime, join_server._sock.zmq_socket)
     stack.callback(nursery.cancel_scope.cancel)  # first thing at the end: no task sends on a closed socket

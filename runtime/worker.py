@@ -42,23 +42,24 @@ import trio
 from .cluster import PeerService, connect_peer
 from .config import CacheConfig, RuntimeConfig, SchedulerConfig, TransportConfig
 from .engine import Engine
-from .errors import InfiniLLMError
+from .errors import InfiniLLMError, TransportError
 from .homes import ControlService
 from .loader import load_model
 from .memory import MemoryWatch, default_probe
-from .runtime import Runtime
-from .transport import ConnectPeers, HeartbeatDelta, Sync, Synced, open_transport
+from .runtime import Runtime, _fingerprint, _single_error
+from .transport import ConnectPeers, HeartbeatDelta, JoinReady, JoinRequest, Sync, Synced, open_transport
 
 __all__ = ["main", "serve", "open_worker", "WorkerProcess"]
 
 _PARENT_POLL_S = 1.0
+_RUNTIME_POLL_S = 1.0  # how often a joined worker checks that its runtime is still there
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infinillm.worker", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--instance-id", type=int, required=True)
+    p.add_argument("--instance-id", type=int, default=None, help="(required unless --join: the runtime gives it)")
     p.add_argument("--num-blocks", type=int, required=True)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-lend-fraction", type=float, default=0.5)
@@ -77,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-address", default=None, help="where to push HeartbeatDelta s (the gManager's puller)")
     p.add_argument("--heartbeat-interval-s", type=float, default=0.1)
     p.add_argument("--keepalive-s", type=float, default=1.0, help="a heartbeat at least this often, changes or not")
+    p.add_argument("--join", default=None, metavar="tcp://HOST:PORT",
+                   help="join a running runtime at its join address (a worker on another host)")
+    p.add_argument("--key", default=None, metavar="FILE",
+                   help="with --join: the cluster's CURVE secret key file (infinillm keys DIR)")
+    p.add_argument("--join-timeout-s", type=float, default=30.0,
+                   help="with --join: how long to wait for the runtime's answer (a wrong key gets none)")
+    p.add_argument("--bind-host", default="127.0.0.1",
+                   help="with --join: the address this worker's sockets bind to (reachable from the others)")
     return p
 
 
@@ -163,17 +172,46 @@ class _FaultyModel:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    import math
-
     import torch
 
-    parent = os.getppid()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model, tokenizer, margs = await trio.to_thread.run_sync(
         lambda: load_model(args.model, dtype=dtype, device=args.device, progress=False)
     )
+    if args.join is None:
+        async with open_transport(TransportConfig(transport=args.transport)) as tp:
+            await _serve(args, tp, model, tokenizer, margs, dtype, None)
+        return
+    # A worker on another host: tcp, with the cluster's CURVE key; the runtime gives its id and
+    # settings (``JoinRequest`` -> ``Joined``) before the engine is made.
+    config = TransportConfig(transport="tcp", bind_host=args.bind_host, curve_secret_key_file=args.key,
+                             curve_public_key_file=args.key)
+    async with open_transport(config) as tp, tp.open_client(args.join, timeout=args.join_timeout_s) as client:
+        try:
+            joined = await client.request(JoinRequest(_fingerprint(margs), args.num_blocks))
+        except TransportError as e:
+            raise InfiniLLMError(
+                f"no answer from the runtime at {args.join} within {args.join_timeout_s:g} s ({e}): is that its "
+                f"join address, and is {args.key!r} the cluster's key? (a wrong key is refused without a word)"
+            ) from None
+        options = dict(joined.options)
+        if options.pop("dtype", args.dtype) != args.dtype:
+            raise InfiniLLMError(f"the runtime at {args.join} runs {joined.options['dtype']}: start this worker "
+                                 f"with --dtype {joined.options['dtype']} (it has {args.dtype})")
+        args.instance_id = joined.instance_id
+        for name, value in options.items():
+            setattr(args, name, value)
+        await _serve(args, tp, model, tokenizer, margs, dtype, client)
+
+
+async def _serve(args, tp, model, tokenizer, margs, dtype, join_client) -> None:
+    import math
+
+    import torch
+
+    parent = os.getppid()
     cache = CacheConfig(block_size=args.block_size, kv_capacity_tokens=args.num_blocks * args.block_size,
                         max_lend_fraction=args.max_lend_fraction, reservation_ttl_s=args.reservation_ttl_s)
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
@@ -190,66 +228,86 @@ async def serve(args: argparse.Namespace) -> None:
     service = PeerService(engine, reservation_ttl_s=args.reservation_ttl_s)
     out_send, out_recv = trio.open_memory_channel(math.inf)  # to the runtime, in order
     pushed = _Pushed(out_send)
-    async with open_transport(TransportConfig(transport=args.transport)) as tp:
-        async with trio.open_nursery() as peer_nursery, contextlib.AsyncExitStack() as stack:
-            pusher = None
-            if args.heartbeat_address:
-                pusher = await stack.enter_async_context(tp.open_pusher(args.heartbeat_address))
-            peer_nursery.start_soon(_push, out_recv, pusher)
-            connect_send, connect_recv = trio.open_memory_channel(0)
-            await peer_nursery.start(_connect_peers, tp, engine, peer_nursery, connect_recv)
+    async with trio.open_nursery() as peer_nursery, contextlib.AsyncExitStack() as stack:
+        pusher = None
+        if args.heartbeat_address:
+            pusher = await stack.enter_async_context(tp.open_pusher(args.heartbeat_address))
+        peer_nursery.start_soon(_push, out_recv, pusher)
+        connect_send, connect_recv = trio.open_memory_channel(0)
+        await peer_nursery.start(_connect_peers, tp, engine, peer_nursery, connect_recv)
 
-            async def connect(msg: ConnectPeers) -> None:
-                done, box = trio.Event(), []
-                await connect_send.send((msg, done, box))
-                await done.wait()
-                if box:
-                    raise box[0]
+        async def connect(msg: ConnectPeers) -> None:
+            done, box = trio.Event(), []
+            await connect_send.send((msg, done, box))
+            await done.wait()
+            if box:
+                raise box[0]
 
-            async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
 
-                def outputs(outs) -> None:  # (control is made just below, before any output)
-                    msg = control.outputs_to_deltas(outs)
-                    if msg is not None:
-                        pushed.send(msg)
+            def outputs(outs) -> None:  # (control is made just below, before any output)
+                msg = control.outputs_to_deltas(outs)
+                if msg is not None:
+                    pushed.send(msg)
 
-                def heartbeat() -> None:
-                    pushed.send(_heartbeat(engine, force=True))
+            def heartbeat() -> None:
+                pushed.send(_heartbeat(engine, force=True))
 
-                runtime = Runtime(RuntimeConfig(), engine, tokenizer, output_sink=outputs, pool_sink=heartbeat)
-                control = ControlService(runtime, nursery)
+            runtime = Runtime(RuntimeConfig(), engine, tokenizer, output_sink=outputs, pool_sink=heartbeat)
+            control = ControlService(runtime, nursery)
 
-                async def handle(msg):
-                    if isinstance(msg, ConnectPeers):
-                        return await connect(msg)
-                    if isinstance(msg, Sync):
-                        await runtime._aborts_applied()  # the requests it aborts have let their blocks go
-                        for p in engine.peers.values():
-                            await p.wait_released()
-                        if not msg.snapshot:
-                            return Synced(engine.instance_id, 0)
-                        if engine.memory is not None:  # as of now, memory included
-                            engine.memory.poll()
-                        hb = _heartbeat(engine, force=True)
-                        pushed.send(hb)
-                        return Synced(engine.instance_id, hb.version, pushed.heartbeats)
-                    return await control.handle(msg)
+            async def handle(msg):
+                if isinstance(msg, ConnectPeers):
+                    return await connect(msg)
+                if isinstance(msg, Sync):
+                    await runtime._aborts_applied()  # the requests it aborts have let their blocks go
+                    for p in engine.peers.values():
+                        await p.wait_released()
+                    if not msg.snapshot:
+                        return Synced(engine.instance_id, 0)
+                    if engine.memory is not None:  # as of now, memory included
+                        engine.memory.poll()
+                    hb = _heartbeat(engine, force=True)
+                    pushed.send(hb)
+                    return Synced(engine.instance_id, hb.version, pushed.heartbeats)
+                return await control.handle(msg)
 
-                peer = await nursery.start(_serve_socket, tp, service.handle, f"peer{args.instance_id}", 4)
-                ctl = await nursery.start(_serve_socket, tp, handle, f"control{args.instance_id}", 1)
-                nursery.start_soon(runtime._serve)
-                nursery.start_soon(_send_heartbeats, engine, pushed, args.heartbeat_interval_s, args.keepalive_s)
+            peer = await nursery.start(_serve_socket, tp, service.handle, f"peer{args.instance_id}", 4)
+            ctl = await nursery.start(_serve_socket, tp, handle, f"control{args.instance_id}", 1)
+            nursery.start_soon(runtime._serve)
+            nursery.start_soon(_send_heartbeats, engine, pushed, args.heartbeat_interval_s, args.keepalive_s)
+            if join_client is None:
                 print("ready", peer, ctl, flush=True)
-                for wait in (_wait_stdin_closed, lambda: _watch_parent(parent)):
-                    async def stop_when(wait=wait) -> None:
-                        await wait()
-                        nursery.cancel_scope.cancel()
+                waits = (_wait_stdin_closed, lambda: _watch_parent(parent))
+            else:
+                await join_client.request(JoinReady(args.instance_id, peer, ctl))
+                print("joined as instance", args.instance_id, peer, ctl, flush=True)
+                waits = (lambda: _watch_runtime(join_client),)
+            for wait in waits:
+                async def stop_when(wait=wait) -> None:
+                    await wait()
+                    nursery.cancel_scope.cancel()
 
-                    nursery.start_soon(stop_when)
-            with trio.move_on_after(5):  # the requests ended above: their loans go back
-                for p in engine.peers.values():
-                    await p.wait_released()
-            peer_nursery.cancel_scope.cancel()
+                nursery.start_soon(stop_when)
+        with trio.move_on_after(5):  # the requests ended above: their loans go back
+            for p in engine.peers.values():
+                await p.wait_released()
+        peer_nursery.cancel_scope.cancel()
+
+
+async def _watch_runtime(client) -> None:
+    """A joined worker's tie to its runtime: it asks every ``_RUNTIME_POLL_S`` whether the
+    runtime is still there, and returns (the worker stops) after three silent answers."""
+    silent = 0
+    while silent < 3:
+        await trio.sleep(_RUNTIME_POLL_S)
+        try:
+            with trio.fail_after(_RUNTIME_POLL_S * 2):
+                await client.request(Sync(False))
+            silent = 0
+        except (TransportError, InfiniLLMError, trio.TooSlowError):
+            silent += 1
+    print("the runtime is gone: stopping", file=sys.stderr, flush=True)
 
 
 async def _connect_peers(tp, engine: Engine, nursery: trio.Nursery, requests: trio.MemoryReceiveChannel, *,
@@ -263,7 +321,10 @@ async def _connect_peers(tp, engine: Engine, nursery: trio.Nursery, requests: tr
                 for instance_id, address, lendable in zip(msg.instance_ids, msg.addresses, msg.lendable):
                     if instance_id == engine.instance_id or instance_id in engine.peers:
                         raise InfiniLLMError(f"ConnectPeers: instance {instance_id} is this one or already connected")
-                    engine.peers[instance_id] = await connect_peer(stack, tp, instance_id, address, nursery, lendable)
+                    peer = await connect_peer(stack, tp, instance_id, address, nursery, lendable)
+                    engine.peers = {**engine.peers, instance_id: peer}  # (a new dict: a step may be reading the old one)
+                    if msg.joined:  # it joined later: the cluster grows by what it may lend
+                        engine.planner.cluster_blocks = engine.planner.cluster_blocks + lendable
             except Exception as e:  # noqa: BLE001 - the reply to ConnectPeers
                 box.append(e)
             finally:
@@ -341,10 +402,23 @@ async def open_worker(
         log_file.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = _parser()
+    if prog is not None:
+        parser.prog = prog
+    args = parser.parse_args(argv)
+    if args.join is None and args.instance_id is None:
+        parser.error("--instance-id is required (unless --join: the runtime gives it)")
+    if args.join is not None and args.key is None:
+        parser.error("--join needs --key: the cluster's CURVE secret key file (infinillm keys DIR)")
     try:
-        trio.run(serve, args)
+        try:
+            trio.run(serve, args)
+        except BaseExceptionGroup as group:  # one error through the nurseries: as itself
+            leaf = _single_error(group)
+            if leaf is None:
+                raise
+            raise leaf from None
     except InfiniLLMError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

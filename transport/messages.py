@@ -58,6 +58,9 @@ __all__ = [
     "LendableUpdate",
     "InstancesLost",
     "FetchBlocks",
+    "JoinRequest",
+    "Joined",
+    "JoinReady",
     "Sync",
     "Synced",
     "RequestDelta",
@@ -472,6 +475,51 @@ class FetchBlocks(Message):
             _fail("FetchBlocks", "block_ids", self.block_ids, "must be one or more block ids >= 0")
 
 
+# ---- workers joining from other hosts --------------------------------------------------------
+
+
+@message(23)
+@dataclass(frozen=True, slots=True)
+class JoinRequest(Message):
+    """A worker on another host asks to join (to the runtime's join socket, over tcp with
+    CURVE): the model it loaded (``model``: a fingerprint of its shape, which must be the
+    runtime's) and how many KV blocks it has. Answered by ``Joined``."""
+
+    model: str
+    num_blocks: int
+
+    def _check(self) -> None:
+        if self.num_blocks < 1:
+            _fail("JoinRequest", "num_blocks", self.num_blocks, "must be >= 1")
+
+
+@message(24)
+@dataclass(frozen=True, slots=True)
+class Joined(Message):
+    """The runtime's answer to ``JoinRequest``: the instance id the worker is to have, and the
+    cluster's settings it runs with (block size, lending, heartbeats, batching, ...)."""
+
+    instance_id: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def _check(self) -> None:
+        _nonneg("Joined", instance_id=self.instance_id)
+
+
+@message(25)
+@dataclass(frozen=True, slots=True)
+class JoinReady(Message):
+    """A joining worker serves: its peer and control sockets. Once the runtime has connected
+    them (and told every other instance), it answers ``Ack``: the worker is a member."""
+
+    instance_id: int
+    peer_address: str
+    control_address: str
+
+    def _check(self) -> None:
+        _nonneg("JoinReady", instance_id=self.instance_id)
+
+
 # ---- requests and their outputs (runtime <-> instance) ---------------------------------------
 
 
@@ -590,12 +638,14 @@ class StepOutputs(Message):
 @message(17)
 @dataclass(frozen=True, slots=True)
 class ConnectPeers(Message):
-    """Runtime -> worker, once, before any request: the other instances' peer sockets, and
-    what each may lend at most (the first hint of its room)."""
+    """Runtime -> worker, once before any request: the other instances' peer sockets, and what
+    each may lend at most (the first hint of its room); again when an instance joins later
+    (``joined``: the cluster grows by what they may lend)."""
 
     instance_ids: tuple[int, ...]
     addresses: tuple[str, ...]
     lendable: tuple[int, ...]
+    joined: bool = False
 
     def _check(self) -> None:
         o = "ConnectPeers"

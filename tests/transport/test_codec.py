@@ -55,6 +55,9 @@ from infinillm.transport import (
     LendableUpdate,
     InstancesLost,
     FetchBlocks,
+    JoinRequest,
+    Joined,
+    JoinReady,
 )
 
 from .conftest import make_query
@@ -198,6 +201,10 @@ def one_of_each() -> list:
         LendableUpdate((0, 1, 2), (3, 0, 4)),
         InstancesLost((2,), (8,), "exited with -9"),
         FetchBlocks(42, (7, 8)),
+        JoinRequest("llama:30x576:49152", 64),
+        Joined(3, {"block_size": 16, "heartbeat_address": "tcp://10.0.0.1:5601", "max_model_len": None}),
+        JoinReady(3, "tcp://10.0.0.2:5602", "tcp://10.0.0.2:5603"),
+        ConnectPeers((3,), ("tcp://10.0.0.2:5602",), (32,), joined=True),
         Sync(),
         Sync(snapshot=True),
         Synced(1, 7, 3),
