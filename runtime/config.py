@@ -184,7 +184,10 @@ class ParallelConfig:
     ``num_instances == 1`` with ``instance_mode="inprocess"`` runs the one instance inside the
     application's process (the embedded default); ``"process"`` starts worker processes on
     this host. Workers on other hosts join by address (``TransportConfig``). An instance that
-    misses heartbeats for ``heartbeat_timeout_s`` is declared dead. ``worker_threads`` is each
+    misses heartbeats for ``heartbeat_timeout_s`` is declared dead. ``launcher`` starts the
+    workers as child processes (``"local"``) or as Ray actors, one per worker with its GPU
+    (``"ray"``: the optional extra ``infinillm[ray]``; a running cluster from ``RAY_ADDRESS``,
+    else a local one; the workers still speak ZeroMQ). ``worker_threads`` is each
     CPU worker's torch thread count; None shares this host's cores among the instances
     (``cores // num_instances``, at least 1), so N instances on one CPU host do not oversubscribe
     it (the application's own process keeps its torch setting).
@@ -192,6 +195,7 @@ class ParallelConfig:
 
     num_instances: int = 1
     instance_mode: Literal["inprocess", "process"] = "inprocess"
+    launcher: Literal["local", "ray"] = "local"
     heartbeat_interval_s: float = 0.1
     heartbeat_timeout_s: float = 5.0
     worker_threads: int | None = None
@@ -202,6 +206,7 @@ class ParallelConfig:
         if self.worker_threads is not None:
             _int(o, "worker_threads", self.worker_threads, 1, 1024)
         _choice(o, "instance_mode", self.instance_mode, INSTANCE_MODES)
+        _choice(o, "launcher", self.launcher, ("local", "ray"))
         _float(o, "heartbeat_interval_s", self.heartbeat_interval_s, 0.0, 60.0, lo_open=True)
         _float(o, "heartbeat_timeout_s", self.heartbeat_timeout_s, 0.0, 3600.0, lo_open=True)
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:

@@ -1398,6 +1398,13 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
     server = await stack.enter_async_context(tp.open_server(service.handle, name="peer0", concurrency=4))
     addresses = {engine.instance_id: server.address}
     workers: list[WorkerProcess] = []
+    if config.parallel.launcher == "ray" and config.parallel.num_instances > 1:
+        from .ray_launcher import ensure_ray
+
+        if await trio.to_thread.run_sync(ensure_ray):
+            import ray
+
+            stack.callback(ray.shutdown)  # (runs after the workers below have stopped)
     for instance_id in range(1, config.parallel.num_instances):
         runtime.ledger.register_instance(instance_id, num_blocks, lendable)
         worker = await stack.enter_async_context(open_worker(
@@ -1408,7 +1415,7 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
             heartbeat_interval_s=config.parallel.heartbeat_interval_s, cluster_blocks=cluster_blocks,
             max_num_seqs=config.scheduler.max_num_seqs, max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             seed=config.model.seed, threads=threads, min_free_memory_fraction=cache.min_free_memory_fraction,
-            keepalive_s=config.parallel.heartbeat_timeout_s / 4,
+            keepalive_s=config.parallel.heartbeat_timeout_s / 4, launcher=config.parallel.launcher,
         ))  # fmt: skip
         addresses[instance_id] = worker.peer_address
         engine.peers[instance_id] = await connect_peer(stack, tp, instance_id, worker.peer_address, nursery, lendable)

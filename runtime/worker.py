@@ -354,11 +354,12 @@ async def open_worker(
     heartbeat_address: str | None = None, heartbeat_interval_s: float = 0.1, cluster_blocks: int | None = None,
     max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
     threads: int | None = None, reservation_ttl_s: float | None = None, env: dict[str, str] | None = None,
-    min_free_memory_fraction: float | None = None, keepalive_s: float | None = None,
+    min_free_memory_fraction: float | None = None, keepalive_s: float | None = None, launcher: str = "local",
 ) -> AsyncIterator[WorkerProcess]:
     """Start ``python -m infinillm.worker`` and wait until it serves; on exit close its stdin
     (it stops) and wait for it. A worker that dies before it is ready raises ``InfiniLLMError``
-    with what it printed on stderr."""
+    with what it printed on stderr. ``launcher="ray"``: the same process, started by a Ray
+    actor that holds its resources (``ray_launcher.open_ray_worker``)."""
     argv = [sys.executable, "-m", "infinillm.worker", "--model", str(model), "--instance-id", str(instance_id),
             "--num-blocks", str(num_blocks), "--block-size", str(block_size), "--max-lend-fraction",
             str(max_lend_fraction), "--dtype", dtype, "--device", device]
@@ -371,6 +372,13 @@ async def open_worker(
             argv += [flag, str(value)]
     if heartbeat_address is not None:
         argv += ["--heartbeat-address", heartbeat_address, "--heartbeat-interval-s", str(heartbeat_interval_s)]
+    if launcher == "ray":
+        from .ray_launcher import open_ray_worker
+
+        async with open_ray_worker(argv, instance_id, device=device, threads=threads, env=env,
+                                   ready_timeout_s=ready_timeout_s) as worker:
+            yield worker
+        return
     # Its stderr goes to a file (a pipe nobody reads would fill and stall it), read back if it
     # dies before it is ready.
     log_file = tempfile.TemporaryFile()

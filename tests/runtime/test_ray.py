@@ -1,0 +1,58 @@
+"""``open_runtime(..., launcher="ray")``: the workers are placed as Ray actors on a local Ray
+cluster (started for the runtime's lifetime), and still speak ZeroMQ: the same tokens as one
+instance with room, borrowing across them, and everything stopped afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import infinillm
+from infinillm import SamplingParams
+from infinillm.testing import make_tiny_model
+
+ray = pytest.importorskip("ray", reason="the optional extra infinillm[ray]")
+BLOCK = 16
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+async def test_workers_placed_as_ray_actors_serve_and_lend(tiny_model):
+    from infinillm.ray_launcher import RayWorkerProcess
+
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    prompts = [[(i * 11 + j * 7) % 300 + 3 for j in range(n)] for i, n in enumerate([300, 60, 150])]
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=4096,
+                                      max_model_len=1024) as rt:
+        want = []
+        for p in prompts:
+            async for out in rt.generate({"prompt_token_ids": p}, params):
+                pass
+            want.append(out.outputs[0].token_ids)
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=16 * BLOCK,
+                                      max_model_len=512, num_instances=3, launcher="ray") as rt:
+        assert ray.is_initialized()
+        assert all(isinstance(w.process, RayWorkerProcess) for w in rt.workers)
+        spread, finals = [], {}
+
+        async def one(i):
+            async for out in rt.generate({"prompt_token_ids": prompts[i]}, params, request_id=f"r{i}"):
+                spread.extend(p for p in rt.statistics().placements.values() if len(p) > 1)
+            finals[i] = out.outputs[0].token_ids
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(one, i)
+        assert [finals[i] for i in range(3)] == want
+        assert spread  # the 300-token prompt needs more than one instance's 16 blocks
+        s = await rt.sync_statistics()
+        assert [i.instance_id for i in s.instances] == [0, 1, 2]
+        assert all((i.kv_used_blocks, i.kv_lent_blocks, i.kv_borrowed_blocks) == (0, 0, 0) for i in s.instances)
+        workers = rt.workers
+    assert all(w.process.returncode == 0 for w in workers)
+    assert not ray.is_initialized()  # the local cluster it started is gone
