@@ -153,23 +153,28 @@ cdef class BlockTables:
         self.c.truncate(rid, <int64_t>num_tokens, dropped)
         return _runs_of(&dropped)
 
-    def move_blocks(self, request_id, src, dst, new_block_ids):
+    def move_blocks(self, request_id, src, dst, new_block_ids, keep_last=0):
         """Migration: the last ``len(new_block_ids)`` blocks (logical order) the request has on
-        ``src`` now live on ``dst`` under the new ids; returns their old ids (same order)."""
+        ``src`` before its last ``keep_last`` logical blocks now live on ``dst`` under the new
+        ids; returns their old ids (same order). See the twin."""
         cdef int64_t rid = _request_id(request_id)
         cdef int32_t from_ = _instance(src, "src")
         cdef int32_t to = _instance(dst, "dst")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise ValidationError("keep_last", keep_last, "must be an integer >= 0")
         cdef vector[int32_t] new_ids
         cdef vector[int32_t] old_ids
         _fill_block_ids(new_ids, new_block_ids, "new_block_ids")
         cdef CRequestTable* t = self._table(rid)
-        cdef int32_t have = t.count_on(from_, t.num_blocks())
+        cdef int32_t limit = t.num_blocks() - min(<int32_t>keep_last, t.num_blocks())
+        cdef int32_t have = t.count_on(from_, limit)
         if have < <int64_t>new_ids.size():
             raise SchedulerError(
-                f"request {rid} has {have} blocks on instance {from_}, cannot move {new_ids.size()} "
-                f"to instance {to}"
+                f"request {rid} has {have} blocks on instance {from_}"
+                + (f" before its last {keep_last}" if keep_last else "")
+                + f", cannot move {new_ids.size()} to instance {to}"
             )
-        self.c.move_blocks(rid, from_, to, new_ids.data(), <int32_t>new_ids.size(), old_ids)
+        self.c.move_blocks(rid, from_, to, new_ids.data(), <int32_t>new_ids.size(), old_ids, <int32_t>keep_last)
         return old_ids
 
     # ---- per-step conversions for a batch ----------------------------------------------------

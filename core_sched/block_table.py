@@ -227,35 +227,49 @@ class BlockTables:
         t.num_tokens = num_tokens
         return t.cut(t.num_filled(self._block_size))
 
-    def move_blocks(self, request_id: int, src: int, dst: int, new_block_ids: list[int]) -> list[int]:
+    def move_blocks(self, request_id: int, src: int, dst: int, new_block_ids: list[int], keep_last: int = 0) -> list[int]:
         """Migration: the last ``len(new_block_ids)`` blocks (logical order) the request has on
-        ``src`` now live on ``dst`` under the new ids; returns their old ids (same order)::
+        ``src`` before its last ``keep_last`` logical blocks (which stay where they are: the
+        tail being appended to) now live on ``dst`` under the new ids; returns their old ids
+        (same order)::
 
             before   A[5 9] B[2] A[4 8]          move 3 blocks A -> C, new ids [70 71 72]
             after    A[5] C[70] B[2] C[71 72]    returns [9, 4, 8]
+            keep_last=1, move 2:  A[5] C[70] B[2] C[71] A[8]   returns [9, 4]
 
-        Walking the runs backwards, every run on ``src`` moves whole except the last one visited,
-        of which only a suffix moves (that run splits in two); neighbours on ``dst`` then merge.
+        A run that straddles the kept tail is split there first; walking the runs backwards,
+        every run on ``src`` moves whole except the last one visited, of which only a suffix
+        moves (that run splits in two); neighbours on one instance then merge.
         """
         request_id = _request_id(request_id)
         src = _instance(src, "src")
         dst = _instance(dst, "dst")
         new_ids = _block_ids(new_block_ids, "new_block_ids")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise ValidationError("keep_last", keep_last, "must be an integer >= 0")
         t = self._table(request_id)
         n = len(new_ids)
-        have = t.count_on(src, len(t.blocks))
+        limit = len(t.blocks) - min(keep_last, len(t.blocks))
+        have = t.count_on(src, limit)
         if have < n:
             raise SchedulerError(
-                f"request {request_id} has {have} blocks on instance {src}, cannot move {n} to instance {dst}"
+                f"request {request_id} has {have} blocks on instance {src}"
+                + (f" before its last {keep_last}" if keep_last else "")
+                + f", cannot move {n} to instance {dst}"
             )
         old_ids = [-1] * n
         if n == 0:
             return old_ids
+        if limit < len(t.blocks):
+            s = t.run_of(limit)
+            if t.run_starts[s] < limit:
+                t.run_instances.insert(s + 1, t.run_instances[s])
+                t.run_starts.insert(s + 1, limit)
         left = n  # blocks still to move; the next one found (walking back) is number left-1
         k = len(t.run_starts)
         while left > 0:
             k -= 1
-            if t.run_instances[k] != src:
+            if t.run_instances[k] != src or t.run_starts[k] >= limit:
                 continue
             lo, hi = t.run_starts[k], t.run_end(k)
             moved = min(left, hi - lo)

@@ -533,11 +533,20 @@ class Engine:
             except (InstanceDeadError, TransportError) as e:
                 log.warning("move of request %d from %d to %d dropped: %s", rid, src, dst, e)
 
-    def _last_blocks_on(self, rid: int, instance: int, n: int) -> list[int]:
-        """The ids of the last ``n`` blocks (logical order) request ``rid`` has on ``instance``:
-        the ones ``BlockTables.move_blocks`` relabels."""
-        ids = self.tables.blocks_on(rid, instance)
-        return ids[len(ids) - n:]
+    def _movable(self, rid: int, instance: int) -> tuple[list[int], bool]:
+        """The ids (logical order) of request ``rid``'s blocks on ``instance`` that may move:
+        full ones, not its last block (the tail being appended to; ``move_blocks(...,
+        keep_last=1)`` relabels the last of these); and whether the tail is on ``instance``."""
+        runs = self.tables.runs(rid)
+        total = sum(len(ids) for _, ids in runs)
+        out, logical = [], 0
+        for on, ids in runs:
+            for b in ids:
+                if on == instance and logical < total - 1:
+                    out.append(b)
+                logical += 1
+        tail_here = bool(runs) and runs[-1][0] == instance
+        return out, tail_here
 
     def _move_out(self, rid: int, n: int, dst: int) -> None:
         """Move ``n`` of a running request's blocks from here to ``dst``, between two steps:
@@ -546,14 +555,15 @@ class Engine:
         peer = self.peers.get(dst)
         if peer is None or rid not in self.requests or not self.tables.has_request(rid):
             return
-        n = min(n, len(self.tables.blocks_on(rid, self.instance_id)) - 1, peer.lendable())
+        movable, tail_here = self._movable(rid, self.instance_id)
+        n = min(n, len(movable) - (0 if tail_here else 1), peer.lendable())  # one block stays at home
         if n <= 0:
             return
         reservation = peer.reserve(self.instance_id, n)
         if reservation is None:
             return
         new_ids = peer.commit(reservation, rid)
-        old = self._last_blocks_on(rid, self.instance_id, n)
+        old = movable[len(movable) - n:]
         idx = torch.tensor(old, dtype=torch.int64, device=self.device)
         kv = torch.stack([torch.stack([k.index_select(0, idx), v.index_select(0, idx)])
                           for k, v in zip(self.kv.k, self.kv.v)]).cpu()
@@ -563,7 +573,7 @@ class Engine:
             peer.release(rid, new_ids)
             raise
         with self.pool_lock:
-            self.tables.move_blocks(rid, self.instance_id, dst, new_ids)
+            self.tables.move_blocks(rid, self.instance_id, dst, new_ids, keep_last=1)
             self.pool.free_blocks(rid, old)
             self.pool.add_borrowed(rid, self.instance_id, n)
         self.num_blocks_moved += n
@@ -574,12 +584,13 @@ class Engine:
         peer = self.peers.get(src)
         if peer is None or rid not in self.requests or not self.tables.has_request(rid):
             return
+        movable, _ = self._movable(rid, src)
         with self.pool_lock:
-            n = min(n, len(self.tables.blocks_on(rid, src)), self.pool.num_free)
+            n = min(n, len(movable), self.pool.num_free)
             if n <= 0:
                 return
             new_ids = self.pool.allocate(rid, n)
-        old = self._last_blocks_on(rid, src, n)
+        old = movable[len(movable) - n:]
         try:
             kv = peer.read_blocks(rid, old).to(self.device)
         except Exception:
@@ -591,7 +602,7 @@ class Engine:
             k.index_copy_(0, idx, kv[layer, 0].to(k.dtype))
             v.index_copy_(0, idx, kv[layer, 1].to(v.dtype))
         with self.pool_lock:
-            self.tables.move_blocks(rid, src, self.instance_id, new_ids)
+            self.tables.move_blocks(rid, src, self.instance_id, new_ids, keep_last=1)
             self.pool.remove_borrowed(rid, n)
         peer.release(rid, old)
         self.num_blocks_moved += n

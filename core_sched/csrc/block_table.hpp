@@ -202,17 +202,24 @@ class BlockTables {
   // Walking the runs backwards, every run on `src` moves whole except the last one visited,
   // of which only a suffix moves (that run splits in two). Neighbours on `dst` then merge.
   int32_t move_blocks(int64_t request_id, int32_t src, int32_t dst, const int32_t* new_ids,
-                      int32_t n, std::vector<int32_t>& old_ids) {
+                      int32_t n, std::vector<int32_t>& old_ids, int32_t keep_last = 0) {
     RequestTable* t = find(request_id);
     if (t == nullptr) return TABLE_NO_REQUEST;
-    if (t->count_on(src, t->num_blocks()) < n) return TABLE_TOO_FEW_BLOCKS;
+    int32_t limit = t->num_blocks() - std::min(std::max(keep_last, 0), t->num_blocks());
+    if (t->count_on(src, limit) < n) return TABLE_TOO_FEW_BLOCKS;
     old_ids.assign(n, -1);
     if (n == 0) return TABLE_OK;
+    // The last keep_last logical blocks stay: a run that straddles `limit` is split there
+    // first (two runs on one instance, merged again at the end).
+    size_t s = t->run_of(limit < t->num_blocks() ? limit : t->num_blocks() - 1);
+    if (limit < t->num_blocks() && t->runs[s].start < limit) {
+      t->runs.insert(t->runs.begin() + static_cast<std::ptrdiff_t>(s) + 1, Run{t->runs[s].instance, limit});
+    }
     int32_t left = n;  // blocks still to move; the next one found (walking back) is number left-1
     size_t k = t->runs.size();
     while (left > 0) {
       --k;
-      if (t->runs[k].instance != src) continue;
+      if (t->runs[k].instance != src || t->runs[k].start >= limit) continue;
       int32_t lo = t->runs[k].start, hi = t->run_end(k);
       int32_t cut = hi - std::min(left, hi - lo);  // blocks [cut, hi) of this run move
       for (int32_t i = hi; i-- > cut;) {

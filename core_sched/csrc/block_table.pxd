@@ -46,7 +46,7 @@ cdef extern from "block_table.hpp":
         int32_t truncate(int64_t request_id, int64_t num_tokens, CRequestTable& dropped) except +
         int32_t blocks_on(int64_t request_id, int32_t instance, vector[int32_t]& out) except +
         int32_t move_blocks(int64_t request_id, int32_t src, int32_t dst, const int32_t* new_ids,
-                            int32_t n, vector[int32_t]& old_ids) except +
+                            int32_t n, vector[int32_t]& old_ids, int32_t keep_last) except +
         int32_t batch_width(const int64_t* request_ids, int32_t batch, int32_t instance)
         void fill_batch_tables(const int64_t* request_ids, int32_t batch, int32_t instance,
                                int32_t width, int32_t* block_table, int32_t* block_start,

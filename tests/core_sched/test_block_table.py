@@ -222,6 +222,24 @@ def test_move_blocks_takes_the_last_blocks_on_src_across_runs_and_merges(core):
     assert bt.num_tokens(1) == 18  # tokens never move with the blocks' ids
 
 
+def test_move_blocks_can_leave_the_tail_where_it_is(core):
+    """``keep_last``: the last logical blocks (the tail being appended to) never move; a run
+    that straddles them splits in three, and the parts on one instance merge again later."""
+    bt = tables_with(core, block_size=4, r1=[(0, [5, 9, 4, 8]), 15])
+    assert bt.move_blocks(1, 0, 2, [70, 71], keep_last=1) == [9, 4]
+    assert bt.runs(1) == [(0, [5]), (2, [70, 71]), (0, [8])]
+    assert bt.locate(1, 14) == (0, 8, 2)  # the tail: still here
+    assert bt.move_blocks(1, 2, 0, [30, 31], keep_last=1) == [70, 71]  # home again: one run
+    assert bt.runs(1) == [(0, [5, 30, 31, 8])]
+    with pytest.raises(SchedulerError, match="request 1 has 3 blocks on instance 0 before its last 1, cannot move 4"):
+        bt.move_blocks(1, 0, 2, [1, 2, 3, 4], keep_last=1)
+    with pytest.raises(ValidationError, match="keep_last=-1 is invalid: must be an integer >= 0"):
+        bt.move_blocks(1, 0, 2, [1], keep_last=-1)
+    bt2 = tables_with(core, block_size=4, r1=[(0, [5]), (1, [2, 3]), 12])  # the tail on a creditor
+    assert bt2.move_blocks(1, 1, 0, [40], keep_last=1) == [2]
+    assert bt2.runs(1) == [(0, [5, 40]), (1, [3])]
+
+
 def test_move_blocks_refuses_more_than_src_holds(core):
     bt = tables_with(core, block_size=4, r1=[(0, [5]), (1, [2, 3]), 9])
     with pytest.raises(SchedulerError, match="request 1 has 1 blocks on instance 0, cannot move 2 to instance 1"):
@@ -366,7 +384,8 @@ def draw_operation(data, twin):
         src, dst = data.draw(INSTANCES), data.draw(INSTANCES)
         have = len(twin.blocks_on(rid, src)) if twin.has_request(rid) else 0
         n = data.draw(st.one_of(st.integers(1, max(have, 1)), st.integers(0, have + 1)))
-        return name, rid, src, dst, data.draw(st.lists(BLOCK_IDS, min_size=n, max_size=n))
+        keep_last = data.draw(st.sampled_from([0, 0, 1, 2]))
+        return name, rid, src, dst, data.draw(st.lists(BLOCK_IDS, min_size=n, max_size=n)), keep_last
     return name, rid
 
 
