@@ -5,7 +5,9 @@
 #   3. the kernel benchmark (decode bandwidth against copy bandwidth and SDPA);
 #   4. the runtime's own tests on CUDA (tiny random-weight models; the `device` fixture gives
 #      cuda there): the request lifecycle, sliding windows, the engine end to end;
-#   5. a short generation on CUDA with a random-weight model.
+#   5. a short generation on CUDA with a random-weight model;
+#   6. the memory monitor on real NVML: a reading, and the lending cap following free memory
+#      while this script takes device memory and gives it back (issue #12).
 # Everything goes to $OUT/gpu_check.log (and the benchmark's JSON lines to $OUT/bench_kernels.jsonl).
 #
 # The machine has torch, triton, cython, pytest, hypothesis and numpy, but not trio, pyzmq,
@@ -62,4 +64,30 @@ if [ -f benchmarks/bench_generate.py ]; then
   step "generation on CUDA (random-weight model)"
   timeout 120 $PY benchmarks/bench_generate.py --device cuda --random-weights --quick || echo "GENERATION FAILED"
 fi
+step "memory monitor on NVML (nvidia-ml-py)"
+timeout 120 $PY - <<'PYEOF' || echo "NVML CHECK FAILED"
+import torch
+from infinillm import core_sched
+from infinillm.memory import MemoryWatch, NvmlProbe
+
+probe = NvmlProbe()
+r = probe.read(0)
+print("nvml reading", r.total, r.free, r.used)
+assert r.total > 0 and 0 < r.free <= r.total
+pool = core_sched.BlockPool(0, 1024, 512)
+# A floor just under today's free fraction: taking memory must push the cap down.
+floor = max(0.01, (r.free / r.total) / 2 - 0.02)
+watch = MemoryWatch(probe, 0, pool, 512, floor)
+watch.poll()
+print("cap with the device as it is", pool.max_lent_blocks)
+hog = torch.empty(int(r.free * 0.9) // 4, dtype=torch.float32, device="cuda")  # another process would
+watch.poll()
+print("cap with 90% of the free memory taken", pool.max_lent_blocks, "free", watch.reading.free)
+assert pool.max_lent_blocks < 512
+del hog
+torch.cuda.empty_cache()
+watch.poll()
+print("cap once it is given back", pool.max_lent_blocks)
+assert pool.max_lent_blocks == 512
+PYEOF
 step "done"
