@@ -80,15 +80,26 @@ class RayWorkerProcess:
         self._actor = actor
         self.pid = pid  # (the worker's pid on its node)
         self._returncode: int | None = None
+        self._poll = None  # the actor's answer on its way
 
     @property
     def returncode(self) -> int | None:
-        if self._returncode is None:
-            ray = _ray()
+        """The worker's exit status once known, else None; never blocks (it looks whether the
+        actor has answered its last question, and asks again)."""
+        if self._returncode is not None:
+            return self._returncode
+        ray = _ray()
+        if self._poll is None:
+            self._poll = self._actor.poll.remote()
+        ready, _ = ray.wait([self._poll], timeout=0)
+        if ready:
             try:
-                self._returncode = ray.get(self._actor.poll.remote(), timeout=5)
+                rc = ray.get(self._poll)
             except Exception:  # noqa: BLE001 - the actor itself is gone: so is its worker
-                self._returncode = -9
+                rc = -9
+            self._poll = None
+            if rc is not None:
+                self._returncode = rc
         return self._returncode
 
     async def wait(self) -> int:

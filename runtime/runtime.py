@@ -58,7 +58,7 @@ from .config import RuntimeConfig
 from .engine import Engine, EngineStats
 from .homes import RemoteOutput, WorkerHome
 from .router import InstanceLoad, Router
-from .errors import InfiniLLMError, ValidationError
+from .errors import InfiniLLMError, InstanceDeadError, ValidationError
 from .memory import MemoryWatch, default_probe, derive_num_blocks, kv_bytes_per_token
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams
@@ -93,6 +93,9 @@ _DYING_S = 2.0
 # none over _JOIN_RAMP_S seconds: it takes load gradually.
 _JOIN_RAMP_QUEUE = 4
 _JOIN_RAMP_S = 10.0
+# A worker given an id (Joined) must say it serves (JoinReady) within this long: it loads its
+# model before, so this is generous; after it the id is free again.
+_JOIN_READY_S = 600.0
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _THROUGHPUT_WINDOW_S = 10.0
@@ -302,7 +305,7 @@ class Runtime:
         self._by_lid: dict[int, _Request] = {}  # placed requests by ledger id
         self._cluster_nursery: trio.Nursery | None = None  # the workers' tasks (``_start_workers``)
         self._cluster: _Cluster | None = None  # what a worker joining from another host needs
-        self._joining: dict[int, int] = {}  # instance id -> blocks it may lend, until it is ready
+        self._joining: dict[int, tuple[int, int, float]] = {}  # id -> (blocks, lendable, deadline) until ready
         self._joined_at: dict[int, float] = {}  # (trio time) the router gives a newcomer load gradually
         self.join_address: str | None = None  # where workers on other hosts join, once bound
         self._refused_joins = 0
@@ -1219,7 +1222,9 @@ async def _join_handler(runtime: Runtime, joins: trio.MemorySendChannel, msg):
     """The join socket: ``JoinRequest`` (a worker on another host: its id and the cluster's
     settings), ``JoinReady`` (it serves: connected by ``_own_joins``), ``Sync`` (its check
     that the runtime is still there)."""
-    if isinstance(msg, Sync):
+    if isinstance(msg, Sync):  # a joined worker's check: still here, and is it still a member?
+        if msg.instance_id in runtime.lost_instances:
+            raise InstanceDeadError(f"instance {msg.instance_id} was declared lost: {runtime.lost_instances[msg.instance_id]}")
         return Synced(0, 0)
     if runtime.closed:
         raise InfiniLLMError("the runtime is closing")
@@ -1227,11 +1232,14 @@ async def _join_handler(runtime: Runtime, joins: trio.MemorySendChannel, msg):
     if isinstance(msg, JoinRequest):
         if msg.model != _fingerprint(engine.args):
             raise ValidationError("model", msg.model, f"must be this runtime's model ({_fingerprint(engine.args)})")
+        now = trio.current_time()  # (ids given to workers that never said they were ready expire)
+        runtime._joining = {i: j for i, j in runtime._joining.items() if j[2] > now}
         taken = set(runtime.ledger.instance_ids()) | set(runtime.lost_instances) | set(runtime._joining)
         instance_id = max(taken | {engine.instance_id}) + 1
         lendable = config.cache.max_lent_blocks(msg.num_blocks)
-        runtime.ledger.register_instance(instance_id, msg.num_blocks, lendable)
-        runtime._joining[instance_id] = lendable
+        # A member only once it serves (``_admit_joined``): until then the ledger, the router
+        # and the planner do not see it.
+        runtime._joining[instance_id] = (msg.num_blocks, lendable, now + _JOIN_READY_S)
         cluster = runtime._cluster
         options = {
             "block_size": config.cache.block_size, "max_lend_fraction": config.cache.max_lend_fraction,
@@ -1297,9 +1305,21 @@ async def _admit_joined(runtime: Runtime, stack: contextlib.AsyncExitStack, msg:
     every other instance's peer (``ConnectPeers(joined=True)``: the cluster grows), its peers
     every member."""
     instance_id = msg.instance_id
-    lendable = runtime._joining.pop(instance_id, None)
-    if lendable is None:
+    joining = runtime._joining.pop(instance_id, None)
+    if joining is None:
         raise ValidationError("instance_id", instance_id, "must be the id this runtime gave in its Joined answer")
+    num_blocks, lendable, _ = joining
+    runtime.ledger.register_instance(instance_id, num_blocks, lendable)
+    try:
+        await _connect_joined(runtime, stack, msg, lendable)
+    except BaseException:
+        if instance_id not in runtime.homes:  # not a member after all
+            runtime.ledger.remove_instance(instance_id)
+        raise
+
+
+async def _connect_joined(runtime: Runtime, stack: contextlib.AsyncExitStack, msg: JoinReady, lendable: int) -> None:
+    instance_id = msg.instance_id
     cluster, engine = runtime._cluster, runtime.engine
     peer = await connect_peer(stack, cluster.tp, instance_id, msg.peer_address, cluster.nursery, lendable)
     control = await stack.enter_async_context(cluster.tp.open_client(msg.control_address))

@@ -42,12 +42,13 @@ import trio
 from .cluster import PeerService, connect_peer
 from .config import CacheConfig, RuntimeConfig, SchedulerConfig, TransportConfig
 from .engine import Engine
-from .errors import InfiniLLMError, TransportError
+from .errors import InfiniLLMError, InstanceDeadError, TransportError
 from .homes import ControlService
 from .loader import load_model
 from .memory import MemoryWatch, default_probe
 from .runtime import Runtime, _fingerprint, _single_error
 from .transport import ConnectPeers, HeartbeatDelta, JoinReady, JoinRequest, Sync, Synced, open_transport
+from .transport.endpoint import RemoteError
 
 __all__ = ["main", "serve", "open_worker", "WorkerProcess"]
 
@@ -191,6 +192,8 @@ async def serve(args: argparse.Namespace) -> None:
     async with open_transport(config) as tp, tp.open_client(args.join, timeout=args.join_timeout_s) as client:
         try:
             joined = await client.request(JoinRequest(_fingerprint(margs), args.num_blocks))
+        except RemoteError as e:  # it answered: a refusal, which says why
+            raise InfiniLLMError(f"the runtime at {args.join} refused this worker: {e}") from None
         except TransportError as e:
             raise InfiniLLMError(
                 f"no answer from the runtime at {args.join} within {args.join_timeout_s:g} s ({e}): is that its "
@@ -282,7 +285,7 @@ async def _serve(args, tp, model, tokenizer, margs, dtype, join_client) -> None:
             else:
                 await join_client.request(JoinReady(args.instance_id, peer, ctl))
                 print("joined as instance", args.instance_id, peer, ctl, flush=True)
-                waits = (lambda: _watch_runtime(join_client),)
+                waits = (lambda: _watch_runtime(join_client, args.instance_id),)
             for wait in waits:
                 async def stop_when(wait=wait) -> None:
                     await wait()
@@ -295,16 +298,20 @@ async def _serve(args, tp, model, tokenizer, margs, dtype, join_client) -> None:
         peer_nursery.cancel_scope.cancel()
 
 
-async def _watch_runtime(client) -> None:
+async def _watch_runtime(client, instance_id: int) -> None:
     """A joined worker's tie to its runtime: it asks every ``_RUNTIME_POLL_S`` whether the
-    runtime is still there, and returns (the worker stops) after three silent answers."""
+    runtime is still there and still counts it a member, and returns (the worker stops) when
+    it was dropped (declared lost while it was silent) or after three silent answers."""
     silent = 0
     while silent < 3:
         await trio.sleep(_RUNTIME_POLL_S)
         try:
             with trio.fail_after(_RUNTIME_POLL_S * 2):
-                await client.request(Sync(False))
+                await client.request(Sync(False, instance_id))
             silent = 0
+        except InstanceDeadError as e:
+            print(f"dropped by the runtime: {e}: stopping", file=sys.stderr, flush=True)
+            return
         except (TransportError, InfiniLLMError, trio.TooSlowError):
             silent += 1
     print("the runtime is gone: stopping", file=sys.stderr, flush=True)

@@ -682,6 +682,7 @@ class Sync(Message):
     version, so the runtime knows when its ledger holds the instance as of now."""
 
     snapshot: bool = False
+    instance_id: int = -1  # a joined worker asking its runtime whether it is still a member
 
 
 @message(20)

@@ -96,3 +96,39 @@ async def test_a_worker_joins_over_tcp_with_curve_serves_and_lends_and_a_wrong_k
         assert [i.instance_id for i in (await rt.sync_statistics()).instances] == [0, 1]
     with trio.fail_after(30):  # its runtime is gone: the joined worker stops by itself
         await worker.wait()
+
+
+async def test_joins_refused_or_dropped_leave_nothing_behind(tiny_model, tmp_path):
+    """Found by an adversarial review (each was a bug): a worker with another model is refused
+    with a message that says so (it blamed the key); a worker refused after its id was given
+    stayed in the ledger as a phantom the planner moved blocks to; a joined worker declared
+    lost while it was stopped ran on after it resumed."""
+    import os
+    import signal
+
+    public, secret = generate_keypair(tmp_path / "keys", "cluster")
+    other = str(make_tiny_model(tmp_path / "other", hidden_size=32))
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=16 * BLOCK,
+                                      max_model_len=256, transport="tcp", join_address="tcp://127.0.0.1:0",
+                                      curve_secret_key_file=str(secret), curve_public_key_file=str(public),
+                                      heartbeat_timeout_s=1.0) as rt:
+        for argv in ((other,), (tiny_model, "--dtype", "bfloat16")):
+            w = await start_worker(argv[0], rt.join_address, secret, *argv[1:])
+            with trio.fail_after(60):
+                rc = await w.wait()
+            err = (await w.stderr.receive_some(65536)).decode()
+            assert rc == 2 and ("refused this worker" in err and "model" in err or "--dtype float32" in err), err
+        assert list(rt.ledger.instance_ids()) == [0]  # no phantom member
+
+        worker = await start_worker(tiny_model, rt.join_address, secret)
+        with trio.fail_after(120):
+            line = await first_line(worker.stdout)
+        assert line.startswith("joined as instance"), line
+        os.kill(worker.pid, signal.SIGSTOP)
+        with trio.fail_after(30):
+            while not rt.statistics().lost_instances:
+                await rt.sync_statistics()
+        os.kill(worker.pid, signal.SIGCONT)
+        with trio.fail_after(30):  # told it was dropped, it stops (the runtime is still open)
+            await worker.wait()
+        assert list(rt.ledger.instance_ids()) == [0]

@@ -207,6 +207,7 @@ def one_of_each() -> list:
         ConnectPeers((3,), ("tcp://10.0.0.2:5602",), (32,), joined=True),
         Sync(),
         Sync(snapshot=True),
+        Sync(False, 3),
         Synced(1, 7, 3),
         ErrorReply("CapacityError", "no room"),
         Ack(),
