@@ -659,13 +659,18 @@ class Runtime:
                     continue
                 self._place(request, request.rid)
             else:
-                request.wire = self._next_wire
-                self._next_wire += 1
-                self._place(request, _WIRE_LID | request.wire)
-                request.remote = RemoteOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                                              request.params.logprobs is not None)
-                self._wire[request.wire] = request
-                self.homes[home].add(request.wire, request.prompt_token_ids, request.params)
+                self._hand_to_worker(request, home)
+
+    def _hand_to_worker(self, request: _Request, home: int) -> None:
+        """Send a request to worker ``home`` (its control socket), under a new wire id; its
+        outputs come back as deltas (``RemoteOutput``). A resumed one brings its tokens."""
+        request.wire = self._next_wire
+        self._next_wire += 1
+        self._place(request, _WIRE_LID | request.wire)
+        request.remote = RemoteOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                                      request.params.logprobs is not None)
+        self._wire[request.wire] = request
+        self.homes[home].add(request.wire, request.prompt_token_ids, request.params, request.resume)
 
     # ---- the gManager's view of where requests live (for the planner) ----------------------
 
@@ -915,13 +920,7 @@ class Runtime:
             self._place(request, request.rid)
             self._wake.set()
         else:
-            request.wire = self._next_wire
-            self._next_wire += 1
-            self._place(request, _WIRE_LID | request.wire)
-            request.remote = RemoteOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                                          request.params.logprobs is not None)
-            self._wire[request.wire] = request
-            self.homes[home].add(request.wire, request.prompt_token_ids, request.params, done)
+            self._hand_to_worker(request, home)
 
     def _apply_aborts(self) -> None:
         aborts, self._aborts = self._aborts, set()

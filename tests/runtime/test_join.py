@@ -20,11 +20,6 @@ BLOCK = 16
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
-
-
 def prompt(n: int, i: int = 0) -> list[int]:
     return [(i * 11 + j * 7) % 300 + 3 for j in range(n)]
 

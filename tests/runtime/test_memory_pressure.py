@@ -12,15 +12,9 @@ import trio
 
 import infinillm
 from infinillm import SamplingParams
-from infinillm.testing import make_tiny_model
 
 BLOCK = 16
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
 
 
 async def test_lending_stops_under_memory_pressure_and_resumes_after(tiny_model, tmp_path, monkeypatch):

@@ -9,16 +9,10 @@ import trio
 
 import infinillm
 from infinillm import SamplingParams
-from infinillm.testing import make_tiny_model
 
 ray = pytest.importorskip("ray", reason="the optional extra infinillm[ray]")
 BLOCK = 16
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
 
 
 async def test_workers_placed_as_ray_actors_serve_and_lend(tiny_model):
