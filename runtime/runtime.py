@@ -675,9 +675,10 @@ class Runtime:
     # ---- the gManager's view of where requests live (for the planner) ----------------------
 
     def _record(self, request: _Request, placement: Mapping[int, int]) -> None:
-        """Bring the ledger's placement of a request to ``placement`` (blocks per instance)."""
+        """Bring the ledger's placement of a request to ``placement`` (blocks per instance), for
+        the planner (none without one)."""
         ledger = self.ledger
-        if request.lid is None or not ledger.has_instance(request.instance):
+        if self.planner is None or request.lid is None or not ledger.has_instance(request.instance):
             return
         for instance in set(placement) | set(request.recorded):
             diff = placement.get(instance, 0) - request.recorded.get(instance, 0)
@@ -694,9 +695,10 @@ class Runtime:
             request.recorded.clear()
 
     def _record_own_placements(self) -> None:
-        """After a step of this instance: its requests' placements and its load, to the ledger."""
+        """After a step of this instance: its load, and (for the planner) its requests'
+        placements, to the ledger."""
         engine = self.engine
-        for req in engine.requests.values():
+        for req in (engine.requests.values() if self.planner is not None else ()):
             request = self._requests.get(req.request_id)
             if request is not None and request.rid == req.rid and engine.tables.has_request(req.rid):
                 self._record(request, engine.placement(req.rid))

@@ -46,6 +46,7 @@ __all__ = [
     "import_transformers",
     "FakeNvmlProbe",
     "FileMemoryProbe",
+    "outputs_alone",
     "assert_runtime_idle",
     "default_device",
     "TINY_CHAT_TEMPLATE",
@@ -479,6 +480,21 @@ class FileMemoryProbe:
         except ValueError:
             raise ValueError(f"{self.path} holds {text[:40]!r}, not '<total bytes> <free bytes>'") from None
         return MemoryInfo(device_index, total, free, total - free)
+
+
+async def outputs_alone(model: str, prompts, params, **options):
+    """The final ``RequestOutput`` of each prompt (token ids), run one after another on one
+    instance with room for them all: what the many-instance tests compare against."""
+    from .runtime import open_runtime
+
+    options = {"device": "cpu", "kv_capacity_tokens": 4096, "max_model_len": 1024, **options}
+    finals = []
+    async with open_runtime(model=model, **options) as rt:
+        for p in prompts:
+            async for out in rt.generate({"prompt_token_ids": list(p)}, params):
+                pass
+            finals.append(out)
+    return finals
 
 
 def assert_runtime_idle(rt) -> None:

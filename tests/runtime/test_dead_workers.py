@@ -12,6 +12,7 @@ import trio
 
 import infinillm
 from infinillm import SamplingParams
+from infinillm.testing import outputs_alone
 
 BLOCK = 16
 pytestmark = pytest.mark.slow
@@ -23,14 +24,7 @@ def prompt(n: int, i: int = 0) -> list[int]:
 
 async def reference(tiny_model, prompts, params) -> list[tuple[int, ...]]:
     """What one instance with room for everything generates."""
-    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=4096,
-                                      max_model_len=1024) as rt:
-        outs = []
-        for i, p in enumerate(prompts):
-            async for out in rt.generate({"prompt_token_ids": p}, params, request_id=f"ref{i}"):
-                pass
-            outs.append(tuple(out.outputs[0].token_ids))
-        return outs
+    return [tuple(out.outputs[0].token_ids) for out in await outputs_alone(tiny_model, prompts, params)]
 
 
 def kill(rt, instance_id: int) -> None:

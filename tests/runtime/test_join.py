@@ -14,6 +14,7 @@ import trio
 import infinillm
 from infinillm import SamplingParams
 from infinillm.testing import make_tiny_model
+from infinillm.testing import outputs_alone
 from infinillm.transport.auth import generate_keypair
 
 BLOCK = 16
@@ -46,13 +47,7 @@ async def test_a_worker_joins_over_tcp_with_curve_serves_and_lends_and_a_wrong_k
     _, intruder = generate_keypair(tmp_path / "other", "intruder")
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     prompts = [prompt(140, i) for i in range(3)]  # 160 tokens: 10 blocks each
-    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=1024,
-                                      max_model_len=256) as rt:
-        want = []
-        for p in prompts:
-            async for out in rt.generate({"prompt_token_ids": p}, params):
-                pass
-            want.append(out.outputs[0].token_ids)
+    want = [out.outputs[0].token_ids for out in await outputs_alone(tiny_model, prompts, params)]
     async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=16 * BLOCK,
                                       max_model_len=256, transport="tcp", join_address="tcp://127.0.0.1:0",
                                       curve_secret_key_file=str(secret), curve_public_key_file=str(public)) as rt:

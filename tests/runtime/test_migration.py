@@ -8,6 +8,7 @@ import trio
 
 import infinillm
 from infinillm import SamplingParams
+from infinillm.testing import outputs_alone
 
 BLOCK = 16
 pytestmark = pytest.mark.slow
@@ -24,10 +25,7 @@ async def test_borrowed_blocks_come_home_when_the_home_has_room_again_without_ch
     on one instance with room, and no block left anywhere afterwards."""
     blocker = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     long = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, logprobs=1)
-    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=4096,
-                                      max_model_len=1024) as rt:
-        async for want in rt.generate({"prompt_token_ids": prompt(200, 2)}, long):
-            pass
+    (want,) = await outputs_alone(tiny_model, [prompt(200, 2)], long)
     async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=16 * BLOCK,
                                       max_model_len=384, num_instances=2, planner_interval_s=0.05,
                                       max_num_batched_tokens=64) as rt:

@@ -9,6 +9,7 @@ import trio
 
 import infinillm
 from infinillm import SamplingParams
+from infinillm.testing import outputs_alone
 
 ray = pytest.importorskip("ray", reason="the optional extra infinillm[ray]")
 BLOCK = 16
@@ -20,13 +21,7 @@ async def test_workers_placed_as_ray_actors_serve_and_lend(tiny_model):
 
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     prompts = [[(i * 11 + j * 7) % 300 + 3 for j in range(n)] for i, n in enumerate([300, 60, 150])]
-    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=4096,
-                                      max_model_len=1024) as rt:
-        want = []
-        for p in prompts:
-            async for out in rt.generate({"prompt_token_ids": p}, params):
-                pass
-            want.append(out.outputs[0].token_ids)
+    want = [out.outputs[0].token_ids for out in await outputs_alone(tiny_model, prompts, params)]
     async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=16 * BLOCK,
                                       max_model_len=512, num_instances=3, launcher="ray") as rt:
         assert ray.is_initialized()
