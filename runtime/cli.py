@@ -4,6 +4,7 @@
                        [--device auto] [--kv-capacity-tokens N] [--max-model-len N] [--raw]
     infinillm keys DIR [--name NAME] [--force]
     infinillm worker --join tcp://HOST:PORT --key FILE --model M --num-blocks N [--bind-host H]
+    infinillm sim --paper | --trace FILE.csv [...]   (a simulated GPU cluster: docs/SIMULATION.md)
 
 ``generate`` streams the completion to stdout through the embedded runtime (the same API an
 application uses); ``keys`` writes a CURVE key pair for the tcp endpoints.
@@ -63,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("worker", help="a worker joining a runtime on another host (--join tcp://HOST:PORT --key FILE)",
                        add_help=False)
     w.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("sim", help="simulate a GPU cluster serving a trace (--paper: the paper's experiment)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sim"]:  # its options are the simulator's own
+        from .sim.cli import main as sim_main
+
+        return sim_main(argv[1:], prog="infinillm sim")
     if argv[:1] == ["worker"]:  # its options are the worker's own (argparse's REMAINDER drops leading --options)
         from .worker import main as worker_main
 

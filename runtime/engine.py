@@ -34,6 +34,7 @@ from .transport import AttentionQuery, AttentionResult
 from .config import CacheConfig, SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import InstanceDeadError, RequestTooLongError, TransportError, ValidationError
+from .lending import creditor_order, loan_size
 from .model import LlamaModel, ModelArgs
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, make_logprobs_dict
 from .sampling import Sampler, SamplingParams, make_generator
@@ -43,7 +44,6 @@ __all__ = ["Engine", "EngineRequest", "EngineStats"]
 log = logging.getLogger("infinillm.engine")
 
 _RID_BITS = 40  # request ids: instance id << 40 | a counter
-_BORROW_AHEAD = 4  # blocks a loan takes beyond what the step needs (see Engine._borrow)
 
 
 @dataclass(slots=True)
@@ -462,7 +462,7 @@ class Engine:
     # ---- the cluster: loans, remote blocks, serving creditors' queries -----------------------
 
     def _borrow(self, rid: int, n: int) -> None:
-        """Borrow ``n`` blocks for a running request, and up to ``_BORROW_AHEAD`` more that it
+        """Borrow ``n`` blocks for a running request, and up to ``lending.BORROW_AHEAD`` more that it
         will grow into (never past its own maximum), so a growing request does not stop for a
         loan at every block. Its present creditors come first (each one more is a query per
         layer), then the peers with the most room; a loan is split over several when no one
@@ -471,9 +471,10 @@ class Engine:
         req = self.requests.get(rid)
         if req is not None:
             most = -(-(len(req.prompt_token_ids) + req.max_new_tokens) // self.block_size)
-            n = max(n, min(n + _BORROW_AHEAD, most - self.tables.num_blocks(rid)))
+            n = loan_size(n, most, self.tables.num_blocks(rid))
         held = {i for i, _ in self.tables.runs(rid)} if self.tables.has_request(rid) else set()
-        for peer in sorted(self.peers.values(), key=lambda p: (p.instance_id not in held, -p.lendable())):
+        for i, _ in creditor_order([(p.instance_id, p.lendable()) for p in self.peers.values()], held):
+            peer = self.peers[i]
             take = min(n, peer.lendable())
             if take <= 0:
                 continue

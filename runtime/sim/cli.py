@@ -1,0 +1,119 @@
+"""``infinillm sim``: the paper's experiment, or one trace, on a simulated cluster.
+
+    infinillm sim --paper [--out DIR] [--processes N]
+    infinillm sim --trace FILE.csv [--model llama2-7b] [--gpu a100] [--num-gpus 32] [--instance-tp N]
+
+``--paper`` runs the nine traces of ``experiment.PAPER_TRACES`` under every policy at a sweep
+of rates, prints the table, writes the plots and the table under ``--out``, and ends with one
+JSON line: ``{"min_ratio_short_vs_multi", "min_ratio_long_vs_single", "max_context_tokens"}``.
+``--trace`` serves a CSV trace (``arrival_s,prompt_tokens,output_tokens``) under every policy
+and ends with a JSON line of each policy's throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..errors import InfiniLLMError
+from .cluster import POLICIES, ClusterSpec, simulate
+from .experiment import (
+    PAPER_TRACES, format_table, instance_tp_for, plot_kv_use, plot_throughput, probe_max_context, run_experiment,
+    summary_json,
+)
+from .hardware import GPUS, MODELS, gpu as gpu_named, model_shape
+from .traces import read_trace_csv
+
+__all__ = ["main"]
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Simulate a GPU cluster serving a trace, driving the real "
+                                "scheduler core under a roofline cost model (docs/SIMULATION.md).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--paper", action="store_true", help="the paper's experiment: 32 GPUs, LLaMA2-7B/13B/70B, nine traces")
+    what.add_argument("--trace", metavar="FILE.csv", help="a trace with columns arrival_s,prompt_tokens,output_tokens")
+    p.add_argument("--gpu", default="a100", choices=sorted(GPUS), help="the simulated GPU")
+    p.add_argument("--num-gpus", type=int, default=32, help="GPUs in the cluster (nodes of 8)")
+    p.add_argument("--model", default="llama2-7b", choices=sorted(MODELS), help="(--trace) the model served")
+    p.add_argument("--instance-tp", type=int, default=None,
+                   help="(--trace) GPUs per instance; default: the fewest that hold the weights and a 60K context")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, from " + ", ".join(POLICIES))
+    p.add_argument("--seed", type=int, default=0, help="(--paper) the traces' seed")
+    p.add_argument("--out", default="sim-out", help="where the table, the plots and the summary go")
+    p.add_argument("--processes", type=int, default=None, help="simulations run at once (default: one per core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "infinillm sim") -> int:
+    args = _parser(prog).parse_args(argv)
+    try:
+        policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+        bad = [p for p in policies if p not in POLICIES]
+        if bad or not policies:
+            print(f"error: --policies {args.policies!r}: each must be one of {', '.join(POLICIES)}", file=sys.stderr)
+            return 2
+        if args.num_gpus < 1:
+            print(f"error: --num-gpus {args.num_gpus}: must be >= 1", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.paper:
+            return _paper(args, policies, out)
+        return _trace(args, policies, out)
+    except InfiniLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _paper(args, policies, out: Path) -> int:
+    started = time.monotonic()
+    outcomes = run_experiment(PAPER_TRACES, gpu=args.gpu, num_gpus=args.num_gpus, seed=args.seed, policies=policies,
+                              processes=args.processes, progress=not args.no_progress)
+    table = format_table(PAPER_TRACES, outcomes)
+    probe = probe_max_context(args.gpu, "llama2-7b", args.num_gpus) if "infinite-llm" in policies else None
+    probe_served = probe.max_context_served if probe is not None else None
+    summary = summary_json(PAPER_TRACES, outcomes, probe_served)
+    print(table)
+    if probe is not None:
+        r = probe.requests[0]
+        print(f"longest context: {r.context_tokens:,} tokens of LLaMA2-7B on {args.num_gpus} x {gpu_named(args.gpu).name} "
+              f"(infinite-llm): {'served' if r.finish_s is not None else 'NOT served: ' + str(r.rejected)}"
+              + (f", first token after {r.first_token_s:,.0f} s, KV on {r.most_instances} instances" if r.finish_s else ""))
+    plot_throughput(PAPER_TRACES, outcomes, out / "throughput_vs_rate.png")
+    kv_trace = next(t for t in PAPER_TRACES if t.kind == "short")
+    plot_kv_use(kv_trace, outcomes, out / "kv_use_short.png")
+    kv_long = next(t for t in PAPER_TRACES if t.kind == "long")
+    plot_kv_use(kv_long, outcomes, out / "kv_use_long.png")
+    (out / "table.txt").write_text(table + "\n")
+    (out / "summary.json").write_text(json.dumps(summary) + "\n")
+    print(f"plots and table in {out}/ ({time.monotonic() - started:.0f} s)")
+    print(json.dumps(summary))
+    return 0
+
+
+def _trace(args, policies, out: Path) -> int:
+    trace = read_trace_csv(args.trace)
+    g, m = gpu_named(args.gpu), model_shape(args.model)
+    tp = args.instance_tp or instance_tp_for(g, m)
+    spec = ClusterSpec(g, m, args.num_gpus, tp)
+    rows = {}
+    print(f"{len(trace)} requests from {args.trace}: {m.name} on {args.num_gpus} x {g.name}, instances of {tp} GPUs")
+    print(f"{'policy':<14} {'tokens/s':>12} {'output/s':>10} {'completed':>9} {'rejected':>8} {'longest':>10} "
+          f"{'TTFT s':>8} {'makespan s':>10}")
+    for p in policies:
+        res = simulate(spec, p, trace)
+        rows[p] = res
+        print(f"{p:<14} {res.throughput:>12,.0f} {res.output_throughput:>10,.0f} {len(res.completed):>9} "
+              f"{len(res.rejected):>8} {res.max_context_served:>10,} {res.mean_ttft():>8.2f} {res.makespan_s:>10.1f}")
+    summary = {"throughput": {p: round(r.throughput, 1) for p, r in rows.items()},
+               "rejected": {p: len(r.rejected) for p, r in rows.items()},
+               "max_context_tokens": max(r.max_context_served for r in rows.values())}
+    (out / "summary.json").write_text(json.dumps(summary) + "\n")
+    print(json.dumps(summary))
+    return 0
