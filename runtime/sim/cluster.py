@@ -93,6 +93,7 @@ class RequestRecord:
     away: dict[int, int] = field(default_factory=dict)  # blocks on creditors, per instance
     recorded: dict[int, int] = field(default_factory=dict)  # what the ledger holds of its placement
     most_instances: int = 1  # the most instances its KV lay on at once
+    computed: int = 0  # prompt positions computed so far (the most, across preemptions)
 
     @property
     def context_tokens(self) -> int:
@@ -101,15 +102,25 @@ class RequestRecord:
 
 @dataclass(slots=True)
 class SimResult:
-    """What one run measured. Throughput is vLLM's ``benchmark_throughput`` measure: the tokens
-    of the completed requests (prompt and output) over the time from the first arrival to the
-    last completion (``makespan_s``); at a rate the cluster cannot keep up with, its capacity."""
+    """What one run measured.
+
+    ``throughput`` is the useful work the cluster did while loaded: prompt tokens computed for
+    the first time (a preempted request's recomputation does not count) and tokens generated,
+    per second, over the window from ``warmup_fraction`` of the arrivals' span to the last
+    arrival (``window_s``). At a rate the cluster cannot keep up with, that is its capacity,
+    with neither the warm-up from empty nor the drain after the last arrival (where a few long
+    requests may run alone). ``makespan_throughput`` is the other common measure (vLLM's
+    ``benchmark_throughput``): every completed request's tokens over the whole run.
+    """
 
     policy: str
     num_instances: int
     instance_tp: int
     blocks_per_instance: int
     requests: list[RequestRecord]
+    window_s: float
+    window_tokens: int
+    window_output_tokens: int
     makespan_s: float
     num_steps: int
     num_loans: int
@@ -130,14 +141,22 @@ class SimResult:
 
     @property
     def throughput(self) -> float:
-        """Tokens/s, prompt and output, of the completed requests."""
-        done = self.completed
-        return sum(r.context_tokens for r in done) / self.makespan_s if done and self.makespan_s > 0 else 0.0
+        """Useful tokens/s (prompt and output) while loaded (see the class docstring); for a
+        trace whose requests all arrive at once, the makespan throughput."""
+        return self.window_tokens / self.window_s if self.window_s > 0 else self.makespan_throughput
 
     @property
     def output_throughput(self) -> float:
+        if self.window_s > 0:
+            return self.window_output_tokens / self.window_s
         done = self.completed
         return sum(r.output_tokens for r in done) / self.makespan_s if done and self.makespan_s > 0 else 0.0
+
+    @property
+    def makespan_throughput(self) -> float:
+        """Tokens/s (prompt and output) of the completed requests over the whole run."""
+        done = self.completed
+        return sum(r.context_tokens for r in done) / self.makespan_s if done and self.makespan_s > 0 else 0.0
 
     @property
     def max_context_served(self) -> int:
@@ -171,7 +190,7 @@ class Simulation:
     one the runtime uses)."""
 
     def __init__(self, spec: ClusterSpec, policy: str, trace: list[TraceRequest], *, core=None,
-                 kv_samples: int = 200, on_request_done: Callable[[], None] | None = None) -> None:
+                 kv_samples: int = 200, warmup_fraction: float = 0.1, on_request_done: Callable[[], None] | None = None) -> None:
         if policy not in POLICIES:
             raise ValidationError("policy", policy, f"must be one of {', '.join(POLICIES)}")
         if not trace:
@@ -214,6 +233,9 @@ class Simulation:
         self._pending: list[int] = []  # arrived, not placed yet
         self._wake = False  # memory was freed: idle instances with work look again
         self._last_arrival = max(r.arrival_s for r in trace)
+        self._window = (warmup_fraction * self._last_arrival, self._last_arrival)
+        self._window_tokens = 0
+        self._window_output = 0
         self._kv_samples = kv_samples
         self.kv_times: list[float] = []
         self.kv_used: list[list[float]] = []
@@ -372,10 +394,19 @@ class Simulation:
         inst.busy = False
         inst.step = None
         planner = inst.planner
+        counted = self._window[0] <= self.now <= self._window[1]
         for c in plan.chunks:
+            r = self.requests[c.request_id]
+            end = min(c.start + c.num_tokens, r.prompt_tokens)
+            if end > r.computed:
+                if counted:
+                    self._window_tokens += end - r.computed
+                r.computed = end
             if not c.samples:
                 continue
-            r = self.requests[c.request_id]
+            if counted:
+                self._window_tokens += 1
+                self._window_output += 1
             r.generated += 1
             if r.first_token_s is None:
                 r.first_token_s = self.now
@@ -548,7 +579,8 @@ class Simulation:
         makespan = max([self._last_arrival] + [r.finish_s or 0.0 for r in self.requests])
         return SimResult(
             self.policy, len(self.instances), self.cost.tp, self.blocks_per_instance, self.requests,
-            makespan, self.num_steps, self.num_loans,
+            self._window[1] - self._window[0], self._window_tokens, self._window_output, makespan, self.num_steps,
+            self.num_loans,
             self.num_moves, self.blocks_moved, self.num_preemptions, self.kv_times, self.kv_used, leaked,
         )
 

@@ -30,6 +30,8 @@ __all__ = ["PAPER_TRACES", "PaperTrace", "instance_tp_for", "nominal_rate", "run
            "format_table", "plot_throughput", "plot_kv_use"]
 
 RATE_FACTORS = (0.5, 1.0, 2.0)
+SHORT_S = 60.0  # arrivals' span of a short trace (simulated seconds)
+LONG_S = 300.0
 INSTANCE_CONTEXT = 60_000
 
 
@@ -47,13 +49,12 @@ class PaperTrace:
 def _paper_traces() -> list[PaperTrace]:
     out = []
     for model in ("llama2-7b", "llama2-13b", "llama2-70b"):
-        out.append(PaperTrace(0, model, TraceSpec(f"{model} short 1-60K", 2, 60_000, 600, "loguniform"), "short"))
-    for model in ("llama2-7b", "llama2-13b", "llama2-70b"):
-        out.append(PaperTrace(0, model, TraceSpec(f"{model} long 1-200K", 2, 200_000, 200, "loguniform",
-                                                  include_max=True), "long"))
-    for model in ("llama2-7b", "llama2-13b", "llama2-70b"):
-        out.append(PaperTrace(0, model, TraceSpec(f"{model} long 1-2000K", 2, 2_000_000, 120, "loguniform",
-                                                  include_max=True), "long"))
+        out.append(PaperTrace(0, model, TraceSpec(f"{model} short 1-60K", 2, 60_000, 0, "loguniform",
+                                                  duration_s=SHORT_S), "short"))
+    for hi, name in ((200_000, "1-200K"), (2_000_000, "1-2000K")):
+        for model in ("llama2-7b", "llama2-13b", "llama2-70b"):
+            out.append(PaperTrace(0, model, TraceSpec(f"{model} long {name}", 2, hi, 0, "loguniform",
+                                                      include_max=True, duration_s=LONG_S), "long"))
     return [replace(t, index=i) for i, t in enumerate(out)]
 
 
@@ -95,6 +96,7 @@ class Outcome:
     rate: float
     throughput: float
     output_throughput: float
+    makespan_throughput: float
     completed: int
     rejected: int
     max_context: int
@@ -116,7 +118,8 @@ def _cluster(gpu: GPU, model: ModelShape, num_gpus: int) -> ClusterSpec:
 
 def _outcome(job: Job, rate: float, res: SimResult, keep_kv: bool) -> Outcome:
     return Outcome(
-        job.trace, job.factor, job.policy, rate, res.throughput, res.output_throughput, len(res.completed),
+        job.trace, job.factor, job.policy, rate, res.throughput, res.output_throughput, res.makespan_throughput,
+        len(res.completed),
         len(res.rejected), res.max_context_served, res.mean_ttft(), res.makespan_s, res.num_instances,
         res.instance_tp, res.num_loans, res.num_moves, res.num_preemptions, res.leaked_blocks,
         res.kv_times if keep_kv else None, res.kv_used if keep_kv else None,
@@ -134,7 +137,7 @@ def _init(state: dict) -> None:
 def _run(job: Job) -> Outcome:
     t = _STATE["traces"][job.trace]
     spec = _cluster(_STATE["gpu"], model_shape(t.model), _STATE["num_gpus"])
-    base = generate_trace(t.spec, 1.0, _STATE["seed"])
+    base = generate_trace(replace(t.spec, num_requests=1000, duration_s=0.0), 1.0, _STATE["seed"])  # the length mix
     rate = nominal_rate(spec, base) * job.factor
     trace = generate_trace(t.spec, rate, _STATE["seed"])
     res = simulate(spec, job.policy, trace)

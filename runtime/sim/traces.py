@@ -34,24 +34,26 @@ class TraceRequest:
 
 @dataclass(frozen=True, slots=True)
 class TraceSpec:
-    """How to draw a trace: ``num_requests`` contexts in ``[min_context, max_context]`` tokens
-    (``distribution``: ``uniform``, or ``loguniform`` for many short and a few very long),
-    outputs in ``[min_output, max_output]`` tokens (uniform)."""
+    """How to draw a trace: contexts in ``[min_context, max_context]`` tokens (``distribution``:
+    ``uniform``, or ``loguniform`` for many short and a few very long), outputs in
+    ``[min_output, max_output]`` tokens (uniform); ``num_requests`` of them, or (``num_requests=0``)
+    as many as arrive in ``duration_s`` at the trace's rate."""
 
     name: str
     min_context: int
     max_context: int
-    num_requests: int
+    num_requests: int = 0
     distribution: str = "uniform"
     min_output: int = 1
     max_output: int = 512
     include_max: bool = False  # one request (at a seeded position) has exactly max_context tokens
+    duration_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_context <= self.max_context:
             raise ValidationError("min_context", self.min_context, f"must be in [2, max_context={self.max_context}]")
-        if self.num_requests < 1:
-            raise ValidationError("num_requests", self.num_requests, "must be >= 1")
+        if self.num_requests < 0 or (self.num_requests == 0) == (self.duration_s <= 0):
+            raise ValidationError("num_requests", self.num_requests, "must be >= 1, or 0 with a duration_s > 0")
         if self.distribution not in DISTRIBUTIONS:
             raise ValidationError("distribution", self.distribution, f"must be one of {', '.join(DISTRIBUTIONS)}")
         if not 1 <= self.min_output <= self.max_output:
@@ -66,8 +68,9 @@ def generate_trace(spec: TraceSpec, rate: float, seed: int = 0) -> list[TraceReq
     lengths = random.Random(f"{spec.name}/{seed}/lengths")  # the same requests at every rate
     out = []
     t = 0.0
-    longest = lengths.randrange(spec.num_requests) if spec.include_max else -1
-    for i in range(spec.num_requests):
+    n = spec.num_requests or max(1, round(rate * spec.duration_s))
+    longest = lengths.randrange(n) if spec.include_max else -1
+    for i in range(n):
         if i == longest:
             context = spec.max_context
         elif spec.distribution == "uniform":
