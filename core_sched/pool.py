@@ -159,18 +159,17 @@ class BlockPool:
             if blocks:
                 raise SchedulerError(f"instance {self._instance_id}: request {request_id} holds no blocks here")
             return
-        for i, b in enumerate(blocks):
+        named: set[int] = set()  # linear in the blocks named and held, as block_pool.hpp
+        for b in blocks:
             if not (0 <= b < self._num_blocks) or self._state[b] != BLOCK_USED or self._owner_request[b] != request_id:
                 raise SchedulerError(
                     f"instance {self._instance_id}: block {b} is not held by request {request_id}"
                 )
-            if b in blocks[:i]:
+            if b in named:
                 raise SchedulerError(f"instance {self._instance_id}: block {b} named twice")
+            named.add(b)
+        held[:] = [b for b in held if b not in named]
         for b in blocks:
-            for k in range(len(held) - 1, -1, -1):
-                if held[k] == b:
-                    del held[k]
-                    break
             self._release_used(b)
         if not held:
             del self._held[request_id]

@@ -34,7 +34,7 @@ from .transport import AttentionQuery, AttentionResult
 from .config import CacheConfig, SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import InstanceDeadError, RequestTooLongError, TransportError, ValidationError
-from .lending import creditor_order, loan_size
+from .lending import borrow, loan_size, part_limit
 from .model import LlamaModel, ModelArgs
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, make_logprobs_dict
 from .sampling import Sampler, SamplingParams, make_generator
@@ -464,34 +464,38 @@ class Engine:
     def _borrow(self, rid: int, n: int) -> None:
         """Borrow ``n`` blocks for a running request, and up to ``lending.BORROW_AHEAD`` more that it
         will grow into (never past its own maximum), so a growing request does not stop for a
-        loan at every block. Its present creditors come first (each one more is a query per
-        layer), then the peers with the most room; a loan is split over several when no one
-        has enough, and a peer that refuses (its room went meanwhile) is skipped. What could not
-        be had is asked for again by the next step's plan."""
+        loan at every block. ``lending.plan_loan`` splits it over creditors (present ones first,
+        up to the request's share of the cluster on each, then the peers with the most room); a
+        peer that refuses (its room went meanwhile) is skipped. What could not be had is asked
+        for again by the next step's plan."""
         req = self.requests.get(rid)
+        have = self.tables.num_blocks(rid) if self.tables.has_request(rid) else 0
+        most = have + n
         if req is not None:
             most = -(-(len(req.prompt_token_ids) + req.max_new_tokens) // self.block_size)
-            n = loan_size(n, most, self.tables.num_blocks(rid))
-        held = {i for i, _ in self.tables.runs(rid)} if self.tables.has_request(rid) else set()
-        for i, _ in creditor_order([(p.instance_id, p.lendable()) for p in self.peers.values()], held):
+            n = loan_size(n, most, have)
+        parts: dict[int, int] = {}
+        if self.tables.has_request(rid):
+            for i, ids in self.tables.runs(rid):
+                if i != self.instance_id:
+                    parts[i] = parts.get(i, 0) + len(ids)
+        def ask(i: int, take: int) -> bool:
             peer = self.peers[i]
-            take = min(n, peer.lendable())
-            if take <= 0:
-                continue
             try:
                 reservation = peer.reserve(self.instance_id, take)
                 if reservation is None:
-                    continue
+                    return False
                 blocks = peer.commit(reservation, rid)
             except (InstanceDeadError, TransportError) as e:  # it died (or is dying) meanwhile
                 log.warning("loan from instance %d for request %d failed: %s", peer.instance_id, rid, e)
-                continue
+                return False
             with self.pool_lock:
                 self.planner.add_loan(rid, peer.instance_id, blocks)
             self.num_loans += 1
-            n -= take
-            if n == 0:
-                return
+            return True
+
+        offers = [(p.instance_id, p.lendable()) for p in self.peers.values()]
+        borrow(n, offers, parts, part_limit(most, len(self.peers) + 1, self.block_size), ask)
 
     def _release_remote(self, rid: int, runs) -> None:
         """Free the blocks creditors hold for a request that ended or was preempted (those on

@@ -2,12 +2,14 @@
 
     infinillm sim --paper [--out DIR] [--processes N]
     infinillm sim --trace FILE.csv [--model llama2-7b] [--gpu a100] [--num-gpus 32] [--instance-tp N]
+    infinillm sim --published
 
 ``--paper`` runs the nine traces of ``experiment.PAPER_TRACES`` under every policy at a sweep
 of rates, prints the table, writes the plots and the table under ``--out``, and ends with one
 JSON line: ``{"min_ratio_short_vs_multi", "min_ratio_long_vs_single", "max_context_tokens"}``.
 ``--trace`` serves a CSV trace (``arrival_s,prompt_tokens,output_tokens``) under every policy
-and ends with a JSON line of each policy's throughput.
+and ends with a JSON line of each policy's throughput. ``--published`` prints the cost model
+beside published measurements (``published.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--paper", action="store_true", help="the paper's experiment: 32 GPUs, LLaMA2-7B/13B/70B, nine traces")
     what.add_argument("--trace", metavar="FILE.csv", help="a trace with columns arrival_s,prompt_tokens,output_tokens")
+    what.add_argument("--published", action="store_true", help="the cost model beside published measurements")
     p.add_argument("--gpu", default="a100", choices=sorted(GPUS), help="the simulated GPU")
     p.add_argument("--num-gpus", type=int, default=32, help="GPUs in the cluster (nodes of 8)")
     p.add_argument("--model", default="llama2-7b", choices=sorted(MODELS), help="(--trace) the model served")
@@ -61,6 +64,11 @@ def main(argv: list[str] | None = None, prog: str = "infinillm sim") -> int:
         if args.num_gpus < 1:
             print(f"error: --num-gpus {args.num_gpus}: must be >= 1", file=sys.stderr)
             return 2
+        if args.published:
+            from .published import comparisons, format_comparisons
+
+            print(format_comparisons(comparisons()))
+            return 0
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if args.paper:
@@ -100,7 +108,7 @@ def _paper(args, policies, out: Path) -> int:
 def _trace(args, policies, out: Path) -> int:
     trace = read_trace_csv(args.trace)
     g, m = gpu_named(args.gpu), model_shape(args.model)
-    tp = args.instance_tp or instance_tp_for(g, m)
+    tp = args.instance_tp if args.instance_tp is not None else instance_tp_for(g, m)
     spec = ClusterSpec(g, m, args.num_gpus, tp)
     rows = {}
     print(f"{len(trace)} requests from {args.trace}: {m.name} on {args.num_gpus} x {g.name}, instances of {tp} GPUs")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from .. import core_sched as _default_core
 from ..errors import RequestTooLongError, ValidationError
-from ..lending import creditor_order, loan_size
+from ..lending import borrow, loan_size, part_limit
 from ..router import InstanceLoad, Router
 from .cost import CostModel, Efficiency
 from .hardware import GPU, ModelShape
@@ -66,8 +66,18 @@ class ClusterSpec:
     efficiency: Efficiency = field(default_factory=Efficiency)
 
     def __post_init__(self) -> None:
-        if self.num_gpus < 1 or self.num_gpus % self.instance_tp:
-            raise ValidationError("num_gpus", self.num_gpus, f"must be a positive multiple of instance_tp={self.instance_tp}")
+        tp = self.instance_tp
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1 or tp & (tp - 1):
+            raise ValidationError("instance_tp", tp, "must be a power of two >= 1")
+        if self.num_gpus < 1 or self.num_gpus % tp:
+            raise ValidationError("num_gpus", self.num_gpus, f"must be a positive multiple of instance_tp={tp}")
+        if not 0 < self.memory_utilization <= 1:
+            raise ValidationError("memory_utilization", self.memory_utilization, "must be in (0, 1]")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_moves_per_step"):
+            if getattr(self, name) < (0 if name == "max_moves_per_step" else 1):
+                raise ValidationError(name, getattr(self, name), "must be >= 1" if name != "max_moves_per_step" else "must be >= 0")
+        if not self.planner_interval_s > 0:
+            raise ValidationError("planner_interval_s", self.planner_interval_s, "must be > 0")
 
     def cost_model(self, policy: str) -> CostModel:
         tp = self.num_gpus if policy == "vllm-single" else self.instance_tp
@@ -94,6 +104,8 @@ class RequestRecord:
     recorded: dict[int, int] = field(default_factory=dict)  # what the ledger holds of its placement
     most_instances: int = 1  # the most instances its KV lay on at once
     computed: int = 0  # prompt positions computed so far (the most, across preemptions)
+    progress: int = 0  # positions whose KV it holds now (lost when it is preempted)
+    preemptions: int = 0
 
     @property
     def context_tokens(self) -> int:
@@ -127,6 +139,7 @@ class SimResult:
     num_moves: int
     blocks_moved: int
     num_preemptions: int
+    recomputed_tokens: int
     kv_times: list[float]
     kv_used: list[list[float]]  # per sample time: each instance's used fraction (own and lent)
     leaked_blocks: int
@@ -240,6 +253,7 @@ class Simulation:
         self.kv_times: list[float] = []
         self.kv_used: list[list[float]] = []
         self.num_steps = self.num_loans = self.num_moves = self.blocks_moved = self.num_preemptions = 0
+        self.recomputed_tokens = 0  # KV positions preemptions threw away (computed again later)
         self._done = 0
         self._on_done = on_request_done
         self._layers = spec.model.num_layers
@@ -271,18 +285,38 @@ class Simulation:
                 self._plan()
                 if self._done < len(self.requests):
                     self._push(t + self.spec.planner_interval_s, _PLAN, 0)
-                continue
             else:
                 self._sample()
                 if self._done < len(self.requests):
                     self._push(t + self._sample_interval(), _SAMPLE, 0)
-                continue
             self._kick()
+            if kind in (_PLAN, _SAMPLE) and self._done < len(self.requests) and self._stuck():
+                self._fail_rest("no instance can make progress (every request left waits for memory no one will free)")
+                break
         return self._result()
+
+    def _stuck(self) -> bool:
+        """Nothing runs, nothing will arrive, and looking again starts nothing."""
+        if any(inst.busy for inst in self.instances) or any(e[2] in (_ARRIVAL, _STEP_END) for e in self._events):
+            return False
+        self._wake = True
+        self._kick()
+        return not any(inst.busy for inst in self.instances)
+
+    def _fail_rest(self, reason: str) -> None:
+        for inst in self.instances:
+            for rid in inst.planner.running_ids() + inst.planner.waiting_ids():
+                r = self.requests[rid]
+                self._release_remote(r, inst.planner.abort(rid))
+                r.rejected = f"request {rid}: {reason}"
+                if self.ledger.has_request(rid):
+                    self.ledger.forget_request(rid)
+                self._request_done()
+        self._sync_ledger()
 
     def _sample_interval(self) -> float:
         if self._sample_every is None:
-            # A first guess from the trace; refined once the run shows its pace.
+            # From the trace: about kv_samples samples over twice the arrivals' span.
             self._sample_every = max(self._last_arrival, 1.0) * 2 / self._kv_samples
         return self._sample_every
 
@@ -334,8 +368,12 @@ class Simulation:
             plan = inst.planner.schedule(self._loan_available(inst))
             self._dirty.add(inst.id)
             for p in plan.preempted:
+                r = self.requests[p.request_id]
                 self.num_preemptions += 1
-                self._release_remote(self.requests[p.request_id], p.remote_runs)
+                self.recomputed_tokens += r.progress
+                r.preemptions += 1
+                r.progress = 0
+                self._release_remote(r, p.remote_runs)
             granted = 0
             for loan in plan.loans:
                 granted += self._borrow(inst, self.requests[loan.request_id], loan.num_blocks)
@@ -397,6 +435,7 @@ class Simulation:
         counted = self._window[0] <= self.now <= self._window[1]
         for c in plan.chunks:
             r = self.requests[c.request_id]
+            r.progress = c.start + c.num_tokens
             end = min(c.start + c.num_tokens, r.prompt_tokens)
             if end > r.computed:
                 if counted:
@@ -436,29 +475,25 @@ class Simulation:
         """As ``Engine._borrow``: the loan's size and creditors from ``lending``; reserve and
         commit on each creditor's pool, ``add_loan`` at home. Returns the blocks granted."""
         bs = self.spec.block_size
-        n = loan_size(short, -(-r.context_tokens // bs), inst.tables.num_blocks(r.index))
+        most = -(-r.context_tokens // bs)
+        n = loan_size(short, most, inst.tables.num_blocks(r.index))
         self._sync_ledger()
         offers = [(j.id, self.ledger.instance(j.id).lendable) for j in self.instances if j is not inst]
-        granted = 0
-        for j, lendable in creditor_order(offers, set(r.away)):
-            take = min(n, lendable)
-            if take <= 0:
-                continue
+
+        def ask(j: int, take: int) -> bool:
             creditor = self.instances[j]
             reservation = creditor.pool.try_reserve(inst.id, take, self.now, _RESERVATION_TTL_S)
             if reservation is None:
-                continue
+                return False
             blocks = creditor.pool.commit(reservation, r.index, self.now)
             inst.planner.add_loan(r.index, j, blocks)
             self._dirty.add(j)
             r.away[j] = r.away.get(j, 0) + take
             r.most_instances = max(r.most_instances, 1 + len(r.away))
             self.num_loans += 1
-            granted += take
-            n -= take
-            if n == 0:
-                break
-        return granted
+            return True
+
+        return borrow(n, offers, r.away, part_limit(most, len(self.instances), bs), ask)
 
     def _release_remote(self, r: RequestRecord, runs) -> None:
         for j, blocks in runs:
@@ -581,7 +616,7 @@ class Simulation:
             self.policy, len(self.instances), self.cost.tp, self.blocks_per_instance, self.requests,
             self._window[1] - self._window[0], self._window_tokens, self._window_output, makespan, self.num_steps,
             self.num_loans,
-            self.num_moves, self.blocks_moved, self.num_preemptions, self.kv_times, self.kv_used, leaked,
+            self.num_moves, self.blocks_moved, self.num_preemptions, self.recomputed_tokens, self.kv_times, self.kv_used, leaked,
         )
 
 

@@ -148,9 +148,12 @@ def test_the_experiment_reports_a_table_plots_and_the_summary(tmp_path):
     assert len(outcomes) == 2 * 2 * len(POLICIES)
     assert all(o.leaked_blocks == 0 for o in outcomes)
     table = format_table(traces, outcomes)
-    assert "short" in table and "long" in table and "vs multi" in table
+    assert "short" in table and "long" in table and "vs vllm-multi" in table
+    for p in POLICIES:
+        assert p in table
     summary = summary_json(traces, outcomes)
-    assert set(summary) == {"min_ratio_short_vs_multi", "min_ratio_long_vs_single", "max_context_tokens"}
+    assert list(summary)[:3] == ["min_ratio_short_vs_multi", "min_ratio_long_vs_single", "max_context_tokens"]
+    assert all(isinstance(summary[k], float) for k in summary if k.startswith("min_ratio"))
     assert summary["max_context_tokens"] == 400_000
     plot_throughput(traces, outcomes, tmp_path / "t.png")
     plot_kv_use(traces[0], outcomes, tmp_path / "k.png")
