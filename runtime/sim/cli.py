@@ -15,6 +15,7 @@ beside published measurements (``published.py``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -50,6 +51,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default="sim-out", help="where the table, the plots and the summary go")
     p.add_argument("--processes", type=int, default=None, help="simulations run at once (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="(--paper) no plots (they need matplotlib)")
     return p
 
 
@@ -72,6 +74,10 @@ def main(argv: list[str] | None = None, prog: str = "infinillm sim") -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if args.paper:
+            if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+                print("error: the plots need matplotlib: pip install 'infinillm[sim]' (or pass --no-plots)",
+                      file=sys.stderr)
+                return 2
             return _paper(args, policies, out)
         return _trace(args, policies, out)
     except InfiniLLMError as e:
@@ -93,11 +99,10 @@ def _paper(args, policies, out: Path) -> int:
         print(f"longest context: {r.context_tokens:,} tokens of LLaMA2-7B on {args.num_gpus} x {gpu_named(args.gpu).name} "
               f"(infinite-llm): {'served' if r.finish_s is not None else 'NOT served: ' + str(r.rejected)}"
               + (f", first token after {r.first_token_s:,.0f} s, KV on {r.most_instances} instances" if r.finish_s else ""))
-    plot_throughput(PAPER_TRACES, outcomes, out / "throughput_vs_rate.png")
-    kv_trace = next(t for t in PAPER_TRACES if t.kind == "short")
-    plot_kv_use(kv_trace, outcomes, out / "kv_use_short.png")
-    kv_long = next(t for t in PAPER_TRACES if t.kind == "long")
-    plot_kv_use(kv_long, outcomes, out / "kv_use_long.png")
+    if not args.no_plots:
+        plot_throughput(PAPER_TRACES, outcomes, out / "throughput_vs_rate.png")
+        plot_kv_use(next(t for t in PAPER_TRACES if t.kind == "short"), outcomes, out / "kv_use_short.png")
+        plot_kv_use(next(t for t in PAPER_TRACES if t.kind == "long"), outcomes, out / "kv_use_long.png")
     (out / "table.txt").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps(summary) + "\n")
     print(f"plots and table in {out}/ ({time.monotonic() - started:.0f} s)")

@@ -29,7 +29,7 @@ from .traces import TraceRequest, TraceSpec, generate_trace
 __all__ = ["PAPER_TRACES", "PaperTrace", "instance_tp_for", "nominal_rate", "run_experiment", "summary_json",
            "format_table", "plot_throughput", "plot_kv_use"]
 
-RATE_FACTORS = (0.5, 1.0, 2.0)
+RATE_FACTORS = (0.1, 0.3, 1.0, 2.0)
 SHORT_S = 60.0  # arrivals' span of a short trace (simulated seconds)
 LONG_S = 300.0
 INSTANCE_CONTEXT = 60_000
@@ -296,24 +296,29 @@ def plot_throughput(traces: list[PaperTrace], outcomes: list[Outcome], path: str
 
 
 def plot_kv_use(trace: PaperTrace, outcomes: list[Outcome], path: str | Path) -> None:
-    """KV blocks in use per instance over time (own and lent), infinite-llm beside vllm-multi,
-    at the trace's highest rate."""
+    """KV blocks in use per instance over time (own and lent) at the trace's highest rate, for
+    infinite-llm and vllm-multi: the mean over the instances, and the band between the least
+    and the most used instance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [o for o in outcomes if o.trace == trace.index and o.kv_times]
-    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(7 * max(1, len(runs)), 4), squeeze=False)
-    for ax, o in zip(axes.flat, runs):
-        per_instance = list(zip(*o.kv_used))
-        for i, series in enumerate(per_instance):
-            ax.plot(o.kv_times, [100 * v for v in series], lw=0.8, alpha=0.7)
-        ax.set_title(f"{o.policy}: {trace.spec.name}", fontsize=10)
-        ax.set_xlabel("time (s)")
-        ax.set_ylabel("KV blocks in use per instance (%)")
-        ax.set_ylim(0, 105)
-        ax.grid(alpha=0.3)
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for o in runs:
+        mean = [100 * sum(u) / len(u) for u in o.kv_used]
+        low = [100 * min(u) for u in o.kv_used]
+        high = [100 * max(u) for u in o.kv_used]
+        line, = ax.plot(o.kv_times, mean, lw=1.2, label=f"{o.policy}: mean over {o.num_instances} instances")
+        ax.fill_between(o.kv_times, low, high, color=line.get_color(), alpha=0.15, lw=0,
+                        label=f"{o.policy}: least and most used instance")
+    ax.set_title(f"KV blocks in use per instance (own and lent): {trace.spec.name}", fontsize=10)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("% of the instance's blocks")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
