@@ -216,7 +216,7 @@ def format_table(traces: list[PaperTrace], outcomes: list[Outcome]) -> str:
             continue
         first = next(iter(at.values()))
         lines.append(f"{t.spec.name} ({t.kind}): {first.num_requests:,} requests at {first.rate:.2f}/s, "
-                     f"instances of {at.get('infinite-llm', first).instance_tp} GPUs")
+                     f"instances of {at.get('infinite-llm', first).instance_tp} GPU(s)")
         lines.append(f"  {'policy':<13} {'tok/s run':>11} {'tok/s loaded':>12} {'out tok/s':>9} {'longest':>9} "
                      f"{'rejected':>8} {'preempted':>9} {'recomputed':>11} {'TTFT s':>8}")
         for p in POLICIES:
