@@ -67,9 +67,11 @@ def main(argv: list[str] | None = None, prog: str = "infinillm sim") -> int:
             print(f"error: --num-gpus {args.num_gpus}: must be >= 1", file=sys.stderr)
             return 2
         if args.published:
-            from .published import comparisons, format_comparisons
+            from .published import comparisons, format_comparisons, format_distattention
 
             print(format_comparisons(comparisons()))
+            print()
+            print(format_distattention())
             return 0
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from .cost import CostModel
 from .hardware import gpu, model_shape
 from .traces import TraceRequest
 
-__all__ = ["Comparison", "comparisons", "format_comparisons"]
+__all__ = ["Comparison", "comparisons", "format_comparisons", "distattention_vs_headwise", "format_distattention"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,4 +70,29 @@ def format_comparisons(rows: list[Comparison]) -> str:
     lines = [f"{'measure':<92} {'published':>10} {'model':>10} {'model/pub':>9}  unit  (source)"]
     for r in rows:
         lines.append(f"{r.what:<92} {r.published:>10,.1f} {r.model:>10,.1f} {r.ratio:>9.2f}  {r.unit}  ({r.source})")
+    return "\n".join(lines)
+
+
+def distattention_vs_headwise(context: int, batch: int, model: str = "llama2-13b", gpus: int = 4) -> tuple[float, float]:
+    """The paper's micro-benchmark in the model: one layer's attention over ``context`` tokens
+    for ``batch`` requests, head-wise tensor parallel over ``gpus`` GPUs against DistAttention
+    over ``gpus`` one-GPU instances (a quarter of the KV each, one message each way per layer,
+    over NVLink). Returns (head-wise seconds, DistAttention seconds)."""
+    m = model_shape(model)
+    one = CostModel(gpu("a100"), m, 1)
+    tp = CostModel(gpu("a100"), m, gpus)
+    headwise = tp.attention_time(batch, batch * context) / m.num_layers
+    dist = one.attention_time(batch, batch * context / gpus) / m.num_layers + one.message_time(
+        batch * (one.query_bytes_per_layer + one.result_bytes_per_layer), True)
+    return headwise, dist
+
+
+def format_distattention() -> str:
+    lines = ["DistAttention against head-wise tensor-parallel attention, LLaMA2-13B, 4 x A100, one layer "
+             "(the paper: DistAttention 1.01-1.25x faster over 4K-256K)",
+             f"{'context':>8} {'batch':>5} {'head-wise us':>12} {'DistAttention us':>16} {'speed-up':>8}"]
+    for ctx in (4096, 32768, 262144):
+        for b in (1, 8):
+            h, d = distattention_vs_headwise(ctx, b)
+            lines.append(f"{ctx:>8,} {b:>5} {h * 1e6:>12.1f} {d * 1e6:>16.1f} {h / d:>7.2f}x")
     return "\n".join(lines)
