@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import InfiniLLMError
-from .cluster import POLICIES, ClusterSpec, simulate
+from ..errors import InfiniLLMError, ValidationError
+from .cluster import MAX_GPUS, POLICIES, ClusterSpec, Simulation
 from .experiment import (
     PAPER_TRACES, format_table, instance_tp_for, plot_kv_use, plot_throughput, probe_max_context, run_experiment,
     summary_json,
@@ -49,7 +49,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, from " + ", ".join(POLICIES))
     p.add_argument("--seed", type=int, default=0, help="(--paper) the traces' seed")
     p.add_argument("--out", default="sim-out", help="where the table, the plots and the summary go")
-    p.add_argument("--processes", type=int, default=None, help="simulations run at once (default: one per core)")
+    p.add_argument("--processes", type=int, default=None, help="(--paper) simulations run at once (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="(--paper) no plots (they need matplotlib)")
     return p
@@ -58,13 +58,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "infinillm sim") -> int:
     args = _parser(prog).parse_args(argv)
     try:
-        policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+        policies = tuple(dict.fromkeys(p.strip() for p in args.policies.split(",") if p.strip()))
         bad = [p for p in policies if p not in POLICIES]
         if bad or not policies:
             print(f"error: --policies {args.policies!r}: each must be one of {', '.join(POLICIES)}", file=sys.stderr)
             return 2
-        if args.num_gpus < 1:
-            print(f"error: --num-gpus {args.num_gpus}: must be >= 1", file=sys.stderr)
+        if not 1 <= args.num_gpus <= MAX_GPUS:
+            print(f"error: --num-gpus {args.num_gpus}: must be in [1, {MAX_GPUS}]", file=sys.stderr)
+            return 2
+        if args.processes is not None and not 1 <= args.processes <= 256:
+            print(f"error: --processes {args.processes}: must be in [1, 256]", file=sys.stderr)
             return 2
         if args.published:
             from .published import comparisons, format_comparisons, format_distattention
@@ -73,18 +76,28 @@ def main(argv: list[str] | None = None, prog: str = "infinillm sim") -> int:
             print()
             print(format_distattention())
             return 0
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         if args.paper:
             if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
                 print("error: the plots need matplotlib: pip install 'infinillm[sim]' (or pass --no-plots)",
                       file=sys.stderr)
                 return 2
-            return _paper(args, policies, out)
-        return _trace(args, policies, out)
+            return _paper(args, policies, _out(args.out))
+        return _trace(args, policies)
     except InfiniLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # writing under --out
+        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+def _out(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValidationError("--out", path, f"must be a folder that can be written ({e.strerror})") from None
+    return out
 
 
 def _paper(args, policies, out: Path) -> int:
@@ -112,17 +125,19 @@ def _paper(args, policies, out: Path) -> int:
     return 0
 
 
-def _trace(args, policies, out: Path) -> int:
+def _trace(args, policies) -> int:
     trace = read_trace_csv(args.trace)
     g, m = gpu_named(args.gpu), model_shape(args.model)
     tp = args.instance_tp if args.instance_tp is not None else instance_tp_for(g, m)
     spec = ClusterSpec(g, m, args.num_gpus, tp)
+    sims = {p: Simulation(spec, p, trace) for p in policies}  # every option checked before any output
+    out = _out(args.out)
     rows = {}
     print(f"{len(trace)} requests from {args.trace}: {m.name} on {args.num_gpus} x {g.name}, instances of {tp} GPU(s)")
     print(f"{'policy':<14} {'tok/s run':>11} {'tok/s loaded':>12} {'out tok/s':>10} {'completed':>9} {'rejected':>8} "
           f"{'longest':>10} {'TTFT s':>8} {'makespan s':>10}")
-    for p in policies:
-        res = simulate(spec, p, trace)
+    for p, sim in sims.items():
+        res = sim.run()
         rows[p] = res
         outputs = sum(r.output_tokens for r in res.completed)
         print(f"{p:<14} {res.makespan_throughput:>11,.0f} {res.throughput:>12,.0f} "
@@ -130,6 +145,9 @@ def _trace(args, policies, out: Path) -> int:
               f"{len(res.rejected):>8} {res.max_context_served:>10,} {res.mean_ttft():>8.2f} {res.makespan_s:>10.1f}")
     print("tok/s run: tokens (prompt and output) of the completed requests over the whole run; loaded: useful "
           "tokens/s from 10% of the arrivals' span to the last arrival (docs/SIMULATION.md)")
+    for p, res in rows.items():
+        if res.rejected:
+            print(f"{p}: {len(res.rejected)} rejected, e.g. {res.rejected[0].rejected}")
     summary = {"throughput": {p: round(r.makespan_throughput, 1) for p, r in rows.items()},
                "throughput_loaded": {p: round(r.throughput, 1) for p, r in rows.items()},
                "rejected": {p: len(r.rejected) for p, r in rows.items()},

@@ -46,6 +46,7 @@ POLICIES = ("infinite-llm", "borrow-only", "vllm-multi", "vllm-single")
 
 _ARRIVAL, _STEP_END, _PLAN, _SAMPLE = 0, 1, 2, 3
 _RESERVATION_TTL_S = 60.0
+MAX_GPUS = 4096  # 512 nodes of 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,18 +67,35 @@ class ClusterSpec:
     efficiency: Efficiency = field(default_factory=Efficiency)
 
     def __post_init__(self) -> None:
-        tp = self.instance_tp
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1 or tp & (tp - 1):
-            raise ValidationError("instance_tp", tp, "must be a power of two >= 1")
-        if self.num_gpus < 1 or self.num_gpus % tp:
-            raise ValidationError("num_gpus", self.num_gpus, f"must be a positive multiple of instance_tp={tp}")
-        if not 0 < self.memory_utilization <= 1:
-            raise ValidationError("memory_utilization", self.memory_utilization, "must be in (0, 1]")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_moves_per_step"):
-            if getattr(self, name) < (0 if name == "max_moves_per_step" else 1):
-                raise ValidationError(name, getattr(self, name), "must be >= 1" if name != "max_moves_per_step" else "must be >= 0")
-        if not self.planner_interval_s > 0:
-            raise ValidationError("planner_interval_s", self.planner_interval_s, "must be > 0")
+        def integer(name: str, lo: int, hi: int) -> int:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValidationError(name, v, f"must be an integer in [{lo}, {hi}]")
+            return v
+
+        if not isinstance(self.gpu, GPU):
+            raise ValidationError("gpu", self.gpu, "must be a GPU (infinillm.sim.gpu('a100'), ...)")
+        if not isinstance(self.model, ModelShape):
+            raise ValidationError("model", self.model, "must be a ModelShape (infinillm.sim.model_shape(...))")
+        tp = integer("instance_tp", 1, MAX_GPUS)
+        if tp & (tp - 1):
+            raise ValidationError("instance_tp", tp, "must be a power of two")
+        if integer("num_gpus", 1, MAX_GPUS) % tp:
+            raise ValidationError("num_gpus", self.num_gpus, f"must be a multiple of instance_tp={tp}")
+        bs = integer("block_size", 1, 1024)
+        if bs & (bs - 1):
+            raise ValidationError("block_size", bs, "must be a power of two in [1, 1024]")
+        integer("max_num_seqs", 1, 1 << 20)
+        integer("max_num_batched_tokens", 1, 1 << 24)
+        integer("max_moves_per_step", 0, 1 << 30)
+        mu = self.memory_utilization
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu <= 1:
+            raise ValidationError("memory_utilization", mu, "must be a fraction in (0, 1]")
+        pi = self.planner_interval_s
+        if isinstance(pi, bool) or not isinstance(pi, (int, float)) or not 1e-3 <= pi <= 3600:
+            raise ValidationError("planner_interval_s", pi, "must be in [0.001, 3600] seconds")
+        if not isinstance(self.efficiency, Efficiency):
+            raise ValidationError("efficiency", self.efficiency, "must be an Efficiency")
 
     def cost_model(self, policy: str) -> CostModel:
         tp = self.num_gpus if policy == "vllm-single" else self.instance_tp
@@ -118,11 +136,12 @@ class SimResult:
 
     ``throughput`` is the useful work the cluster did while loaded: prompt tokens computed for
     the first time (a preempted request's recomputation does not count) and tokens generated,
-    per second, over the window from ``warmup_fraction`` of the arrivals' span to the last
-    arrival (``window_s``). At a rate the cluster cannot keep up with, that is its capacity,
+    per second, over the window from ``warmup_fraction`` of the arrivals' span (after the first
+    arrival) to the last arrival (``window_s``). At a rate the cluster cannot keep up with, that is its capacity,
     with neither the warm-up from empty nor the drain after the last arrival (where a few long
     requests may run alone). ``makespan_throughput`` is the other common measure (vLLM's
-    ``benchmark_throughput``): every completed request's tokens over the whole run.
+    ``benchmark_throughput``): every completed request's tokens over the whole run, from the
+    first arrival to the last completion.
     """
 
     policy: str
@@ -155,12 +174,17 @@ class SimResult:
     @property
     def throughput(self) -> float:
         """Useful tokens/s (prompt and output) while loaded (see the class docstring); for a
-        trace whose requests all arrive at once, the makespan throughput."""
-        return self.window_tokens / self.window_s if self.window_s > 0 else self.makespan_throughput
+        trace whose arrivals span no time, or too little for one step to end in it, the
+        makespan throughput."""
+        return self.window_tokens / self.window_s if self._windowed else self.makespan_throughput
+
+    @property
+    def _windowed(self) -> bool:
+        return self.window_s > 0 and self.window_tokens > 0
 
     @property
     def output_throughput(self) -> float:
-        if self.window_s > 0:
+        if self._windowed:
             return self.window_output_tokens / self.window_s
         done = self.completed
         return sum(r.output_tokens for r in done) / self.makespan_s if done and self.makespan_s > 0 else 0.0
@@ -218,8 +242,10 @@ class Simulation:
         blocks = self.cost.kv_capacity_tokens(spec.memory_utilization) // bs
         if blocks < 1:
             raise ValidationError(
-                "instance_tp", self.cost.tp,
-                f"leaves no room for KV: {spec.model.name}'s weights fill {self.cost.tp} x {spec.gpu.name}",
+                "instance", f"{self.cost.tp} x {spec.gpu.name} at memory_utilization={spec.memory_utilization}",
+                f"must hold {spec.model.name}'s weights ({spec.model.weight_bytes / 1e9:.1f} GB) and one block of "
+                f"{bs} tokens ({self.cost.block_bytes(bs) / 1e6:.1f} MB): more GPUs per instance (instance_tp), "
+                "a higher memory_utilization or smaller blocks",
             )
         self.blocks_per_instance = blocks
         cluster_blocks = n * blocks if self.pooled else blocks
@@ -245,8 +271,10 @@ class Simulation:
         self._dirty: set[int] = set()
         self._pending: list[int] = []  # arrived, not placed yet
         self._wake = False  # memory was freed: idle instances with work look again
+        self._first_arrival = min(r.arrival_s for r in trace)
         self._last_arrival = max(r.arrival_s for r in trace)
-        self._window = (warmup_fraction * self._last_arrival, self._last_arrival)
+        span = self._last_arrival - self._first_arrival
+        self._window = (self._first_arrival + warmup_fraction * span, self._last_arrival)
         self._window_tokens = 0
         self._window_output = 0
         self._kv_samples = kv_samples
@@ -267,10 +295,9 @@ class Simulation:
     def run(self) -> SimResult:
         for r in self.requests:
             self._push(r.arrival_s, _ARRIVAL, r.index)
-        if self.gmanager is not None:
-            self._push(self.spec.planner_interval_s, _PLAN, 0)
+        self._plan_due = False  # a planner round is in the queue (only while requests run)
         self._sample_every = None
-        self._push(0.0, _SAMPLE, 0)
+        self._push(self._first_arrival, _SAMPLE, 0)
         while self._events:
             t, _, kind, payload = heapq.heappop(self._events)
             self.now = t
@@ -282,14 +309,21 @@ class Simulation:
             elif kind == _STEP_END:
                 self._end_step(self.instances[payload])
             elif kind == _PLAN:
+                self._plan_due = False
                 self._plan()
-                if self._done < len(self.requests):
-                    self._push(t + self.spec.planner_interval_s, _PLAN, 0)
             else:
                 self._sample()
                 if self._done < len(self.requests):
-                    self._push(t + self._sample_interval(), _SAMPLE, 0)
+                    # While the cluster is idle before a far arrival, the next sample is then.
+                    busy = any(i.planner.num_requests for i in self.instances) or self._pending
+                    nxt = t + self._sample_interval()
+                    if not busy and self._events:
+                        nxt = max(nxt, min(e[0] for e in self._events))
+                    self._push(nxt, _SAMPLE, 0)
             self._kick()
+            if self.gmanager is not None and not self._plan_due and any(i.planner.num_requests for i in self.instances):
+                self._plan_due = True
+                self._push(t + self.spec.planner_interval_s, _PLAN, 0)
             if kind in (_PLAN, _SAMPLE) and self._done < len(self.requests) and self._stuck():
                 self._fail_rest("no instance can make progress (every request left waits for memory no one will free)")
                 break
@@ -317,7 +351,7 @@ class Simulation:
     def _sample_interval(self) -> float:
         if self._sample_every is None:
             # From the trace: about kv_samples samples over twice the arrivals' span.
-            self._sample_every = max(self._last_arrival, 1.0) * 2 / self._kv_samples
+            self._sample_every = max(self._last_arrival - self._first_arrival, 1.0) * 2 / self._kv_samples
         return self._sample_every
 
     def _kick(self) -> None:
@@ -611,7 +645,7 @@ class Simulation:
         for inst in self.instances:
             leaked += inst.pool.num_used + inst.pool.num_reserved + inst.pool.num_borrowed
             leaked += inst.planner.num_requests
-        makespan = max([self._last_arrival] + [r.finish_s or 0.0 for r in self.requests])
+        makespan = max([self._last_arrival] + [r.finish_s or 0.0 for r in self.requests]) - self._first_arrival
         return SimResult(
             self.policy, len(self.instances), self.cost.tp, self.blocks_per_instance, self.requests,
             self._window[1] - self._window[0], self._window_tokens, self._window_output, makespan, self.num_steps,

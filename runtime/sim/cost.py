@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import ValidationError
 from .hardware import GPU, ModelShape
 
 __all__ = ["Efficiency", "CostModel"]
@@ -39,14 +40,23 @@ class Efficiency:
     link_bandwidth: float = 0.8
     step_overhead_s: float = 0.5e-3
 
+    def __post_init__(self) -> None:
+        for name in ("gemm_flops", "attention_flops", "memory_bandwidth", "link_bandwidth"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ValidationError(name, v, "must be a fraction of the peak in (0, 1]")
+        v = self.step_overhead_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+            raise ValidationError("step_overhead_s", v, "must be a finite number of seconds >= 0")
+
 
 class CostModel:
-    """Times of one instance of ``tp`` GPUs (``tp`` a power of two; more than a node's GPUs
-    spans several nodes) serving ``model`` on ``gpu``."""
+    """Times of one instance of ``tp`` GPUs (more than a node's GPUs spans several nodes)
+    serving ``model`` on ``gpu``."""
 
     def __init__(self, gpu: GPU, model: ModelShape, tp: int = 1, efficiency: Efficiency | None = None) -> None:
-        if tp < 1 or tp & (tp - 1):
-            raise ValueError(f"tp={tp}: must be a power of two")
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValidationError("tp", tp, "must be an integer >= 1")
         self.gpu = gpu
         self.model = model
         self.tp = tp

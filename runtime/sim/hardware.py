@@ -94,13 +94,13 @@ MODELS: dict[str, ModelShape] = {
 
 def gpu(name: str) -> GPU:
     try:
-        return GPUS[name.lower()]
+        return GPUS[str(name).lower()]
     except KeyError:
         raise ValidationError("gpu", name, f"must be one of {', '.join(GPUS)}") from None
 
 
 def model_shape(name: str) -> ModelShape:
     try:
-        return MODELS[name.lower()]
+        return MODELS[str(name).lower()]
     except KeyError:
         raise ValidationError("model", name, f"must be one of {', '.join(MODELS)}") from None

@@ -176,6 +176,12 @@ def test_the_command_serves_a_csv_trace(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "infinillm.cli", "sim", "--paper", "--policies", "vllm"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "--policies" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "infinillm.cli", "sim", "--trace", str(path), "--out", str(path)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "--out" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "infinillm.cli", "sim", "--trace", str(path), "--model", "llama2-70b",
+                          "--instance-tp", "1"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "must hold LLaMA2-70B's weights" in bad.stderr and not bad.stdout
 
 
 def test_the_cost_model_stays_near_the_published_figures(capsys):
@@ -192,3 +198,50 @@ def test_the_cost_model_stays_near_the_published_figures(capsys):
     assert d >= h and d / h < 1.01  # the same bytes, plus one message per layer
     assert main(["--published"]) == 0
     assert "gpt-fast" in capsys.readouterr().out
+
+
+def test_bad_values_get_a_clear_error_naming_the_value_and_the_limit(tmp_path):
+    """From an adversarial review of the simulator: each was a traceback, a hang or a wrong figure."""
+    with pytest.raises(ValidationError, match=r"arrival_s=-5.0 is invalid"):
+        TraceRequest(-5.0, 10, 1)
+    with pytest.raises(ValidationError, match=r"prompt_tokens=100.5 is invalid"):
+        TraceRequest(0.0, 100.5, 1)
+    with pytest.raises(ValidationError, match=r"rate='3' is invalid"):
+        generate_trace(TraceSpec("x", 2, 10, 1), "3")
+    with pytest.raises(ValidationError, match=r"rate=1000000000000.0 is invalid: x duration_s=1"):
+        generate_trace(TraceSpec("x", 2, 10, 0, duration_s=1.0), 1e12)  # would be 1e12 requests
+    with pytest.raises(ValidationError, match=r"num_requests=5 is invalid: with duration_s=10"):
+        TraceSpec("x", 2, 10, 5, duration_s=10.0)
+    with pytest.raises(ValidationError, match=r"planner_interval_s=1e-12 is invalid"):
+        ClusterSpec(A100, L7B, 8, 1, planner_interval_s=1e-12)  # (was a hang)
+    with pytest.raises(ValidationError, match=r"block_size=7 is invalid"):
+        ClusterSpec(A100, L7B, 8, 1, block_size=7)
+    with pytest.raises(ValidationError, match=r"gemm_flops=0 is invalid"):
+        from infinillm.sim import Efficiency
+
+        Efficiency(gemm_flops=0)
+    with pytest.raises(ValidationError, match=r"memory_utilization=0.01' is invalid: must hold LLaMA2-7B's weights"):
+        Simulation(ClusterSpec(A100, L7B, 8, 1, memory_utilization=0.01), "vllm-multi", [TraceRequest(0.0, 1, 1)])
+    # CSV: a header with spaces, a byte-order mark, extra values, text that is not UTF-8.
+    ok = tmp_path / "ok.csv"
+    ok.write_bytes("\ufeffarrival_s, prompt_tokens, output_tokens\r\n0.5,10,2\r\n\r\n".encode())
+    assert read_trace_csv(ok) == [TraceRequest(0.5, 10, 2)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,10,99\n")
+    with pytest.raises(ValidationError, match=r"bad.csv:2' is invalid: must hold 3 values"):
+        read_trace_csv(bad)
+    bad.write_bytes(b"arrival_s,prompt_tokens,output_tokens\n0,\xff\xfe,1\n")
+    with pytest.raises(ValidationError, match="is not UTF-8"):
+        read_trace_csv(bad)
+
+
+def test_throughput_counts_from_the_first_arrival_and_idle_time_costs_nothing():
+    spec = small_cluster(8)
+    at0 = simulate(spec, "infinite-llm", [TraceRequest(0.0, 100, 10)])
+    late = simulate(spec, "infinite-llm", [TraceRequest(1e9, 100, 10)])  # (was 0 tok/s, and minutes of planner rounds)
+    assert late.makespan_throughput == pytest.approx(at0.makespan_throughput, rel=1e-6)
+    assert late.throughput == pytest.approx(at0.throughput, rel=1e-6)
+    gap = simulate(spec, "infinite-llm", [TraceRequest(0.0, 100, 10), TraceRequest(1e7, 100, 10)])
+    assert len(gap.completed) == 2 and gap.leaked_blocks == 0
+    # vllm-single over a cluster that is not a power of two (3 nodes of 8)
+    assert simulate(ClusterSpec(A100, L7B, 24, 1), "vllm-single", [TraceRequest(0.0, 100, 10)]).completed
