@@ -34,7 +34,7 @@ from .transport import AttentionQuery, AttentionResult
 from .config import CacheConfig, SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import InstanceDeadError, RequestTooLongError, TransportError, ValidationError
-from .lending import borrow, loan_size, part_limit
+from .lending import borrow, loan_size, movable, part_limit
 from .model import LlamaModel, ModelArgs
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, make_logprobs_dict
 from .sampling import Sampler, SamplingParams, make_generator
@@ -539,19 +539,9 @@ class Engine:
                 log.warning("move of request %d from %d to %d dropped: %s", rid, src, dst, e)
 
     def _movable(self, rid: int, instance: int) -> tuple[list[int], bool]:
-        """The ids (logical order) of request ``rid``'s blocks on ``instance`` that may move:
-        full ones, not its last block (the tail being appended to; ``move_blocks(...,
-        keep_last=1)`` relabels the last of these); and whether the tail is on ``instance``."""
-        runs = self.tables.runs(rid)
-        total = sum(len(ids) for _, ids in runs)
-        out, logical = [], 0
-        for on, ids in runs:
-            for b in ids:
-                if on == instance and logical < total - 1:
-                    out.append(b)
-                logical += 1
-        tail_here = bool(runs) and runs[-1][0] == instance
-        return out, tail_here
+        """Request ``rid``'s blocks on ``instance`` that may move, and whether its tail is there
+        (``lending.movable``)."""
+        return movable(self.tables.runs(rid), instance)
 
     def _move_out(self, rid: int, n: int, dst: int) -> None:
         """Move ``n`` of a running request's blocks from here to ``dst``, between two steps:

@@ -3,6 +3,7 @@
 - ``loan_size``: a request short of ``short`` blocks borrows them and up to ``BORROW_AHEAD``
   more that it will grow into (never past its own maximum), so a growing request does not stop
   for a loan at every block.
+- ``movable``: which of a request's blocks a migration may move (the planner's moves).
 - ``plan_loan``: which creditors lend how many. A request's part on one creditor grows up to
   ``part_limit`` blocks: its share of the cluster (its most blocks over the instances), and at
   least ``MIN_PART_TOKENS`` worth. Its present creditors come first (each new one costs a query
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["BORROW_AHEAD", "MIN_PART_TOKENS", "borrow", "loan_size", "part_limit", "plan_loan"]
+__all__ = ["BORROW_AHEAD", "MIN_PART_TOKENS", "borrow", "loan_size", "movable", "part_limit", "plan_loan"]
 
 BORROW_AHEAD = 4  # blocks a loan takes beyond what the step needs
 MIN_PART_TOKENS = 4096  # a part below this is not worth its message per layer
@@ -85,3 +86,18 @@ def borrow(n: int, offers: Sequence[tuple[int, int]], parts: Mapping[int, int], 
             else:
                 del room[i]
     return granted
+
+
+def movable(runs: Sequence[tuple[int, Sequence[int]]], instance: int) -> tuple[list[int], bool]:
+    """The ids (logical order) of a request's blocks on ``instance`` that may move, from its
+    block table's runs: full ones, never its last block (the tail being appended to;
+    ``BlockTables.move_blocks(..., keep_last=1)`` relabels the last of these); and whether the
+    tail is on ``instance``."""
+    total = sum(len(ids) for _, ids in runs)
+    out, logical = [], 0
+    for on, ids in runs:
+        for b in ids:
+            if on == instance and logical < total - 1:
+                out.append(b)
+            logical += 1
+    return out, bool(runs) and runs[-1][0] == instance

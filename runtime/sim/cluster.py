@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from .. import core_sched as _default_core
 from ..errors import RequestTooLongError, ValidationError
-from ..lending import borrow, loan_size, part_limit
+from ..lending import borrow, loan_size, movable, part_limit
 from ..router import InstanceLoad, Router
 from .cost import CostModel, Efficiency
 from .hardware import GPU, ModelShape
@@ -567,18 +567,6 @@ class Simulation:
             elif m.dst == inst.id and m.src != inst.id:
                 self._move_home(inst, r, m.num_blocks, self.instances[m.src])
 
-    def _movable(self, inst: _Instance, rid: int, on: int) -> tuple[list[int], bool]:
-        """As ``Engine._movable``: full blocks of ``rid`` on ``on``, never its last one."""
-        runs = inst.tables.runs(rid)
-        total = sum(len(ids) for _, ids in runs)
-        out, logical = [], 0
-        for where, ids in runs:
-            for b in ids:
-                if where == on and logical < total - 1:
-                    out.append(b)
-                logical += 1
-        return out, bool(runs) and runs[-1][0] == on
-
     def _copy(self, a: _Instance, b: _Instance, num_blocks: int) -> None:
         t = self.cost.message_time(num_blocks * self.cost.block_bytes(self.spec.block_size), a.node == b.node, self.cost.tp)
         a.owed_s += t
@@ -587,16 +575,16 @@ class Simulation:
         self.blocks_moved += num_blocks
 
     def _move_out(self, inst: _Instance, r: RequestRecord, n: int, dst: _Instance) -> None:
-        movable, tail_here = self._movable(inst, r.index, inst.id)
+        ids, tail_here = movable(inst.tables.runs(r.index), inst.id)
         self._sync_ledger()
-        n = min(n, len(movable) - (0 if tail_here else 1), dst.pool.lendable)
+        n = min(n, len(ids) - (0 if tail_here else 1), dst.pool.lendable)
         if n <= 0:
             return
         reservation = dst.pool.try_reserve(inst.id, n, self.now, _RESERVATION_TTL_S)
         if reservation is None:
             return
         new_ids = dst.pool.commit(reservation, r.index, self.now)
-        old = movable[len(movable) - n:]
+        old = ids[len(ids) - n:]
         inst.tables.move_blocks(r.index, inst.id, dst.id, new_ids, keep_last=1)
         inst.pool.free_blocks(r.index, old)
         inst.pool.add_borrowed(r.index, inst.id, n)
@@ -606,12 +594,12 @@ class Simulation:
         self._copy(inst, dst, n)
 
     def _move_home(self, inst: _Instance, r: RequestRecord, n: int, src: _Instance) -> None:
-        movable, _ = self._movable(inst, r.index, src.id)
-        n = min(n, len(movable), inst.pool.num_free)
+        ids, _ = movable(inst.tables.runs(r.index), src.id)
+        n = min(n, len(ids), inst.pool.num_free)
         if n <= 0:
             return
         new_ids = inst.pool.allocate(r.index, n)
-        old = movable[len(movable) - n:]
+        old = ids[len(ids) - n:]
         inst.tables.move_blocks(r.index, src.id, inst.id, new_ids, keep_last=1)
         inst.pool.remove_borrowed(r.index, n)
         src.pool.free_blocks(r.index, old)
