@@ -291,6 +291,23 @@ def _decode_attention(q, plan: DecodePlan, k_cache, v_cache, scale: float, out, 
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _causal_split(key_pos: torch.Tensor, key_ok: torch.Tensor, q_pos: torch.Tensor) -> tuple[int, int] | None:
+    """For a slice of queries at consecutive positions whose keys here run in position order:
+    ``(i0, i1)`` when keys ``[i0, i1)`` are exactly the queries' own positions and every key
+    before ``i0`` is real (so all visible to every query); None otherwise (the masked path)."""
+    n = q_pos.numel()
+    p0 = int(q_pos[0])
+    if int(q_pos[-1]) - p0 != n - 1:
+        return None
+    i0 = int(torch.searchsorted(key_pos, p0))
+    i1 = i0 + n
+    if i1 > key_pos.numel() or not bool(key_ok[:i1].all()):
+        return None
+    if int(key_pos[i0]) != p0 or int(key_pos[i1 - 1]) != p0 + n - 1:
+        return None
+    return i0, i1
 # A request with at least this many queries in the batch takes the fused flash path.
 _FLASH_MIN_QUERIES = 16
 
@@ -373,13 +390,30 @@ def partial_attention_torch(
                 continue
             ids, key_pos, key_ok = found
             k, v = heads(k_cache, ids), heads(v_cache, ids)
+            qs = q[s0:s1].to(work_dtype).permute(1, 0, 2).unsqueeze(0)  # [1, H, n, D]
+            split = None if window is not None else _causal_split(key_pos, key_ok, qp)
+            if split is not None:
+                # The slice's own keys (exactly its positions, in order) with the kernel's causal
+                # mask, which skips the upper triangle; the keys before it, all visible, unmasked;
+                # the two merged by log-sum-exp. No mask to build, no masked work.
+                i0, i1 = split
+                o, m = _FLASH_CPU(qs, k[:, :, i0:i1], v[:, :, i0:i1], 0.0, True, scale=scale)
+                o, m = o[0].permute(1, 0, 2), m[0].permute(1, 0).float()  # [n, H, D], [n, H]
+                if i0 > 0:
+                    ob, mb = _FLASH_CPU(qs, k[:, :, :i0], v[:, :, :i0], 0.0, False, scale=scale)
+                    ob, mb = ob[0].permute(1, 0, 2), mb[0].permute(1, 0).float()
+                    both = torch.logaddexp(m, mb)
+                    o = (o.float() * torch.exp(m - both)[..., None] + ob.float() * torch.exp(mb - both)[..., None])
+                    m = both
+                out[s0:s1] = o.to(out.dtype)
+                lse[s0:s1] = m
+                continue
             visible = _visible(key_pos[None, :], key_ok[None, :], qp[:, None], window)  # [n, T]
             seen = visible.any(dim=1)  # [n]
             mask = None
             if not bool(visible.all()):
                 mask = torch.zeros(visible.shape, dtype=work_dtype, device=q.device).masked_fill_(~visible, -math.inf)
                 mask[~seen] = 0.0  # rows that see nothing: keep the kernel finite, fixed below
-            qs = q[s0:s1].to(work_dtype).permute(1, 0, 2).unsqueeze(0)  # [1, H, n, D]
             o, m = _FLASH_CPU(qs, k, v, 0.0, False, attn_mask=mask, scale=scale)
             o = o[0].permute(1, 0, 2)  # [n, H, D]
             m = m[0].permute(1, 0).float()  # [n, H]

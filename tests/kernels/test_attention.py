@@ -525,3 +525,25 @@ def test_a_plan_for_another_window_is_refused():
     plan = build_decode_plan(cu, q_pos, bt, bs, bl, 4, window=4)
     with pytest.raises(ValidationError, match="decode_plan.window=4 is invalid: must equal window=None"):
         partial_attention(torch.zeros(1, 1, 64), cu, q_pos, p.k_cache, p.v_cache, bt, bs, bl, decode_plan=plan)
+
+
+@pytest.mark.parametrize("ctx,first,block_size,hkv,group", [
+    (2600, 1000, 16, 3, 3),  # a chunk after 1,000 tokens, across query slices, GQA 3
+    (1500, 0, 7, 2, 1),  # the whole prompt, blocks that do not divide the slice
+    (300, 283, 16, 1, 4),  # a short chunk starting inside a block
+])
+def test_cpu_causal_split_matches_dense_attention(ctx, first, block_size, hkv, group):
+    """A prefill chunk whose keys are all here (the causal split: the chunk's own keys under the
+    kernel's causal mask, earlier ones unmasked, merged by log-sum-exp) against plain attention."""
+    from infinillm.kernels.reference import partial_attention_torch
+
+    paged = Paged(ctx, block_size, hkv, 64, seed=ctx)
+    positions = list(range(first, ctx))
+    q = torch.randn(len(positions), hkv * group, 64, generator=torch.Generator().manual_seed(first))
+    q_pos = torch.tensor(positions, dtype=torch.int32)
+    cu = torch.tensor([0, len(positions)], dtype=torch.int32)
+    bt, bs, bl = paged.tables(list(range(paged.num_logical)))
+    out, lse = partial_attention_torch(q, cu, q_pos, paged.k_cache, paged.v_cache, bt, bs, bl, scale=1 / 8)
+    ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, 1 / 8)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
