@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,9 +87,16 @@ def main(argv: list[str] | None = None, prog: str = "infinillm sim") -> int:
     except InfiniLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # writing under --out
-        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise ValidationError("--out", str(path), f"must be writable ({e.strerror})") from None
 
 
 def _out(path: str) -> Path:
@@ -118,8 +126,8 @@ def _paper(args, policies, out: Path) -> int:
         plot_throughput(PAPER_TRACES, outcomes, out / "throughput_vs_rate.png")
         plot_kv_use(next(t for t in PAPER_TRACES if t.kind == "short"), outcomes, out / "kv_use_short.png")
         plot_kv_use(next(t for t in PAPER_TRACES if t.kind == "long"), outcomes, out / "kv_use_long.png")
-    (out / "table.txt").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps(summary) + "\n")
+    _write(out / "table.txt", table + "\n")
+    _write(out / "summary.json", json.dumps(summary) + "\n")
     print(f"plots and table in {out}/ ({time.monotonic() - started:.0f} s)")
     print(json.dumps(summary))
     return 0
@@ -152,6 +160,6 @@ def _trace(args, policies) -> int:
                "throughput_loaded": {p: round(r.throughput, 1) for p, r in rows.items()},
                "rejected": {p: len(r.rejected) for p, r in rows.items()},
                "max_context_tokens": max(r.max_context_served for r in rows.values())}
-    (out / "summary.json").write_text(json.dumps(summary) + "\n")
+    _write(out / "summary.json", json.dumps(summary) + "\n")
     print(json.dumps(summary))
     return 0
