@@ -47,6 +47,7 @@ __all__ = [
     "FakeNvmlProbe",
     "FileMemoryProbe",
     "outputs_alone",
+    "generate_all",
     "assert_runtime_idle",
     "default_device",
     "TINY_CHAT_TEMPLATE",
@@ -495,6 +496,25 @@ async def outputs_alone(model: str, prompts, params, **options):
                 pass
             finals.append(out)
     return finals
+
+
+async def generate_all(rt, prompts, params, watch=None) -> list[tuple]:
+    """Every prompt's token ids through ``rt`` at once (request ids ``r0``, ``r1``, ...), in
+    prompt order; ``watch(i, out)`` sees each streamed output."""
+    import trio
+
+    finals = {}
+
+    async def one(i):
+        async for out in rt.generate({"prompt_token_ids": list(prompts[i])}, params, request_id=f"r{i}"):
+            finals[i] = out
+            if watch is not None:
+                watch(i, out)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(prompts)):
+            nursery.start_soon(one, i)
+    return [tuple(finals[i].outputs[0].token_ids) for i in range(len(prompts))]
 
 
 def assert_runtime_idle(rt) -> None:

@@ -13,8 +13,7 @@ import trio
 
 import infinillm
 from infinillm import SamplingParams
-from infinillm.testing import make_tiny_model
-from infinillm.testing import outputs_alone
+from infinillm.testing import generate_all, make_tiny_model, outputs_alone
 from infinillm.transport.auth import generate_keypair
 
 BLOCK = 16
@@ -60,18 +59,9 @@ async def test_a_worker_joins_over_tcp_with_curve_serves_and_lends_and_a_wrong_k
         assert [i.instance_id for i in s.instances] == [0, 1] and s.instances[1].kv_capacity_blocks == 16
 
         homes = set()
-        finals = {}
-
-        async def one(i):
-            async for out in rt.generate({"prompt_token_ids": prompts[i]}, params, request_id=f"r{i}"):
-                homes.add(rt.statistics().homes.get(f"r{i}"))
-            finals[i] = out.outputs[0].token_ids
-
         with trio.fail_after(120):
-            async with trio.open_nursery() as nursery:
-                for i in range(3):
-                    nursery.start_soon(one, i)
-        assert [finals[i] for i in range(3)] == want
+            got = await generate_all(rt, prompts, params, lambda i, out: homes.add(rt.statistics().homes.get(f"r{i}")))
+        assert got == [tuple(w) for w in want]
         assert 1 in homes  # the newcomer served some
         s = await rt.sync_statistics()
         assert all((i.kv_used_blocks, i.kv_lent_blocks, i.kv_borrowed_blocks) == (0, 0, 0) for i in s.instances)

@@ -9,7 +9,7 @@ import trio
 
 import infinillm
 from infinillm import SamplingParams
-from infinillm.testing import outputs_alone
+from infinillm.testing import generate_all, outputs_alone
 
 ray = pytest.importorskip("ray", reason="the optional extra infinillm[ray]")
 BLOCK = 16
@@ -26,18 +26,12 @@ async def test_workers_placed_as_ray_actors_serve_and_lend(tiny_model):
                                       max_model_len=512, num_instances=3, launcher="ray") as rt:
         assert ray.is_initialized()
         assert all(isinstance(w.process, RayWorkerProcess) for w in rt.workers)
-        spread, finals = [], {}
-
-        async def one(i):
-            async for out in rt.generate({"prompt_token_ids": prompts[i]}, params, request_id=f"r{i}"):
-                spread.extend(p for p in rt.statistics().placements.values() if len(p) > 1)
-            finals[i] = out.outputs[0].token_ids
-
+        spread = []
         with trio.fail_after(120):
-            async with trio.open_nursery() as nursery:
-                for i in range(3):
-                    nursery.start_soon(one, i)
-        assert [finals[i] for i in range(3)] == want
+            got = await generate_all(
+                rt, prompts, params,
+                lambda i, out: spread.extend(p for p in rt.statistics().placements.values() if len(p) > 1))
+        assert got == [tuple(w) for w in want]
         assert spread  # the 300-token prompt needs more than one instance's 16 blocks
         s = await rt.sync_statistics()
         assert [i.instance_id for i in s.instances] == [0, 1, 2]

@@ -9,7 +9,7 @@ import trio
 
 import infinillm
 from infinillm import SamplingParams, ValidationError
-from infinillm.testing import make_tiny_model
+from infinillm.testing import generate_all, make_tiny_model
 from infinillm.transport import CancelReservation, ReserveBlocks
 
 BLOCK = 16
@@ -18,21 +18,6 @@ BLOCK = 16
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny")))
-
-
-async def generate_all(rt, prompts, params, watch=None) -> list[tuple]:
-    finals = {}
-
-    async def one(i):
-        async for out in rt.generate({"prompt_token_ids": prompts[i]}, params, request_id=f"r{i}"):
-            finals[i] = out
-            if watch is not None:
-                watch()
-
-    async with trio.open_nursery() as nursery:
-        for i in range(len(prompts)):
-            nursery.start_soon(one, i)
-    return [tuple(finals[i].outputs[0].token_ids) for i in range(len(prompts))]
 
 
 PROMPTS = [[(i * 7 + j * 13) % 300 + 3 for j in range(n)] for i, n in enumerate([200, 40, 120])]
@@ -48,7 +33,7 @@ async def test_three_instances_serve_what_one_with_room_serves(tiny_model):
                                       max_model_len=256, num_instances=3, max_num_batched_tokens=32) as rt:
         assert len(rt.workers) == 2
         snapshots = []
-        got = await generate_all(rt, PROMPTS, GREEDY, lambda: snapshots.append(rt.statistics()))
+        got = await generate_all(rt, PROMPTS, GREEDY, lambda i, out: snapshots.append(rt.statistics()))
         assert got == want
         assert sorted(set(h for s in snapshots for h in s.homes.values())) == [0, 1, 2]  # the router used all three
         spread = [p for s in snapshots for p in s.placements.values() if len(p) > 1]
