@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 from .._choice import CHOICES, requested
 from ..errors import ValidationError
-from .types import BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, PoolCounters, PoolDelta
+from .types import BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, PoolCounters, PoolDelta
 
 # Each structure: (its class name, the twin's module, the compiled module).
 _STRUCTURES: list[tuple[str, str, str]] = [
@@ -36,6 +36,7 @@ __all__ = [
     "BLOCK_FREE",
     "BLOCK_RESERVED",
     "BLOCK_USED",
+    "BLOCK_CACHED",
     "IMPLEMENTATION",
     "implementation",
     "compiled_available",

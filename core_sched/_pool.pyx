@@ -141,9 +141,9 @@ cdef class BlockPool:
             raise SchedulerError(f"instance {self.c.instance_id()}: request {request_id} holds no blocks here")
         # Name the first offending block as given, as the twin does.
         seen = set()
+        held = set(self.blocks_of(request_id))
         for b in blocks:
-            if (not 0 <= b < self.c.num_blocks() or self.c.state(<int32_t>b) != BLOCK_USED
-                    or self.c.owner_request(<int32_t>b) != request_id):
+            if not 0 <= b < self.c.num_blocks() or self.c.state(<int32_t>b) != BLOCK_USED or b not in held:
                 raise SchedulerError(f"instance {self.c.instance_id()}: block {b} is not held by request {request_id}")
             if b in seen:
                 raise SchedulerError(f"instance {self.c.instance_id()}: block {b} named twice")
@@ -213,6 +213,70 @@ cdef class BlockPool:
     def state(self, int64_t block):
         self._check_block(block)
         return self.c.state(<int32_t>block)
+
+    # ---- prefix caching ----------------------------------------------------------------------
+
+    @property
+    def num_cached(self):
+        """Blocks named by a hash (prefix caching), in use or not."""
+        return self.c.num_cached()
+
+    @property
+    def num_evictable(self):
+        """Cached blocks no request holds (counted in ``num_free``)."""
+        return self.c.num_evictable()
+
+    @property
+    def num_evicted(self):
+        """Cached blocks evicted so far (taken by an allocation)."""
+        return self.c.num_evicted()
+
+    def register_block(self, int64_t block, int64_t block_hash):
+        """Name a used block by ``block_hash``; False when the hash names another block
+        already (or the block is named already)."""
+        self._check_block(block)
+        cdef int32_t status = self.c.register_block(<int32_t>block, block_hash)
+        if status < 0:
+            raise SchedulerError(f"instance {self.c.instance_id()}: block {block} is not in use: it cannot be cached")
+        return status == 1
+
+    def lookup(self, int64_t home, hashes):
+        """How many of ``hashes``, from the first, name blocks cached here for ``home``."""
+        cdef int64_t[::1] hs = _hashes(hashes)
+        if hs.shape[0] == 0:
+            return 0
+        return self.c.lookup(<int32_t>home, &hs[0], <int32_t>hs.shape[0])
+
+    def acquire(self, int64_t request_id, int64_t home, hashes):
+        """Take the longest cached run of ``hashes`` (from the first) for request
+        ``request_id`` of instance ``home``; returns its blocks (appended to the request's)."""
+        cdef vector[int32_t] out
+        cdef const vector[int32_t]* held
+        cdef int64_t[::1] hs = _hashes(hashes)
+        if not 0 <= home <= INT32_MAX:
+            raise ValidationError("home", home, f"must be in [0, {INT32_MAX}]")
+        if hs.shape[0] == 0:
+            return []
+        cdef int32_t status = self.c.acquire(request_id, <int32_t>home, &hs[0], <int32_t>hs.shape[0], out)
+        if status < 0:
+            held = self.c.blocks_of(request_id)
+            raise SchedulerError(f"instance {self.c.instance_id()}: request {request_id} is held here for instance "
+                                 f"{self.c.owner_home(held[0][0])}, not {home}")
+        return out
+
+    def reset_cache(self):
+        """Forget every cached block no request holds; returns how many."""
+        return self.c.reset_cache()
+
+    def refs(self, int64_t block):
+        """How many requests hold a block (0 unless used)."""
+        self._check_block(block)
+        return self.c.refs(<int32_t>block)
+
+    def block_hash(self, int64_t block):
+        """The hash naming a block, or None."""
+        self._check_block(block)
+        return self.c.block_hash(<int32_t>block) if self.c.hashed(<int32_t>block) else None
 
     # ---- loans -------------------------------------------------------------------------------
 
@@ -298,5 +362,13 @@ cdef class BlockPool:
 
     def __repr__(self):
         c = self.counters()
+        cached = f", cached={self.c.num_cached()}" if self.c.num_cached() else ""
         return (f"BlockPool(instance={self.c.instance_id()}, capacity={c.capacity}, free={c.free}, "
-                f"used={c.used}, lent={c.lent}, reserved={c.reserved}, borrowed={c.borrowed})")
+                f"used={c.used}, lent={c.lent}, reserved={c.reserved}, borrowed={c.borrowed}{cached})")
+
+
+cdef int64_t[::1] _hashes(hashes):
+    arr = np.ascontiguousarray(hashes, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValidationError("hashes", arr.shape, "must be one-dimensional")
+    return arr

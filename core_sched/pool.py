@@ -6,10 +6,12 @@ both. Read ``block_pool.hpp`` for the design; this file mirrors it line for line
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from ..errors import CapacityError, SchedulerError, ValidationError
-from .types import BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, PoolCounters, PoolDelta
+from .types import BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, PoolCounters, PoolDelta
 
 __all__ = ["BlockPool"]
 
@@ -37,6 +39,11 @@ class BlockPool:
         self._owner_request = [-1] * num_blocks
         self._owner_home = [-1] * num_blocks
         self._free_stack = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks  # holders of a used block (1 unless a cached prefix is shared)
+        self._hash: dict[int, int] = {}  # block -> the hash naming it
+        self._cache: dict[int, int] = {}  # hash -> block
+        self._lru: OrderedDict[int, None] = OrderedDict()  # cached blocks no request holds, oldest first
+        self._num_evicted = 0
         self._held: dict[int, list[int]] = {}
         self._reservations: dict[int, _Reservation] = {}  # insertion order == id order
         self._borrowed_by_request: dict[int, int] = {}
@@ -71,7 +78,8 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free_stack)
+        """Free blocks, the cached (evictable) ones included."""
+        return len(self._free_stack) + len(self._lru)
 
     @property
     def num_used(self) -> int:
@@ -103,7 +111,7 @@ class BlockPool:
 
     def counters(self) -> PoolCounters:
         return PoolCounters(
-            self._version, self._num_blocks, len(self._free_stack), self._used, self._lent, self._reserved, self._borrowed
+            self._version, self._num_blocks, self.num_free, self._used, self._lent, self._reserved, self._borrowed
         )
 
     def take_delta(self) -> PoolDelta:
@@ -125,22 +133,23 @@ class BlockPool:
     # ---- own requests ------------------------------------------------------------------------
 
     def can_allocate(self, n: int) -> bool:
-        return 0 <= n <= len(self._free_stack)
+        return 0 <= n <= self.num_free
 
     def allocate(self, request_id: int, n: int) -> list[int]:
         """Allocate ``n`` blocks for a request whose home is this instance."""
         if n < 0:
             raise ValidationError("n", n, "must be >= 0")
-        if n > len(self._free_stack):
+        if n > self.num_free:
             raise CapacityError(
                 f"instance {self._instance_id}: cannot allocate {n} blocks for request {request_id}: "
-                f"{len(self._free_stack)} of {self._num_blocks} free"
+                f"{self.num_free} of {self._num_blocks} free"
             )
         held = self._held.setdefault(request_id, [])
         out = []
         for _ in range(n):
-            b = self._free_stack.pop()
+            b = self._pop_free()
             self._state[b] = BLOCK_USED
+            self._refs[b] = 1
             self._owner_request[b] = request_id
             self._owner_home[b] = self._instance_id
             held.append(b)
@@ -160,8 +169,9 @@ class BlockPool:
                 raise SchedulerError(f"instance {self._instance_id}: request {request_id} holds no blocks here")
             return
         named: set[int] = set()  # linear in the blocks named and held, as block_pool.hpp
+        mine = set(held)  # a shared block has other holders: the owner alone does not tell
         for b in blocks:
-            if not (0 <= b < self._num_blocks) or self._state[b] != BLOCK_USED or self._owner_request[b] != request_id:
+            if not (0 <= b < self._num_blocks) or self._state[b] != BLOCK_USED or b not in mine:
                 raise SchedulerError(
                     f"instance {self._instance_id}: block {b} is not held by request {request_id}"
                 )
@@ -201,10 +211,10 @@ class BlockPool:
             if n < 0:
                 raise ValidationError("counts", n, "must be >= 0")
         total = sum(counts)
-        if total > len(self._free_stack):
+        if total > self.num_free:
             raise CapacityError(
                 f"instance {self._instance_id}: cannot allocate {total} blocks for a batch of {len(request_ids)} "
-                f"requests: {len(self._free_stack)} of {self._num_blocks} free"
+                f"requests: {self.num_free} of {self._num_blocks} free"
             )
         blocks: list[int] = []
         offsets = [0]
@@ -231,13 +241,118 @@ class BlockPool:
         self._check_block(block)
         return self._state[block]
 
+    # ---- prefix caching ----------------------------------------------------------------------
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks named by a hash (prefix caching), in use or not."""
+        return len(self._cache)
+
+    @property
+    def num_evictable(self) -> int:
+        """Cached blocks no request holds (counted in ``num_free``)."""
+        return len(self._lru)
+
+    @property
+    def num_evicted(self) -> int:
+        """Cached blocks evicted so far (taken by an allocation)."""
+        return self._num_evicted
+
+    def register_block(self, block: int, block_hash: int) -> bool:
+        """Name a used block by ``block_hash``; False when the hash names another block
+        already (or the block is named already)."""
+        self._check_block(block)
+        if self._state[block] != BLOCK_USED:
+            raise SchedulerError(f"instance {self._instance_id}: block {block} is not in use: it cannot be cached")
+        block_hash = _int64(block_hash)
+        if block in self._hash or block_hash in self._cache:
+            return False
+        self._hash[block] = block_hash
+        self._cache[block_hash] = block
+        self._version += 1
+        return True
+
+    def lookup(self, home: int, hashes) -> int:
+        """How many of ``hashes``, from the first, name blocks cached here for ``home``."""
+        k = 0
+        for h in _hash_list(hashes):
+            b = self._cache.get(h)
+            if b is None or self._owner_home[b] != home:
+                break
+            k += 1
+        return k
+
+    def acquire(self, request_id: int, home: int, hashes) -> list[int]:
+        """Take the longest cached run of ``hashes`` (from the first) for request
+        ``request_id`` of instance ``home``; returns its blocks (appended to the request's)."""
+        hashes = _hash_list(hashes)
+        if not 0 <= home <= INT32_MAX:
+            raise ValidationError("home", home, f"must be in [0, {INT32_MAX}]")
+        if not hashes:
+            return []
+        held = self._held.get(request_id)
+        if held and self._owner_home[held[0]] != home:
+            raise SchedulerError(
+                f"instance {self._instance_id}: request {request_id} is held here for instance "
+                f"{self._owner_home[held[0]]}, not {home}"
+            )
+        k = self.lookup(home, hashes)
+        mine = set(held or ())
+        took = 0
+        while took < k and self._cache[hashes[took]] not in mine:
+            took += 1
+        if took == 0:
+            return []
+        held = self._held.setdefault(request_id, [])
+        out = []
+        for h in hashes[:took]:
+            b = self._cache[h]
+            if self._state[b] == BLOCK_CACHED:
+                del self._lru[b]
+                self._state[b] = BLOCK_USED
+                self._refs[b] = 1
+                self._used += 1
+                if home != self._instance_id:
+                    self._lent += 1
+            else:
+                self._refs[b] += 1
+            self._owner_request[b] = request_id
+            held.append(b)
+            out.append(b)
+        self._version += 1
+        return out
+
+    def reset_cache(self) -> int:
+        """Forget every cached block no request holds; returns how many."""
+        n = 0
+        while self._lru:
+            b, _ = self._lru.popitem(last=False)
+            self._forget_hash(b)
+            self._state[b] = BLOCK_FREE
+            self._owner_home[b] = -1
+            self._free_stack.append(b)
+            n += 1
+        if n:
+            self._version += 1
+        return n
+
+    def refs(self, block: int) -> int:
+        """How many requests hold a block (0 unless used)."""
+        self._check_block(block)
+        return self._refs[block]
+
+    def block_hash(self, block: int) -> int | None:
+        """The hash naming a block, or None."""
+        self._check_block(block)
+        return self._hash.get(block)
+
     # ---- loans -------------------------------------------------------------------------------
 
     @property
     def lendable(self) -> int:
         """Blocks this pool could lend now: free ones, capped by the lending cap."""
         room = max(0, self._max_lent - self._lent - self._reserved)
-        return min(room, len(self._free_stack))
+        return min(room, self.num_free)
 
     def try_reserve(self, borrower: int, n: int, now: float, ttl: float) -> int | None:
         """Reserve ``n`` blocks for instance ``borrower`` until ``now + ttl``.
@@ -251,13 +366,13 @@ class BlockPool:
             raise ValidationError("borrower", borrower, f"must be in [0, {INT32_MAX}]")
         if borrower == self._instance_id:
             raise SchedulerError(f"instance {self._instance_id} cannot lend to itself")
-        if n > len(self._free_stack) or self._lent + self._reserved + n > self._max_lent:
+        if n > self.num_free or self._lent + self._reserved + n > self._max_lent:
             return None
         rid = self._next_reservation
         self._next_reservation += 1
         blocks = []
         for _ in range(n):
-            b = self._free_stack.pop()
+            b = self._pop_free()
             self._state[b] = BLOCK_RESERVED
             self._owner_home[b] = borrower
             blocks.append(b)
@@ -287,6 +402,7 @@ class BlockPool:
         held = self._held.setdefault(request_id, [])
         for b in r.blocks:
             self._state[b] = BLOCK_USED
+            self._refs[b] = 1
             self._owner_request[b] = request_id
             held.append(b)
         n = len(r.blocks)
@@ -351,14 +467,38 @@ class BlockPool:
         if not 0 <= block < self._num_blocks:
             raise ValidationError("block", block, f"must be in [0, {self._num_blocks - 1}]")
 
+    def _pop_free(self) -> int:
+        """A free block: the top of the free stack, else the least recently used cached block,
+        whose name is forgotten (evicted). The caller sets its new state."""
+        if self._free_stack:
+            return self._free_stack.pop()
+        b, _ = self._lru.popitem(last=False)
+        self._forget_hash(b)
+        self._num_evicted += 1
+        return b
+
     def _release_used(self, b: int) -> None:
+        """Drop one holder of a used block; the last one frees it (to the free stack, or to the
+        tail of the cache's eviction order when it is named)."""
+        self._refs[b] -= 1
+        if self._refs[b] > 0:
+            return
         if self._owner_home[b] != self._instance_id:
             self._lent -= 1
         self._used -= 1
-        self._state[b] = BLOCK_FREE
         self._owner_request[b] = -1
+        if b in self._hash:
+            self._state[b] = BLOCK_CACHED  # keeps its home: the home whose requests may reuse it
+            self._lru[b] = None
+            return
+        self._state[b] = BLOCK_FREE
         self._owner_home[b] = -1
         self._free_stack.append(b)
+
+    def _forget_hash(self, b: int) -> None:
+        h = self._hash.pop(b, None)
+        if h is not None:
+            del self._cache[h]
 
     def _release_reservation(self, rid: int) -> int:
         r = self._reservations.pop(rid)
@@ -371,9 +511,10 @@ class BlockPool:
 
     def __repr__(self) -> str:
         c = self.counters()
+        cached = f", cached={len(self._cache)}" if self._cache else ""
         return (
             f"BlockPool(instance={self._instance_id}, capacity={c.capacity}, free={c.free}, used={c.used}, "
-            f"lent={c.lent}, reserved={c.reserved}, borrowed={c.borrowed})"
+            f"lent={c.lent}, reserved={c.reserved}, borrowed={c.borrowed}{cached})"
         )
 
 
@@ -384,3 +525,20 @@ def _check_args(instance_id: int, num_blocks: int, max_lent_blocks: int | None) 
         raise ValidationError("num_blocks", num_blocks, f"must be in [1, {INT32_MAX}]")
     if max_lent_blocks is not None and not 0 <= max_lent_blocks <= num_blocks:
         raise ValidationError("max_lent_blocks", max_lent_blocks, f"must be in [0, {num_blocks}] (num_blocks)")
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int64(h) -> int:
+    h = int(h)
+    if not _INT64_MIN <= h <= _INT64_MAX:
+        raise OverflowError(f"hash {h} does not fit in int64")
+    return h
+
+
+def _hash_list(hashes) -> list[int]:
+    arr = np.asarray(hashes)
+    if arr.ndim != 1:
+        raise ValidationError("hashes", arr.shape, "must be one-dimensional")
+    return [_int64(h) for h in arr.tolist()]

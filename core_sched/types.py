@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-__all__ = ["PoolCounters", "PoolDelta", "BLOCK_FREE", "BLOCK_RESERVED", "BLOCK_USED"]
+__all__ = ["PoolCounters", "PoolDelta", "BLOCK_FREE", "BLOCK_RESERVED", "BLOCK_USED", "BLOCK_CACHED"]
 
 # Block states (core_sched/csrc/block_pool.hpp: BlockState).
 BLOCK_FREE = 0
 BLOCK_RESERVED = 1
 BLOCK_USED = 2
+BLOCK_CACHED = 3  # no request holds it; keeps a cached prefix's KV (evictable, counted free)
 
 
 @dataclass(frozen=True, slots=True)

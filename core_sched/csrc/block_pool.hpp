@@ -4,11 +4,22 @@
 // state at every moment:
 //
 //   FREE      on the free stack, owned by nobody
+//   CACHED    held by no request but keeps the KV of a full block, named by its hash (prefix
+//             caching): evictable, least recently used first. It counts as free everywhere
+//             (admission, lending, heartbeats); an allocation takes the free stack first and
+//             then evicts the oldest cached block.
 //   RESERVED  held for a pending loan reservation (not yet written by the borrower)
-//   USED      holds KV of one request: owner (request id, home instance). When the home is
-//             another instance the block is *lent*.
+//   USED      holds KV of one or more requests of one home (more than one when requests share
+//             a cached prefix: `refs` counts them). When the home is another instance the
+//             block is *lent*.
 //
 //   capacity = free + reserved + used        lent <= used        lent + reserved <= max_lent
+//   (free counts the CACHED blocks)
+//
+// Prefix caching: `register_block` names a USED full block by the hash of its tokens and of
+// everything before them (the engine computes it); `lookup` / `acquire` find the longest run
+// of a request's hashes cached here for the same home and take a reference on each block.
+// When its last holder frees a named block it becomes CACHED instead of FREE.
 //
 // Allocation and free are O(1) per block: the free blocks sit on a stack (LIFO, so a block
 // freed now is the next one handed out, which keeps the working set warm and makes the order
@@ -31,7 +42,7 @@
 
 namespace infinillm {
 
-enum BlockState : uint8_t { BLOCK_FREE = 0, BLOCK_RESERVED = 1, BLOCK_USED = 2 };
+enum BlockState : uint8_t { BLOCK_FREE = 0, BLOCK_RESERVED = 1, BLOCK_USED = 2, BLOCK_CACHED = 3 };
 
 // Status codes returned by the mutating calls; the Cython layer turns them into exceptions.
 enum PoolStatus : int32_t {
@@ -70,7 +81,12 @@ class BlockPool {
         state_(num_blocks, BLOCK_FREE),
         marked_(num_blocks, 0),
         owner_request_(num_blocks, -1),
-        owner_home_(num_blocks, -1) {
+        owner_home_(num_blocks, -1),
+        refs_(num_blocks, 0),
+        hashed_(num_blocks, 0),
+        hash_(num_blocks, 0),
+        lru_prev_(num_blocks, -1),
+        lru_next_(num_blocks, -1) {
     free_stack_.reserve(num_blocks);
     for (int32_t b = num_blocks - 1; b >= 0; --b) free_stack_.push_back(b);
     reported_ = counters();
@@ -82,7 +98,10 @@ class BlockPool {
   // A new lending cap (memory pressure lowers it, relief raises it back). Loans already made
   // stay; while lent + reserved >= the cap, nothing more is lent.
   void set_max_lent(int32_t n) { max_lent_ = n; }
-  int32_t num_free() const { return static_cast<int32_t>(free_stack_.size()); }
+  // Free blocks, the cached (evictable) ones included.
+  int32_t num_free() const { return static_cast<int32_t>(free_stack_.size()) + num_evictable_; }
+  int32_t num_evictable() const { return num_evictable_; }
+  int32_t num_cached() const { return static_cast<int32_t>(cache_.size()); }
   int32_t num_used() const { return used_; }
   int32_t num_lent() const { return lent_; }
   int32_t num_reserved() const { return reserved_; }
@@ -117,6 +136,7 @@ class BlockPool {
     for (int32_t i = 0; i < n; ++i) {
       int32_t b = pop_free();
       state_[b] = BLOCK_USED;
+      refs_[b] = 1;
       owner_request_[b] = request_id;
       owner_home_[b] = instance_id_;
       held.push_back(b);
@@ -127,30 +147,35 @@ class BlockPool {
     return POOL_OK;
   }
 
-  // Free the named blocks of a request (e.g. truncation). All must be owned by it, or nothing
+  // Free the named blocks of a request (e.g. truncation). All must be held by it, or nothing
   // is freed.
   int32_t free_blocks(int64_t request_id, const int32_t* blocks, int32_t n) {
     auto it = held_.find(request_id);
     if (it == held_.end()) return n == 0 ? POOL_OK : POOL_BAD_REQUEST;
     // Linear in n and in the request's blocks here (a creditor frees a long request's part of
-    // thousands of blocks at once): each named block is marked, then the held list is compacted
-    // in one pass. A block named twice is found by its mark.
+    // thousands of blocks at once): each named block is marked, the held list is checked to
+    // hold every one of them (a shared block has other holders, so the owner alone does not
+    // tell), then compacted in one pass. A block named twice is found by its mark.
     int32_t i = 0;
     int32_t status = POOL_OK;
     for (; i < n; ++i) {
       int32_t b = blocks[i];
-      if (b < 0 || b >= num_blocks_ || state_[b] != BLOCK_USED || owner_request_[b] != request_id ||
-          marked_[b]) {
+      if (b < 0 || b >= num_blocks_ || state_[b] != BLOCK_USED || marked_[b]) {
         status = POOL_BAD_BLOCK;
         break;
       }
       marked_[b] = 1;
     }
+    std::vector<int32_t>& held = it->second;
+    if (status == POOL_OK) {
+      int32_t found = 0;
+      for (int32_t b : held) found += marked_[b];
+      if (found != n) status = POOL_BAD_BLOCK;
+    }
     if (status != POOL_OK) {
       for (int32_t j = 0; j < i; ++j) marked_[blocks[j]] = 0;
       return status;
     }
-    std::vector<int32_t>& held = it->second;
     size_t keep = 0;
     for (size_t k = 0; k < held.size(); ++k)
       if (!marked_[held[k]]) held[keep++] = held[k];
@@ -186,6 +211,94 @@ class BlockPool {
   BlockState state(int32_t b) const { return static_cast<BlockState>(state_[b]); }
   int64_t owner_request(int32_t b) const { return owner_request_[b]; }
   int32_t owner_home(int32_t b) const { return owner_home_[b]; }
+
+  // ---- prefix caching -----------------------------------------------------------------------
+
+  // Name a USED block by `hash`. Returns 1 when named, 0 when the hash already names another
+  // block here (the same prefix computed twice: this copy stays unnamed) or the block is named
+  // already, POOL_BAD_BLOCK for a block that is not USED.
+  int32_t register_block(int32_t b, int64_t hash) {
+    if (b < 0 || b >= num_blocks_ || state_[b] != BLOCK_USED) return POOL_BAD_BLOCK;
+    if (hashed_[b] || cache_.count(hash)) return 0;
+    hashed_[b] = 1;
+    hash_[b] = hash;
+    cache_.emplace(hash, b);
+    ++version_;
+    return 1;
+  }
+
+  // How many of `hashes`, from the first, name blocks cached here for requests of `home`.
+  int32_t lookup(int32_t home, const int64_t* hashes, int32_t n) const {
+    int32_t k = 0;
+    for (; k < n; ++k) {
+      auto it = cache_.find(hashes[k]);
+      if (it == cache_.end() || owner_home_[it->second] != home) break;
+    }
+    return k;
+  }
+
+  // Take a reference for request `request_id` (of `home`) on the blocks named by the longest
+  // cached run of `hashes` from the first (as `lookup`), and append them to its blocks here and
+  // to `out`. Returns how many, or POOL_BAD_REQUEST when the request is held here for another
+  // home. A block the request holds already ends the run.
+  int32_t acquire(int64_t request_id, int32_t home, const int64_t* hashes, int32_t n,
+                  std::vector<int32_t>& out) {
+    auto hit = held_.find(request_id);
+    if (hit != held_.end() && !hit->second.empty() && owner_home_[hit->second.front()] != home)
+      return POOL_BAD_REQUEST;
+    int32_t k = lookup(home, hashes, n);
+    if (k == 0) return 0;
+    if (hit != held_.end())
+      for (int32_t b : hit->second) marked_[b] = 1;
+    int32_t took = 0;
+    for (; took < k; ++took)
+      if (marked_[cache_.find(hashes[took])->second]) break;
+    if (hit != held_.end())
+      for (int32_t b : hit->second) marked_[b] = 0;
+    if (took == 0) return 0;
+    auto& held = held_list(request_id);
+    held.reserve(held.size() + static_cast<size_t>(took));
+    for (int32_t i = 0; i < took; ++i) {
+      int32_t b = cache_.find(hashes[i])->second;
+      if (state_[b] == BLOCK_CACHED) {
+        lru_unlink(b);
+        --num_evictable_;
+        state_[b] = BLOCK_USED;
+        refs_[b] = 1;
+        ++used_;
+        if (home != instance_id_) ++lent_;
+      } else {
+        ++refs_[b];
+      }
+      owner_request_[b] = request_id;
+      held.push_back(b);
+      out.push_back(b);
+    }
+    ++version_;
+    return took;
+  }
+
+  // Forget every cached block no request holds (they become plain free blocks); blocks in use
+  // keep their names. Returns how many were dropped.
+  int32_t reset_cache() {
+    int32_t n = 0;
+    while (lru_head_ >= 0) {
+      int32_t b = lru_head_;
+      lru_unlink(b);
+      --num_evictable_;
+      forget_hash(b);
+      state_[b] = BLOCK_FREE;
+      owner_home_[b] = -1;
+      free_stack_.push_back(b);
+      ++n;
+    }
+    if (n) ++version_;
+    return n;
+  }
+
+  int32_t refs(int32_t b) const { return refs_[b]; }
+  bool hashed(int32_t b) const { return hashed_[b] != 0; }
+  int64_t block_hash(int32_t b) const { return hash_[b]; }
 
   // ---- loans --------------------------------------------------------------------------------
 
@@ -228,6 +341,7 @@ class BlockPool {
     int32_t n = static_cast<int32_t>(it->second.blocks.size());
     for (int32_t b : it->second.blocks) {
       state_[b] = BLOCK_USED;
+      refs_[b] = 1;
       owner_request_[b] = request_id;
       held.push_back(b);
       out.push_back(b);
@@ -344,20 +458,64 @@ class BlockPool {
     held_.erase(it);
   }
 
+  // A free block: the top of the free stack, else the least recently used cached block, whose
+  // name is forgotten (evicted). The caller sets its new state.
   int32_t pop_free() {
-    int32_t b = free_stack_.back();
-    free_stack_.pop_back();
+    if (!free_stack_.empty()) {
+      int32_t b = free_stack_.back();
+      free_stack_.pop_back();
+      return b;
+    }
+    int32_t b = lru_head_;
+    lru_unlink(b);
+    --num_evictable_;
+    forget_hash(b);
+    ++num_evicted_;
     return b;
   }
 
+  // Drop one holder of a USED block; the last one frees it (to the free stack, or to the tail
+  // of the cache's eviction order when it is named).
   void release_used(int32_t b) {
+    if (--refs_[b] > 0) return;
     if (owner_home_[b] != instance_id_) --lent_;
     --used_;
-    state_[b] = BLOCK_FREE;
     owner_request_[b] = -1;
+    if (hashed_[b]) {
+      state_[b] = BLOCK_CACHED;  // keeps owner_home_: the home whose requests may reuse it
+      lru_append(b);
+      ++num_evictable_;
+      return;
+    }
+    state_[b] = BLOCK_FREE;
     owner_home_[b] = -1;
     free_stack_.push_back(b);
   }
+
+  void forget_hash(int32_t b) {
+    if (!hashed_[b]) return;
+    cache_.erase(hash_[b]);
+    hashed_[b] = 0;
+  }
+
+  void lru_append(int32_t b) {
+    lru_prev_[b] = lru_tail_;
+    lru_next_[b] = -1;
+    if (lru_tail_ >= 0) lru_next_[lru_tail_] = b; else lru_head_ = b;
+    lru_tail_ = b;
+  }
+
+  void lru_unlink(int32_t b) {
+    int32_t p = lru_prev_[b], q = lru_next_[b];
+    if (p >= 0) lru_next_[p] = q; else lru_head_ = q;
+    if (q >= 0) lru_prev_[q] = p; else lru_tail_ = p;
+    lru_prev_[b] = lru_next_[b] = -1;
+  }
+
+ public:
+  int64_t num_evicted() const { return num_evicted_; }
+
+ private:
 
   int32_t release_reservation(std::map<int64_t, Reservation>::iterator it) {
     int32_t n = static_cast<int32_t>(it->second.blocks.size());
@@ -379,6 +537,16 @@ class BlockPool {
   std::vector<uint8_t> marked_;  // scratch for free_blocks: all 0 between calls
   std::vector<int64_t> owner_request_;
   std::vector<int32_t> owner_home_;
+  std::vector<int32_t> refs_;       // holders of a USED block (1 unless a cached prefix is shared)
+  std::vector<uint8_t> hashed_;     // named by hash_ (in cache_)
+  std::vector<int64_t> hash_;
+  std::vector<int32_t> lru_prev_;   // the CACHED blocks, least recently freed first
+  std::vector<int32_t> lru_next_;
+  int32_t lru_head_ = -1;
+  int32_t lru_tail_ = -1;
+  int32_t num_evictable_ = 0;
+  int64_t num_evicted_ = 0;
+  std::unordered_map<int64_t, int32_t> cache_;  // hash -> block
   std::vector<int32_t> free_stack_;
   HeldMap held_;
   std::vector<std::vector<int32_t>> spare_;

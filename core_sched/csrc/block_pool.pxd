@@ -39,6 +39,9 @@ cdef extern from "block_pool.hpp":
         int32_t max_lent()
         void set_max_lent(int32_t n)
         int32_t num_free()
+        int32_t num_evictable()
+        int32_t num_cached()
+        int64_t num_evicted()
         int32_t num_used()
         int32_t num_lent()
         int32_t num_reserved()
@@ -56,6 +59,13 @@ cdef extern from "block_pool.hpp":
         uint8_t state(int32_t b)
         int64_t owner_request(int32_t b)
         int32_t owner_home(int32_t b)
+        int32_t register_block(int32_t b, int64_t hash) except +
+        int32_t lookup(int32_t home, const int64_t* hashes, int32_t n)
+        int32_t acquire(int64_t request_id, int32_t home, const int64_t* hashes, int32_t n, vector[int32_t]& out) except +
+        int32_t reset_cache() except +
+        int32_t refs(int32_t b)
+        bool hashed(int32_t b)
+        int64_t block_hash(int32_t b)
         int64_t try_reserve(int32_t borrower, int32_t n, double now, double ttl) except +
         int32_t commit(int64_t reservation_id, int64_t request_id, double now, vector[int32_t]& out) except +
         int32_t cancel(int64_t reservation_id) except +

@@ -246,7 +246,9 @@ BORROWERS = st.sampled_from([BORROWER] * 6 + [0, 3, INSTANCE, -1, *HUGE])
 POOL_PROPERTIES = [
     "instance_id", "num_blocks", "max_lent_blocks", "num_free", "num_used", "num_lent", "num_reserved",
     "num_borrowed", "num_requests", "num_reservations", "version", "lendable",
+    "num_cached", "num_evictable", "num_evicted",
 ]  # fmt: skip
+HASHES = [11, 22, 33, 44, -5, 2**62]
 
 
 def outcome(obj, name, *args):
@@ -265,7 +267,7 @@ def observe(pool):
         repr(pool),
         pool.counters(),
         [getattr(pool, name) for name in POOL_PROPERTIES],
-        [(pool.state(b), pool.owner(b)) for b in range(pool.num_blocks)],
+        [(pool.state(b), pool.owner(b), pool.refs(b), pool.block_hash(b)) for b in range(pool.num_blocks)],
         [(rid, pool.blocks_of(rid), pool.borrowed_by(rid)) for rid in KNOWN_REQUESTS],
     )
 
@@ -334,6 +336,24 @@ class PoolTwins(RuleBasedStateMachine):
     def owner_and_state_out_of_range(self, block):  # the blocks in range: every step, below
         self.call("owner", block)
         self.call("state", block)
+
+    # ---- prefix caching -------------------------------------------------------------------------
+
+    @rule(data=st.data(), h=st.sampled_from(HASHES))
+    def register_block(self, data, h):
+        used = [b for b in range(self.twin.num_blocks) if self.twin.state(b) == BLOCK_USED]
+        block = data.draw(st.sampled_from(used * 3 + [0, 15, 16, -1]), label="block")
+        self.call("register_block", block, h)
+
+    @rule(rid=REQUESTS, home=st.sampled_from([INSTANCE] * 3 + [BORROWER, 7]),
+          hashes=st.lists(st.sampled_from(HASHES), max_size=4))
+    def lookup_and_acquire(self, rid, home, hashes):
+        self.call("lookup", home, hashes)
+        self.call("acquire", rid, home, hashes)
+
+    @rule()
+    def reset_cache(self):
+        self.call("reset_cache")
 
     # ---- loans ----------------------------------------------------------------------------------
 

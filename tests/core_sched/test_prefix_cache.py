@@ -1,0 +1,158 @@
+"""Prefix caching in the block pool, against both implementations (the ``core`` fixture).
+
+A full block is named by the hash of its tokens and of everything before them; when its last
+holder frees it, it stays cached (evictable, least recently used first) and counts as free.
+"""
+
+import pytest
+
+from infinillm import SchedulerError, ValidationError
+from infinillm.core_sched import BLOCK_CACHED, BLOCK_FREE, BLOCK_USED
+
+
+def counts(pool):
+    c = pool.counters()
+    return (c.capacity, c.free, c.used, c.lent, c.reserved, c.borrowed)
+
+
+def test_a_freed_named_block_stays_cached_and_counts_as_free(core):
+    pool = core.BlockPool(0, 4)
+    a = pool.allocate(1, 3)
+    assert [pool.register_block(b, h) for b, h in zip(a, [101, 102, 103])] == [True, True, True]
+    assert pool.num_cached == 3 and pool.num_evictable == 0
+    assert pool.free_request(1) == 3
+    assert [pool.state(b) for b in a] == [BLOCK_CACHED] * 3
+    assert counts(pool) == (4, 4, 0, 0, 0, 0)  # cached blocks are free for admission and lending
+    assert pool.num_evictable == 3 and pool.lendable == 4
+    assert pool.owner(a[0]) is None and pool.refs(a[0]) == 0 and pool.block_hash(a[0]) == 101
+
+
+def test_acquire_takes_the_longest_cached_prefix_and_shares_blocks_in_use(core):
+    pool = core.BlockPool(0, 8)
+    a = pool.allocate(1, 3)
+    for b, h in zip(a, [101, 102, 103]):
+        pool.register_block(b, h)
+    assert pool.lookup(0, [101, 102, 999, 103]) == 2
+    assert pool.acquire(2, 0, [101, 102, 999, 103]) == a[:2]  # shared while request 1 still runs
+    assert [pool.refs(b) for b in a] == [2, 2, 1]
+    assert counts(pool) == (8, 5, 3, 0, 0, 0)  # a shared block is used once
+    pool.free_request(1)
+    assert [pool.state(b) for b in a] == [BLOCK_USED, BLOCK_USED, BLOCK_CACHED]
+    assert pool.acquire(3, 0, [101, 102, 103]) == a
+    assert pool.num_evictable == 0
+    pool.free_request(2)
+    pool.free_request(3)
+    assert pool.num_evictable == 3 and counts(pool) == (8, 8, 0, 0, 0, 0)
+
+
+def test_allocation_uses_free_blocks_first_then_evicts_least_recently_freed(core):
+    pool = core.BlockPool(0, 4)
+    a = pool.allocate(1, 2)
+    b = pool.allocate(2, 2)
+    for blk, h in zip(a + b, [1, 2, 3, 4]):
+        pool.register_block(blk, h)
+    pool.free_request(2)  # freed first: evicted first, its tail block before its head
+    pool.free_request(1)
+    assert pool.allocate(3, 1) == [b[1]]
+    assert pool.num_evicted == 1 and pool.lookup(0, [3, 4]) == 1 and pool.lookup(0, [1, 2]) == 2
+    assert pool.block_hash(b[1]) is None and pool.state(b[1]) == BLOCK_USED
+    assert pool.acquire(4, 0, [1, 2]) == a  # touching them makes them the newest
+    pool.free_request(4)
+    assert pool.allocate(5, 1) == [b[0]]
+
+
+def test_fresh_free_blocks_are_taken_before_cached_ones(core):
+    pool = core.BlockPool(0, 4)
+    a = pool.allocate(1, 1)
+    pool.register_block(a[0], 7)
+    pool.free_request(1)
+    assert sorted(pool.allocate(2, 3)) == [1, 2, 3] and pool.lookup(0, [7]) == 1
+
+
+def test_a_hash_names_one_block_and_a_block_one_hash(core):
+    pool = core.BlockPool(0, 4)
+    a, b = pool.allocate(1, 2)
+    assert pool.register_block(a, 5) is True
+    assert pool.register_block(b, 5) is False  # the same prefix computed twice: not named
+    assert pool.register_block(a, 6) is False
+    assert pool.block_hash(b) is None and pool.num_cached == 1
+    pool.free_request(1)
+    assert pool.state(b) == BLOCK_FREE and pool.state(a) == BLOCK_CACHED
+    with pytest.raises(SchedulerError, match="block 0 is not in use"):
+        pool.register_block(a, 9)
+    with pytest.raises(ValidationError, match="block"):
+        pool.register_block(4, 9)
+
+
+def test_cached_blocks_of_another_home_are_not_shared(core):
+    """A creditor caches a debtor's prefix for the debtor's requests only."""
+    pool = core.BlockPool(0, 4)
+    r = pool.try_reserve(1, 2, now=0.0, ttl=1.0)
+    lent = pool.commit(r, 500, now=0.0)
+    for blk, h in zip(lent, [1, 2]):
+        pool.register_block(blk, h)
+    assert pool.num_lent == 2
+    pool.free_request(500)
+    assert pool.num_lent == 0 and pool.num_evictable == 2 and pool.lendable == 4
+    assert pool.lookup(0, [1, 2]) == 0 and pool.acquire(7, 0, [1, 2]) == []
+    assert pool.lookup(1, [1, 2]) == 2
+    assert pool.acquire(501, 1, [1, 2]) == lent
+    assert counts(pool) == (4, 2, 2, 2, 0, 0)  # lent again
+    with pytest.raises(SchedulerError, match="held here for instance 1, not 0"):
+        pool.acquire(501, 0, [1])
+
+
+def test_a_request_never_holds_a_block_twice(core):
+    pool = core.BlockPool(0, 4)
+    a = pool.allocate(1, 2)
+    pool.register_block(a[0], 1)
+    pool.register_block(a[1], 2)
+    assert pool.acquire(1, 0, [1, 2]) == []
+    assert [pool.refs(b) for b in a] == [1, 1]
+
+
+def test_free_blocks_of_a_shared_block_drops_one_holder(core):
+    pool = core.BlockPool(0, 4)
+    a = pool.allocate(1, 1)
+    pool.register_block(a[0], 1)
+    pool.acquire(2, 0, [1])
+    pool.allocate(3, 1)
+    with pytest.raises(SchedulerError, match="block 0 is not held by request 3"):
+        pool.free_blocks(3, a)
+    pool.free_blocks(2, a)
+    assert pool.refs(a[0]) == 1 and pool.blocks_of(1) == a and pool.blocks_of(2) == []
+    pool.free_blocks(1, a)
+    assert pool.state(a[0]) == BLOCK_CACHED
+
+
+def test_reservations_evict_cached_blocks_when_nothing_else_is_free(core):
+    pool = core.BlockPool(0, 2)
+    a = pool.allocate(1, 2)
+    pool.register_block(a[0], 1)
+    pool.register_block(a[1], 2)
+    pool.free_request(1)
+    r = pool.try_reserve(3, 2, now=0.0, ttl=1.0)
+    assert r is not None and pool.num_cached == 0 and pool.num_evicted == 2
+    pool.cancel(r)
+    assert pool.num_free == 2 and pool.num_evictable == 0
+
+
+def test_reset_cache_forgets_evictable_blocks_only(core):
+    pool = core.BlockPool(0, 4)
+    a = pool.allocate(1, 2)
+    pool.register_block(a[0], 1)
+    pool.register_block(a[1], 2)
+    pool.acquire(2, 0, [1])
+    pool.free_request(1)
+    assert pool.reset_cache() == 1  # a[1]; a[0] is still held by request 2
+    assert pool.num_cached == 1 and pool.lookup(0, [1, 2]) == 1
+    assert pool.state(a[1]) == BLOCK_FREE
+
+
+def test_bad_hashes_are_refused(core):
+    pool = core.BlockPool(0, 4)
+    with pytest.raises(ValidationError, match="one-dimensional"):
+        pool.lookup(0, [[1, 2]])
+    with pytest.raises((OverflowError, ValidationError)):
+        pool.acquire(1, 0, [2**64])
+    assert pool.lookup(0, []) == 0 and pool.acquire(1, 0, []) == []
