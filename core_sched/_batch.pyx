@@ -14,7 +14,10 @@ from libcpp.unordered_map cimport unordered_map
 from libcpp.vector cimport vector
 
 from infinillm.errors import RequestTooLongError, SchedulerError, ValidationError
-from infinillm.core_sched.types import BatchStats, LoanRequest, Preemption, ScheduledChunk, StepPlan
+from collections import OrderedDict
+
+from infinillm.core_sched.types import BatchStats, LoanRequest, Preemption, PrefixClaim, ScheduledChunk, StepPlan
+from infinillm.core_sched.batch import _check_hashes, _hash_list
 
 IMPLEMENTATION = "compiled"
 
@@ -50,6 +53,10 @@ cdef class BatchPlanner:
     cdef int64_t _num_steps
     cdef int64_t _num_preemptions
     cdef int64_t _num_loans
+    cdef dict _hashes           # request -> its prompt's block hashes (prefix caching)
+    cdef object _remote         # OrderedDict hash -> (instance, block): cached on other instances
+    cdef int64_t _prefix_query_tokens
+    cdef int64_t _prefix_hit_tokens
 
     def __init__(self, pool, tables, int64_t max_num_seqs, int64_t max_num_batched_tokens,
                  int64_t cluster_blocks):
@@ -68,6 +75,10 @@ cdef class BatchPlanner:
         self._num_steps = 0
         self._num_preemptions = 0
         self._num_loans = 0
+        self._hashes = {}
+        self._remote = OrderedDict()
+        self._prefix_query_tokens = 0
+        self._prefix_hit_tokens = 0
 
     # ---- configuration and counters ----------------------------------------------------------
 
@@ -140,12 +151,14 @@ cdef class BatchPlanner:
 
     def statistics(self):
         return BatchStats(self._running.size(), self._waiting.size(), self._waiting_blocks(),
-                          self._num_steps, self._num_preemptions, self._num_loans)
+                          self._num_steps, self._num_preemptions, self._num_loans,
+                          self._prefix_query_tokens, self._prefix_hit_tokens)
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def add_request(self, int64_t request_id, int64_t prompt_len, int64_t max_new_tokens):
-        """Queue a request (FCFS), or reject one that could never fit in the cluster."""
+    def add_request(self, int64_t request_id, int64_t prompt_len, int64_t max_new_tokens, block_hashes=None):
+        """Queue a request (FCFS), or reject one that could never fit in the cluster.
+        ``block_hashes``: the hashes naming its prompt's full blocks (prefix caching)."""
         cdef Request r
         if prompt_len < 1:
             raise ValidationError("prompt_len", prompt_len, "must be >= 1")
@@ -160,13 +173,45 @@ cdef class BatchPlanner:
                 f"request {request_id} needs {blocks} blocks ({total} tokens) "
                 f"but the cluster has {self._cluster_blocks} blocks"
             )
+        hashes = _check_hashes(block_hashes, prompt_len, self._block_size)
         r.prompt_len = prompt_len
         r.max_tokens = total
         r.num_tokens = prompt_len
         r.num_computed = 0
         r.running = False
         self._requests[request_id] = r
+        if hashes:
+            self._hashes[request_id] = hashes
         self._waiting.push_back(request_id)
+
+    # ---- the directory of this home's blocks cached on other instances -----------------------
+
+    def remember_remote(self, int64_t instance, blocks, hashes):
+        """Blocks of a request of this home that ``instance`` keeps cached; see the twin."""
+        blocks, hashes = [int(b) for b in blocks], _hash_list(hashes)
+        if instance == self._home:
+            raise ValidationError("instance", instance, "must be another instance (this pool caches its own)")
+        if len(blocks) != len(hashes):
+            raise ValidationError("hashes", len(hashes), f"must name each block ({len(blocks)})")
+        for b, h in zip(blocks, hashes):
+            self._remote[h] = (instance, b)
+            self._remote.move_to_end(h)
+        while len(self._remote) > self._cluster_blocks:
+            self._remote.popitem(last=False)
+
+    def forget_remote(self, int64_t instance, hashes=None):
+        """Forget blocks cached on ``instance`` (those named by ``hashes``, or all); see the twin."""
+        if hashes is None:
+            gone = [h for h, (i, _) in self._remote.items() if i == instance]
+        else:
+            gone = [h for h in _hash_list(hashes) if h in self._remote and self._remote[h][0] == instance]
+        for h in gone:
+            del self._remote[h]
+        return len(gone)
+
+    @property
+    def num_remote_cached(self):
+        return len(self._remote)
 
     def append_output(self, int64_t request_id):
         """Record the token sampled at the end of the request's last chunk."""
@@ -222,7 +267,7 @@ cdef class BatchPlanner:
         if loan_available < 0:
             raise ValidationError("loan_available", loan_available, "must be >= 0")
         cdef int64_t budget = self._max_num_batched_tokens
-        cdef int64_t chunk, need, shortfall, free, rid, victim
+        cdef int64_t chunk, need, shortfall, free, rid, victim, hits, local, cached
         cdef Request* r
         cdef size_t i = 0
         cdef bint scheduled
@@ -259,15 +304,18 @@ cdef class BatchPlanner:
             i += 1
 
         # 2. Waiting requests, FCFS, only when memory is not short.
+        claims = []
         if not loans and not preempted:
             while (not self._waiting.empty() and budget > 0
                    and <int64_t>self._running.size() < self._max_num_seqs):
                 rid = self._waiting.front()
                 r = &self._requests[rid]
-                chunk = min(r.num_tokens, budget)
+                runs, hits, local = self._match_prefix(rid, r)
+                cached = hits * self._block_size
+                chunk = min(r.num_tokens - cached, budget)
                 need = cdiv(chunk, self._block_size)
-                free = self._pool.num_free
-                if cdiv(r.num_tokens, self._block_size) > free + loan_available:
+                free = max(0, self._pool.num_free - local)  # as if every local hit took a free block
+                if cdiv(r.num_tokens, self._block_size) - (hits - local) > self._pool.num_free + loan_available:
                     break  # its whole context would not fit: admitting it now would only be undone
                 if need > free:
                     if not self._running.empty() or free == 0:
@@ -278,6 +326,11 @@ cdef class BatchPlanner:
                 r.running = True
                 self._running.push_back(rid)
                 self._tables.add_request(rid)
+                if rid in self._hashes:
+                    self._prefix_query_tokens += r.num_tokens
+                    self._prefix_hit_tokens += cached
+                if hits:
+                    self._reuse(rid, r, runs, claims)
                 chunks.append(self._commit(rid, r, chunk, need))
                 budget -= chunk
 
@@ -285,7 +338,7 @@ cdef class BatchPlanner:
         self._num_preemptions += len(preempted)
         self._num_loans += len(loans)
         return StepPlan(tuple(chunks), tuple(preempted), tuple(loans),
-                        self._max_num_batched_tokens - budget)
+                        self._max_num_batched_tokens - budget, tuple(claims))
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -293,6 +346,49 @@ cdef class BatchPlanner:
         if not self._requests.count(request_id):
             raise SchedulerError(f"unknown request {request_id}")
         return &self._requests[request_id]
+
+    cdef tuple _match_prefix(self, int64_t rid, Request* r):
+        """The longest cached run of a waiting request's block hashes; see the twin."""
+        hashes = self._hashes.get(rid)
+        if not hashes:
+            return [], 0, 0
+        hashes = hashes[: (r.num_tokens - 1) // self._block_size]
+        runs = []
+        cdef Py_ssize_t i = 0, n = len(hashes)
+        cdef int64_t k, local = 0
+        while i < n:
+            k = self._pool.lookup(self._home, hashes[i:])
+            if k:
+                runs.append((self._home, hashes[i : i + k], None))
+                i += k
+                local += k
+                continue
+            hit = self._remote.get(hashes[i])
+            if hit is None:
+                break
+            instance, block = hit
+            if runs and runs[len(runs) - 1][0] == instance:  # (no negative indexing: wraparound is off)
+                runs[len(runs) - 1][1].append(hashes[i])
+                runs[len(runs) - 1][2].append(block)
+            else:
+                runs.append((instance, [hashes[i]], [block]))
+            i += 1
+        return runs, i, local
+
+    cdef _reuse(self, int64_t rid, Request* r, list runs, list claims):
+        """Put a newly admitted request's cached prefix in its table; see the twin."""
+        cdef int64_t hits = 0
+        for instance, hashes, blocks in runs:
+            if instance == self._home:
+                blocks = self._pool.acquire(rid, self._home, hashes)
+                self._tables.append_blocks(rid, self._home, blocks)
+            else:
+                self._tables.append_blocks(rid, instance, blocks)
+                self._pool.add_borrowed(rid, self._home, len(blocks))
+                claims.append(PrefixClaim(rid, instance, tuple(blocks), tuple(hashes)))
+            hits += len(blocks)
+        self._tables.append_tokens(rid, hits * self._block_size)
+        r.num_computed = hits * self._block_size
 
     cdef object _commit(self, int64_t rid, Request* r, int64_t chunk, int64_t need):
         """Make room for a chunk and mark its KV computed."""
@@ -325,6 +421,7 @@ cdef class BatchPlanner:
         cdef bint running = self._requests[request_id].running
         cdef size_t k
         self._requests.erase(request_id)
+        self._hashes.pop(request_id, None)
         if running:
             for k in range(self._running.size()):
                 if self._running[k] == request_id:

@@ -7,10 +7,10 @@ the class docstring below; ``_batch.pyx`` mirrors this file line for line where 
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 from ..errors import RequestTooLongError, SchedulerError, ValidationError
-from .types import BatchStats, LoanRequest, Preemption, ScheduledChunk, StepPlan
+from .types import BatchStats, LoanRequest, Preemption, PrefixClaim, ScheduledChunk, StepPlan
 
 __all__ = ["BatchPlanner"]
 
@@ -89,6 +89,17 @@ class BatchPlanner:
     ``add_request`` rejects a request that could never fit in the whole cluster
     (``ceil((prompt_len + max_new_tokens) / block_size) > cluster_blocks``) with
     ``RequestTooLongError`` instead of queueing it forever. Everything is deterministic.
+
+    Prefix caching: a request may come with ``block_hashes``, the hashes naming its prompt's
+    full blocks (each of the block's tokens and of everything before it). At admission the
+    longest run of them found cached (in this pool, ``BlockPool.lookup``; or on another
+    instance, in the directory that ``remember_remote`` fills) is reused: local blocks are
+    taken by reference (``BlockPool.acquire``), remote ones are put in the table as lent and
+    returned as ``StepPlan.claims`` for the engine to take there; the request starts at
+    ``num_computed = hits * block_size``. At least its last token is always computed (its
+    logits are needed), so at most ``(num_tokens - 1) // block_size`` blocks are reused. The
+    admission check counts every reused local block as if it took a free block (a cached
+    block no request holds does; one in use does not), so it never admits more than fits.
     """
 
     def __init__(self, pool, tables, max_num_seqs: int, max_num_batched_tokens: int, cluster_blocks: int) -> None:
@@ -110,6 +121,12 @@ class BatchPlanner:
         self._num_steps = 0
         self._num_preemptions = 0
         self._num_loans = 0
+        self._hashes: dict[int, list[int]] = {}  # request -> its prompt's block hashes
+        # hash -> (instance, block): blocks of this home's requests cached on other instances,
+        # oldest first, at most cluster_blocks of them.
+        self._remote: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        self._prefix_query_tokens = 0
+        self._prefix_hit_tokens = 0
 
     # ---- configuration and counters ----------------------------------------------------------
 
@@ -185,12 +202,15 @@ class BatchPlanner:
             self._num_steps,
             self._num_preemptions,
             self._num_loans,
+            self._prefix_query_tokens,
+            self._prefix_hit_tokens,
         )
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def add_request(self, request_id: int, prompt_len: int, max_new_tokens: int) -> None:
-        """Queue a request (FCFS), or reject one that could never fit in the cluster."""
+    def add_request(self, request_id: int, prompt_len: int, max_new_tokens: int, block_hashes=None) -> None:
+        """Queue a request (FCFS), or reject one that could never fit in the cluster.
+        ``block_hashes``: the hashes naming its prompt's full blocks (prefix caching)."""
         if prompt_len < 1:
             raise ValidationError("prompt_len", prompt_len, "must be >= 1")
         if max_new_tokens < 1:
@@ -204,8 +224,42 @@ class BatchPlanner:
                 f"request {request_id} needs {blocks} blocks ({total} tokens) "
                 f"but the cluster has {self._cluster_blocks} blocks"
             )
+        hashes = _check_hashes(block_hashes, prompt_len, self._block_size)
         self._requests[request_id] = _Request(request_id, prompt_len, max_new_tokens)
+        if hashes:
+            self._hashes[request_id] = hashes
         self._waiting.append(request_id)
+
+    # ---- the directory of this home's blocks cached on other instances -----------------------
+
+    def remember_remote(self, instance: int, blocks, hashes) -> None:
+        """Blocks of a request of this home that ``instance`` keeps cached (named by
+        ``hashes``) now that the request let them go: later requests may reuse them there."""
+        blocks, hashes = [int(b) for b in blocks], _hash_list(hashes)
+        if instance == self._home:
+            raise ValidationError("instance", instance, "must be another instance (this pool caches its own)")
+        if len(blocks) != len(hashes):
+            raise ValidationError("hashes", len(hashes), f"must name each block ({len(blocks)})")
+        for b, h in zip(blocks, hashes):
+            self._remote[h] = (instance, b)
+            self._remote.move_to_end(h)
+        while len(self._remote) > self._cluster_blocks:
+            self._remote.popitem(last=False)
+
+    def forget_remote(self, instance: int, hashes=None) -> int:
+        """Forget blocks cached on ``instance`` (those named by ``hashes``, or all); returns how
+        many were known (its claim failed, or the instance was lost)."""
+        if hashes is None:
+            gone = [h for h, (i, _) in self._remote.items() if i == instance]
+        else:
+            gone = [h for h in _hash_list(hashes) if h in self._remote and self._remote[h][0] == instance]
+        for h in gone:
+            del self._remote[h]
+        return len(gone)
+
+    @property
+    def num_remote_cached(self) -> int:
+        return len(self._remote)
 
     def append_output(self, request_id: int) -> None:
         """Record the token sampled at the end of the request's last chunk."""
@@ -293,14 +347,17 @@ class BatchPlanner:
             i += 1
 
         # 2. Waiting requests, FCFS, only when memory is not short.
+        claims: list[PrefixClaim] = []
         if not loans and not preempted:
             while self._waiting and budget > 0 and len(self._running) < self._max_num_seqs:
                 rid = self._waiting[0]
                 r = self._requests[rid]
-                chunk = min(r.num_tokens, budget)
+                runs, hits, local = self._match_prefix(rid, r)
+                cached = hits * self._block_size
+                chunk = min(r.num_tokens - cached, budget)
                 need = _cdiv(chunk, self._block_size)
-                free = self._pool.num_free
-                if _cdiv(r.num_tokens, self._block_size) > free + loan_available:
+                free = max(0, self._pool.num_free - local)  # as if every local hit took a free block
+                if _cdiv(r.num_tokens, self._block_size) - (hits - local) > self._pool.num_free + loan_available:
                     break  # its whole context would not fit: admitting it now would only be undone
                 if need > free:
                     if self._running or free == 0:
@@ -311,6 +368,11 @@ class BatchPlanner:
                 r.running = True
                 self._running.append(rid)
                 self._tables.add_request(rid)
+                if rid in self._hashes:
+                    self._prefix_query_tokens += r.num_tokens
+                    self._prefix_hit_tokens += cached
+                if hits:
+                    self._reuse(rid, r, runs, claims)
                 chunks.append(self._commit(r, chunk, need))
                 budget -= chunk
 
@@ -318,7 +380,7 @@ class BatchPlanner:
         self._num_preemptions += len(preempted)
         self._num_loans += len(loans)
         return StepPlan(
-            tuple(chunks), tuple(preempted), tuple(loans), self._max_num_batched_tokens - budget
+            tuple(chunks), tuple(preempted), tuple(loans), self._max_num_batched_tokens - budget, tuple(claims)
         )
 
     # ---- internals ---------------------------------------------------------------------------
@@ -328,6 +390,50 @@ class BatchPlanner:
         if r is None:
             raise SchedulerError(f"unknown request {request_id}")
         return r
+
+    def _match_prefix(self, rid: int, r: _Request) -> tuple[list, int, int]:
+        """The longest cached run of a waiting request's block hashes, as runs
+        ``[(instance, hashes, blocks or None for local)]``, with the blocks it covers and how
+        many of them are here. Changes nothing."""
+        hashes = self._hashes.get(rid)
+        if not hashes:
+            return [], 0, 0
+        hashes = hashes[: (r.num_tokens - 1) // self._block_size]
+        runs: list = []
+        i = local = 0
+        while i < len(hashes):
+            k = self._pool.lookup(self._home, hashes[i:])
+            if k:
+                runs.append((self._home, hashes[i : i + k], None))
+                i += k
+                local += k
+                continue
+            hit = self._remote.get(hashes[i])
+            if hit is None:
+                break
+            instance, block = hit
+            if runs and runs[-1][0] == instance:
+                runs[-1][1].append(hashes[i])
+                runs[-1][2].append(block)
+            else:
+                runs.append((instance, [hashes[i]], [block]))
+            i += 1
+        return runs, i, local
+
+    def _reuse(self, rid: int, r: _Request, runs: list, claims: list) -> None:
+        """Put a newly admitted request's cached prefix in its table (``_match_prefix``)."""
+        hits = 0
+        for instance, hashes, blocks in runs:
+            if instance == self._home:
+                blocks = self._pool.acquire(rid, self._home, hashes)
+                self._tables.append_blocks(rid, self._home, blocks)
+            else:
+                self._tables.append_blocks(rid, instance, blocks)
+                self._pool.add_borrowed(rid, self._home, len(blocks))
+                claims.append(PrefixClaim(rid, instance, tuple(blocks), tuple(hashes)))
+            hits += len(blocks)
+        self._tables.append_tokens(rid, hits * self._block_size)
+        r.num_computed = hits * self._block_size
 
     def _commit(self, r: _Request, chunk: int, need: int) -> ScheduledChunk:
         """Make room for a chunk and mark its KV computed."""
@@ -359,6 +465,7 @@ class BatchPlanner:
 
     def _drop(self, request_id: int) -> list:
         r = self._requests.pop(request_id)
+        self._hashes.pop(request_id, None)
         if r.running:
             self._running.remove(request_id)
             return self._release(request_id)
@@ -375,6 +482,27 @@ class BatchPlanner:
 def _check_cluster_blocks(cluster_blocks: int, local_blocks: int) -> None:
     if cluster_blocks < local_blocks:
         raise ValidationError("cluster_blocks", cluster_blocks, f"must be >= {local_blocks} (this instance's blocks)")
+
+
+def _hash_list(hashes) -> list[int]:
+    out = []
+    for h in hashes:
+        h = int(h)
+        if not -(2**63) <= h < 2**63:
+            raise ValidationError("block_hashes", h, "must be int64 values")
+        out.append(h)
+    return out
+
+
+def _check_hashes(hashes, prompt_len: int, block_size: int) -> list[int]:
+    if hashes is None:
+        return []
+    hashes = _hash_list(hashes)
+    if len(hashes) > prompt_len // block_size:
+        raise ValidationError(
+            "block_hashes", len(hashes), f"must be at most {prompt_len // block_size} (the prompt's full blocks)"
+        )
+    return hashes
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -57,7 +57,7 @@ class PoolDelta:
 
 # ---- the batch planner (core_sched/batch.py, _batch.pyx) --------------------------------------
 
-__all__ += ["ScheduledChunk", "LoanRequest", "Preemption", "StepPlan", "BatchStats"]
+__all__ += ["ScheduledChunk", "LoanRequest", "Preemption", "PrefixClaim", "StepPlan", "BatchStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +100,37 @@ class Preemption(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixClaim:
+    """A request admitted in this step reuses cached blocks another instance holds.
+
+    The planner put ``blocks`` (that instance's block ids, named by ``hashes``) into the
+    request's table as if lent, and counted them borrowed. The engine takes them on that
+    instance (``BlockPool.acquire`` there) before the step runs; if they are gone (evicted),
+    it forgets them (``BatchPlanner.forget_remote``) and preempts the request, whose claimed
+    blocks it must not free there.
+    """
+
+    request_id: int
+    instance: int
+    blocks: tuple[int, ...]
+    hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class StepPlan:
     """What ``BatchPlanner.schedule`` hands the engine for one step (vLLM's SchedulerOutput).
 
     ``chunks``: running requests first, in admission order, then newly admitted ones;
     ``num_batched_tokens`` is the sum of their ``num_tokens``. Block tables and slot mappings
-    already cover every chunk. ``preempted`` and ``loans`` are in the order they happened.
+    already cover every chunk. ``preempted`` and ``loans`` are in the order they happened;
+    ``claims`` are the cached blocks on other instances that newly admitted requests reuse.
     """
 
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[Preemption, ...]
     loans: tuple[LoanRequest, ...]
     num_batched_tokens: int
+    claims: tuple[PrefixClaim, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -123,7 +142,9 @@ class BatchStats:
     """A snapshot of one instance's batch planner (``BatchPlanner.statistics()``).
 
     ``waiting_blocks`` is what the head waiting request needs for its first chunk; the counts
-    ``num_steps``, ``num_preemptions`` and ``num_loans`` run since the planner was made.
+    ``num_steps``, ``num_preemptions`` and ``num_loans`` run since the planner was made, as
+    do the prefix cache's: ``prefix_query_tokens`` (tokens of admitted requests that had block
+    hashes) and ``prefix_hit_tokens`` (those found cached, here or on other instances).
     """
 
     num_running: int
@@ -132,6 +153,12 @@ class BatchStats:
     num_steps: int
     num_preemptions: int
     num_loans: int
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
 
 # ---- the debt ledger and planner (core_sched/ledger.py, planner.py, _ledger.pyx) --------------

@@ -369,6 +369,27 @@ class Engine:
         self.limit = {}  # rid -> prompt + max_new
         self.lent = set()  # (creditor, block) held by creditors for our requests
         self.next_block = 1000
+        self.block_size = block_size
+        self.hashes = {}  # rid -> its prompt's block hashes (prefix caching, when asked)
+        self.creditor_cache = {}  # (creditor, block) -> hash: creditors' cached blocks, faked
+
+    def named(self, rid, runs):
+        """The remote blocks of a request's runs that its prompt's hashes name."""
+        out, i = [], 0
+        hashes = self.hashes.get(rid, [])
+        for instance, ids in self.bp.tables.runs(rid):
+            for b in ids:
+                if instance != HOME and i < len(hashes) and i < self.bp.num_computed(rid) // self.block_size:
+                    out.append((instance, b, hashes[i]))
+                i += 1
+        return out
+
+    def release(self, rid, runs):
+        """A request let its remote blocks go: the named ones stay cached on their creditors."""
+        self.give_back(runs)
+        for instance, b, h in self.named_before_release.pop(rid, []):
+            self.creditor_cache[(instance, b)] = h
+            self.bp.remember_remote(instance, [b], [h])
 
     def give_back(self, runs):
         for instance, ids in runs:
@@ -379,21 +400,42 @@ class Engine:
         kind = op[0]
         bp = self.bp
         if kind == "add":
-            _, rid, prompt_len, max_new = op
+            _, rid, prompt_len, max_new = op[:4]
+            hashes = None
+            if len(op) > 4:  # prompts are prefixes of a few documents: doc * 1000 + block index
+                hashes = [op[4] * 1000 + i for i in range(prompt_len // self.block_size)]
             try:
-                bp.add_request(rid, prompt_len, max_new)
+                bp.add_request(rid, prompt_len, max_new, hashes)
             except RequestTooLongError as e:
                 return ("too long", str(e))
             self.limit[rid] = prompt_len + max_new
+            self.hashes[rid] = hashes or []
             return None
+        self.named_before_release = {r: self.named(r, None) for r in bp.running_ids()}
         if kind == "abort":
             runs = bp.abort(op[1])
-            self.give_back(runs)
+            self.release(op[1], runs)
             return runs
         _, loan_available, grant = op
         plan = bp.schedule(loan_available)
         for p in plan.preempted:
-            self.give_back(p.remote_runs)
+            self.release(p.request_id, p.remote_runs)
+        failed = []
+        for claim in plan.claims:  # a creditor still has it cached, or evicted it meanwhile
+            have = [self.creditor_cache.get((claim.instance, b)) for b in claim.blocks]
+            if have == list(claim.hashes) and claim.blocks[0] % 5:
+                for b in claim.blocks:
+                    del self.creditor_cache[(claim.instance, b)]
+                    self.lent.add((claim.instance, b))
+            else:
+                failed.append(claim)
+                bp.forget_remote(claim.instance, claim.hashes)
+        dropped = {c.request_id for c in failed}
+        for rid in dropped:
+            runs = bp.preempt(rid)
+            unclaimed = {(c.instance, b) for c in failed if c.request_id == rid for b in c.blocks}
+            self.give_back([(i, [b for b in ids if (i, b) not in unclaimed]) for i, ids in runs])
+        self.named_before_release = {}
         for i, loan in enumerate(plan.loans):
             if grant[i % len(grant)]:
                 creditor = 1 + loan.request_id % 3
@@ -402,12 +444,29 @@ class Engine:
                 self.lent.update((creditor, b) for b in ids)
                 bp.add_loan(loan.request_id, creditor, ids)
         for c in plan.chunks:
+            if c.request_id in dropped:
+                continue
+            self.register(c.request_id)
             if c.samples:
                 if bp.num_tokens(c.request_id) < self.limit[c.request_id]:
                     bp.append_output(c.request_id)
                 else:
+                    named = self.named(c.request_id, None)
                     self.give_back(bp.finish(c.request_id))
+                    for instance, b, h in named:
+                        self.creditor_cache[(instance, b)] = h
+                        bp.remember_remote(instance, [b], [h])
         return plan
+
+    def register(self, rid):
+        """After the step: name the request's full prompt blocks here (the engine does it)."""
+        hashes = self.hashes.get(rid, [])
+        i = 0
+        for instance, ids in self.bp.tables.runs(rid):
+            for b in ids:
+                if instance == HOME and i < len(hashes) and i < self.bp.num_computed(rid) // self.block_size:
+                    self.bp.pool.register_block(b, hashes[i])
+                i += 1
 
     def check(self):
         bp, pool, tables = self.bp, self.bp.pool, self.bp.tables
@@ -426,6 +485,7 @@ class Engine:
                     assert all((instance, b) in self.lent for b in ids)
         for rid in bp.waiting_ids():
             assert not tables.has_request(rid) and bp.num_computed(rid) == 0 and not pool.blocks_of(rid)
+        local = len({b for rid in running for b in pool.blocks_of(rid)})  # shared blocks count once
         assert pool.num_used == local and pool.num_free == pool.num_blocks - local
         assert pool.num_borrowed == remote == len(self.lent)
 
@@ -436,14 +496,16 @@ class Engine:
         return held, pool.counters(), [pool.state(b) for b in range(pool.num_blocks)]
 
 
-def random_workload(seed, num_ops=150):
-    """A deterministic stream of engine operations: adds, steps (some with loans), aborts."""
+def random_workload(seed, num_ops=150, prefixes=False):
+    """A deterministic stream of engine operations: adds, steps (some with loans), aborts.
+    With ``prefixes``, prompts are prefixes of three documents (prefix caching)."""
     rng = random.Random(seed)
     ops = []
     for _ in range(num_ops):
         x = rng.random()
         if x < 0.25:
-            ops.append(("add", rng.randrange(40), rng.randint(1, 60), rng.randint(1, 24)))
+            add = ("add", rng.randrange(40), rng.randint(1, 60), rng.randint(1, 24))
+            ops.append(add + (rng.randrange(3),) if prefixes else add)
         elif x < 0.92:
             loan_available = rng.choice([0, 0, rng.randint(1, 8)])
             ops.append(("step", loan_available, [rng.random() < 0.8 for _ in range(3)]))
@@ -459,15 +521,16 @@ def random_workload(seed, num_ops=150):
     block_size=st.sampled_from([1, 2, 4, 8]),
     max_num_seqs=st.integers(1, 5),
     max_num_batched_tokens=st.integers(1, 48),
+    prefixes=st.booleans(),
 )
 def test_compiled_and_twin_make_identical_plans_and_account_for_every_block(
-    seed, num_blocks, block_size, max_num_seqs, max_num_batched_tokens
+    seed, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, prefixes
 ):
     engines = [
         Engine(implementation(name), num_blocks, block_size, max_num_seqs, max_num_batched_tokens)
         for name in ("compiled", "python")
     ]
-    for op in random_workload(seed):
+    for op in random_workload(seed, prefixes=prefixes):
         if op[0] == "add" and op[1] in engines[0].limit:
             continue  # request ids are unique for the life of an instance
         results = []
@@ -484,8 +547,13 @@ def test_compiled_and_twin_make_identical_plans_and_account_for_every_block(
                 event("a step preempted")
             if plan.loans:
                 event("a step asked for loans")
+            if plan.claims:
+                event("a step claimed blocks cached on a creditor")
+
     a, b = (e.bp for e in engines)
     assert (a.running_ids(), a.waiting_ids(), a.statistics()) == (b.running_ids(), b.waiting_ids(), b.statistics())
+    if a.statistics().prefix_hit_tokens:
+        event("a prefill started after a cached prefix")
 
 
 def test_while_others_run_a_request_waits_until_its_whole_context_fits(core):

@@ -156,3 +156,112 @@ def test_bad_hashes_are_refused(core):
     with pytest.raises((OverflowError, ValidationError)):
         pool.acquire(1, 0, [2**64])
     assert pool.lookup(0, []) == 0 and pool.acquire(1, 0, []) == []
+
+
+# ---- the batch planner ---------------------------------------------------------------------------
+
+from infinillm.core_sched.types import PrefixClaim, ScheduledChunk  # noqa: E402
+
+
+def planner(core, num_blocks=16, block_size=4, budget=64):
+    pool = core.BlockPool(0, num_blocks)
+    return core.BatchPlanner(pool, core.BlockTables(block_size), 4, budget, 4 * num_blocks)
+
+
+def test_a_request_reuses_the_cached_prefix_of_a_finished_one(core):
+    bp = planner(core)
+    pool = bp.pool
+    bp.add_request(1, 10, 2, [101, 102])  # 10 tokens: blocks 0, 1 full, 2 partial
+    bp.schedule()
+    blocks = bp.tables.blocks_on(1, 0)
+    for b, h in zip(blocks, [101, 102]):
+        pool.register_block(b, h)
+    bp.finish(1)
+    assert pool.num_evictable == 2 and pool.num_free == 16
+    bp.add_request(2, 13, 2, [101, 102, 103])  # the same first 8 tokens, then others
+    plan = bp.schedule()
+    assert plan.chunks == (ScheduledChunk(2, 8, 5, True),)  # only the 5 new tokens computed
+    assert bp.tables.blocks_on(2, 0)[:2] == blocks[:2] and bp.num_computed(2) == 13
+    s = bp.statistics()
+    assert (s.prefix_query_tokens, s.prefix_hit_tokens) == (10 + 13, 8)
+    assert s.prefix_hit_rate == pytest.approx(8 / 23)
+
+
+def test_the_last_token_is_always_computed(core):
+    bp = planner(core)
+    bp.add_request(1, 8, 2, [101, 102])
+    bp.schedule()
+    for b, h in zip(bp.tables.blocks_on(1, 0), [101, 102]):
+        bp.pool.register_block(b, h)
+    bp.finish(1)
+    bp.add_request(2, 8, 2, [101, 102])  # the very same prompt: its last block is computed again
+    assert bp.schedule().chunks == (ScheduledChunk(2, 4, 4, True),)
+
+
+def test_requests_running_together_share_a_cached_prefix(core):
+    bp = planner(core)
+    bp.add_request(1, 9, 4, [101, 102])
+    bp.schedule()
+    first = bp.tables.blocks_on(1, 0)
+    for b, h in zip(first, [101, 102]):
+        bp.pool.register_block(b, h)
+    bp.append_output(1)
+    bp.add_request(2, 9, 4, [101, 102])
+    plan = bp.schedule()
+    assert plan.chunks[1] == ScheduledChunk(2, 8, 1, True)
+    assert bp.tables.blocks_on(2, 0)[:2] == first[:2] and bp.pool.refs(first[0]) == 2
+    bp.abort(1)
+    assert bp.pool.refs(first[0]) == 1 and bp.pool.num_used == 3  # two shared + request 2's own
+
+
+def test_remote_cached_blocks_are_claimed_and_forgotten(core):
+    bp = planner(core)
+    bp.remember_remote(3, [40, 41], [101, 102])
+    assert bp.num_remote_cached == 2
+    bp.add_request(1, 12, 2, [101, 102, 103])
+    plan = bp.schedule()
+    assert plan.claims == (PrefixClaim(1, 3, (40, 41), (101, 102)),)
+    assert plan.chunks == (ScheduledChunk(1, 8, 4, True),)
+    assert bp.tables.runs(1)[0] == (3, [40, 41]) and bp.pool.borrowed_by(1) == 2
+    # The claim failed (evicted there): forget them and recompute the request from scratch.
+    assert bp.forget_remote(3, [101, 102]) == 2 and bp.num_remote_cached == 0
+    assert bp.preempt(1) == ((3, (40, 41)),)
+    plan = bp.schedule()
+    assert plan.claims == () and plan.chunks == (ScheduledChunk(1, 0, 12, True),)
+
+
+def test_a_prefix_may_run_from_home_to_creditors_and_back(core):
+    bp = planner(core)
+    bp.add_request(1, 9, 1, [101, 102])
+    bp.schedule()
+    home = bp.tables.blocks_on(1, 0)
+    bp.pool.register_block(home[0], 101)
+    bp.finish(1)
+    bp.remember_remote(5, [7], [102])
+    bp.add_request(2, 13, 1, [101, 102, 103])
+    plan = bp.schedule()
+    assert plan.claims == (PrefixClaim(2, 5, (7,), (102,)),)
+    assert bp.tables.runs(2)[:2] == [(0, [home[0]]), (5, [7])]
+    assert plan.chunks == (ScheduledChunk(2, 8, 5, True),)
+    bp.remember_remote(6, [1], [999])
+    assert bp.forget_remote(6) == 1 and bp.forget_remote(5) == 1
+
+
+def test_prefix_arguments_are_checked(core):
+    bp = planner(core)
+    with pytest.raises(ValidationError, match="at most 2"):
+        bp.add_request(1, 9, 1, [1, 2, 3])
+    with pytest.raises(ValidationError, match="int64"):
+        bp.add_request(1, 9, 1, [2**64])
+    with pytest.raises(ValidationError, match="another instance"):
+        bp.remember_remote(0, [1], [1])
+    with pytest.raises(ValidationError, match="must name each block"):
+        bp.remember_remote(1, [1, 2], [1])
+    assert bp.num_waiting == 0
+
+
+def test_the_remote_directory_keeps_at_most_the_clusters_blocks(core):
+    bp = planner(core, num_blocks=2)  # cluster_blocks = 8
+    bp.remember_remote(1, list(range(10)), list(range(100, 110)))
+    assert bp.num_remote_cached == 8
+    assert bp.forget_remote(1, [100, 101]) == 0  # the oldest went first
