@@ -267,7 +267,7 @@ cdef class BatchPlanner:
         if loan_available < 0:
             raise ValidationError("loan_available", loan_available, "must be >= 0")
         cdef int64_t budget = self._max_num_batched_tokens
-        cdef int64_t chunk, need, shortfall, free, rid, victim, hits, local, cached
+        cdef int64_t chunk, need, shortfall, free, rid, victim, hits, taken, cached, borrow
         cdef Request* r
         cdef size_t i = 0
         cdef bint scheduled
@@ -310,18 +310,24 @@ cdef class BatchPlanner:
                    and <int64_t>self._running.size() < self._max_num_seqs):
                 rid = self._waiting.front()
                 r = &self._requests[rid]
-                runs, hits, local = self._match_prefix(rid, r)
+                runs, hits, taken = self._match_prefix(rid, r)
                 cached = hits * self._block_size
                 chunk = min(r.num_tokens - cached, budget)
                 need = cdiv(chunk, self._block_size)
-                free = max(0, self._pool.num_free - local)  # as if every local hit took a free block
-                if cdiv(r.num_tokens, self._block_size) - (hits - local) > self._pool.num_free + loan_available:
+                free = self._pool.num_free - taken  # reusing a cached block no request holds takes a free one
+                if cdiv(r.num_tokens, self._block_size) - hits > free + loan_available:
                     break  # its whole context would not fit: admitting it now would only be undone
+                borrow = 0
                 if need > free:
-                    if not self._running.empty() or free == 0:
+                    if not self._running.empty():
                         break
-                    chunk = free * self._block_size  # idle instance: take what is free
-                    need = free
+                    if free == 0:  # idle, every block here its cached prefix: borrow its first chunk
+                        if not hits or need > loan_available:
+                            break
+                        borrow = need
+                    else:
+                        chunk = free * self._block_size  # idle instance: take what is free
+                        need = free
                 self._waiting.pop_front()
                 r.running = True
                 self._running.push_back(rid)
@@ -331,6 +337,9 @@ cdef class BatchPlanner:
                     self._prefix_hit_tokens += cached
                 if hits:
                     self._reuse(rid, r, runs, claims)
+                if borrow:  # it runs from the next step, on the blocks lent (as a running request)
+                    loans.append(LoanRequest(rid, borrow))
+                    break
                 chunks.append(self._commit(rid, r, chunk, need))
                 budget -= chunk
 
@@ -360,8 +369,8 @@ cdef class BatchPlanner:
             k = self._pool.lookup(self._home, hashes[i:])
             if k:
                 runs.append((self._home, hashes[i : i + k], None))
+                local += self._pool.lookup_evictable(self._home, hashes[i : i + k])
                 i += k
-                local += k
                 continue
             hit = self._remote.get(hashes[i])
             if hit is None:

@@ -247,6 +247,13 @@ cdef class BlockPool:
             return 0
         return self.c.lookup(<int32_t>home, &hs[0], <int32_t>hs.shape[0])
 
+    def lookup_evictable(self, int64_t home, hashes):
+        """Of the blocks ``lookup`` finds, how many no request holds (taking them uses free blocks)."""
+        cdef int64_t[::1] hs = _hashes(hashes)
+        if hs.shape[0] == 0:
+            return 0
+        return self.c.lookup_evictable(<int32_t>home, &hs[0], <int32_t>hs.shape[0])
+
     def acquire(self, int64_t request_id, int64_t home, hashes):
         """Take the longest cached run of ``hashes`` (from the first) for request
         ``request_id`` of instance ``home``; returns its blocks (appended to the request's)."""

@@ -98,8 +98,10 @@ class BatchPlanner:
     returned as ``StepPlan.claims`` for the engine to take there; the request starts at
     ``num_computed = hits * block_size``. At least its last token is always computed (its
     logits are needed), so at most ``(num_tokens - 1) // block_size`` blocks are reused. The
-    admission check counts every reused local block as if it took a free block (a cached
-    block no request holds does; one in use does not), so it never admits more than fits.
+    admission checks count what reusing takes: a cached block no request holds leaves the
+    free blocks, one in use does not. On an idle instance whose every free block is the
+    request's own cached prefix, the request is admitted with a loan for its first chunk
+    (``LoanRequest``) and computes from the next step, as a running request short of blocks.
     """
 
     def __init__(self, pool, tables, max_num_seqs: int, max_num_batched_tokens: int, cluster_blocks: int) -> None:
@@ -352,18 +354,24 @@ class BatchPlanner:
             while self._waiting and budget > 0 and len(self._running) < self._max_num_seqs:
                 rid = self._waiting[0]
                 r = self._requests[rid]
-                runs, hits, local = self._match_prefix(rid, r)
+                runs, hits, taken = self._match_prefix(rid, r)
                 cached = hits * self._block_size
                 chunk = min(r.num_tokens - cached, budget)
                 need = _cdiv(chunk, self._block_size)
-                free = max(0, self._pool.num_free - local)  # as if every local hit took a free block
-                if _cdiv(r.num_tokens, self._block_size) - (hits - local) > self._pool.num_free + loan_available:
+                free = self._pool.num_free - taken  # reusing a cached block no request holds takes a free one
+                if _cdiv(r.num_tokens, self._block_size) - hits > free + loan_available:
                     break  # its whole context would not fit: admitting it now would only be undone
+                borrow = 0
                 if need > free:
-                    if self._running or free == 0:
+                    if self._running:
                         break
-                    chunk = free * self._block_size  # idle instance: take what is free
-                    need = free
+                    if free == 0:  # idle, every block here its cached prefix: borrow its first chunk
+                        if not hits or need > loan_available:
+                            break
+                        borrow = need
+                    else:
+                        chunk = free * self._block_size  # idle instance: take what is free
+                        need = free
                 self._waiting.popleft()
                 r.running = True
                 self._running.append(rid)
@@ -373,6 +381,9 @@ class BatchPlanner:
                     self._prefix_hit_tokens += cached
                 if hits:
                     self._reuse(rid, r, runs, claims)
+                if borrow:  # it runs from the next step, on the blocks lent (as a running request)
+                    loans.append(LoanRequest(rid, borrow))
+                    break
                 chunks.append(self._commit(r, chunk, need))
                 budget -= chunk
 
@@ -394,7 +405,8 @@ class BatchPlanner:
     def _match_prefix(self, rid: int, r: _Request) -> tuple[list, int, int]:
         """The longest cached run of a waiting request's block hashes, as runs
         ``[(instance, hashes, blocks or None for local)]``, with the blocks it covers and how
-        many of them are here. Changes nothing."""
+        many of them are cached here with no request holding them (reusing those takes free
+        blocks). Changes nothing."""
         hashes = self._hashes.get(rid)
         if not hashes:
             return [], 0, 0
@@ -405,8 +417,8 @@ class BatchPlanner:
             k = self._pool.lookup(self._home, hashes[i:])
             if k:
                 runs.append((self._home, hashes[i : i + k], None))
+                local += self._pool.lookup_evictable(self._home, hashes[i : i + k])
                 i += k
-                local += k
                 continue
             hit = self._remote.get(hashes[i])
             if hit is None:

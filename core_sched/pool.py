@@ -282,6 +282,12 @@ class BlockPool:
             k += 1
         return k
 
+    def lookup_evictable(self, home: int, hashes) -> int:
+        """Of the blocks ``lookup`` finds, how many no request holds (taking them uses free blocks)."""
+        hashes = _hash_list(hashes)
+        k = self.lookup(home, hashes)
+        return sum(self._state[self._cache[h]] == BLOCK_CACHED for h in hashes[:k])
+
     def acquire(self, request_id: int, home: int, hashes) -> list[int]:
         """Take the longest cached run of ``hashes`` (from the first) for request
         ``request_id`` of instance ``home``; returns its blocks (appended to the request's)."""

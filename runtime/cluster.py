@@ -51,6 +51,8 @@ from .transport import (
     ErrorReply,
     FetchBlocks,
     ReleaseBlocks,
+    ClaimCached,
+    Claimed,
     ReserveBlocks,
     Reservation,
     error_from_reply,
@@ -92,8 +94,14 @@ class Peer(Protocol):
         """Turn a reservation into blocks of ``request_id``; their ids, in order."""
         ...
 
-    def release(self, request_id: int, blocks: list[int]) -> None:
-        """Free blocks it holds for ``request_id`` (the request ended or was preempted)."""
+    def release(self, request_id: int, blocks: list[int], cached=()) -> None:
+        """Free blocks it holds for ``request_id`` (the request ended or was preempted);
+        ``cached``: (block, hash) pairs among them that it keeps cached (prefix caching)."""
+        ...
+
+    def claim(self, request_id: int, home: int, blocks: list[int], hashes: list[int]) -> bool:
+        """Take blocks it keeps cached for instance ``home`` (named by ``hashes``) for a new request
+        ``request_id``: all of them, or none (False: evicted meanwhile)."""
         ...
 
     def write_blocks(self, request_id: int, block_ids: list[int], kv: torch.Tensor) -> None:
@@ -136,8 +144,13 @@ class LocalPeer:
     def commit(self, reservation_id: int, request_id: int) -> list[int]:
         return self.engine.lend_commit(reservation_id, request_id)
 
-    def release(self, request_id: int, blocks: list[int]) -> None:
-        self.engine.lend_release(request_id, blocks)
+    def release(self, request_id: int, blocks: list[int], cached=()) -> None:
+        _, msg = self.codec.decode(self.codec.encode(_release_message(request_id, blocks, cached)))
+        self.engine.lend_release(msg.request_id, list(msg.block_ids), list(zip(msg.cached_blocks, msg.cached_hashes)))
+
+    def claim(self, request_id: int, home: int, blocks: list[int], hashes: list[int]) -> bool:
+        _, msg = self.codec.decode(self.codec.encode(ClaimCached(request_id, home, tuple(blocks), tuple(hashes))))
+        return self.engine.lend_claim(msg.request_id, msg.home, list(msg.block_ids), list(msg.hashes))
 
     def write_blocks(self, request_id: int, block_ids: list[int], kv: torch.Tensor) -> None:
         _, msg = self.codec.decode(self.codec.encode(BlockTransfer(request_id, tuple(block_ids), kv)))
@@ -246,8 +259,11 @@ class PeerService:
             engine.lend_cancel(msg.reservation_id)
             return None
         if isinstance(msg, ReleaseBlocks):
-            engine.lend_release(msg.request_id, list(msg.block_ids))
+            engine.lend_release(msg.request_id, list(msg.block_ids), list(zip(msg.cached_blocks, msg.cached_hashes)))
             return None
+        if isinstance(msg, ClaimCached):
+            ok = engine.lend_claim(msg.request_id, msg.home, list(msg.block_ids), list(msg.hashes))
+            return Claimed(msg.request_id, ok)
         if isinstance(msg, BlockTransfer):  # migration out of the debtor: copied in a thread
             await trio.to_thread.run_sync(engine.write_lent_blocks, msg.request_id, list(msg.block_ids), msg.kv)
             return None
@@ -343,7 +359,7 @@ class ZmqPeer:
     def read_blocks(self, request_id: int, block_ids: list[int]) -> torch.Tensor:
         return self._request(FetchBlocks(request_id, tuple(block_ids))).kv
 
-    def release(self, request_id: int, blocks: list[int]) -> None:
+    def release(self, request_id: int, blocks: list[int], cached=()) -> None:
         if self.lost is not None:
             return
         with self._releasing_lock:
@@ -351,7 +367,18 @@ class ZmqPeer:
                 self._released = trio.Event()  # before the count shows: a waiter sees this one
             self._releasing += 1
         self._lendable += len(blocks)
-        self._token.run_sync_soon(self._nursery.start_soon, self._release, ReleaseBlocks(request_id, tuple(blocks)))
+        self._token.run_sync_soon(self._nursery.start_soon, self._release, _release_message(request_id, blocks, cached))
+
+    def claim(self, request_id: int, home: int, blocks: list[int], hashes: list[int]) -> bool:
+        async def claim() -> bool:
+            await self.wait_released()  # a release naming these blocks goes first
+            reply = await self._ask(ClaimCached(request_id, home, tuple(blocks), tuple(hashes)))
+            return reply.ok
+
+        ok = trio.from_thread.run(claim, trio_token=self._token)
+        if ok:
+            self._lendable -= len(blocks)
+        return ok
 
     async def _release(self, msg: ReleaseBlocks) -> None:
         try:
@@ -432,6 +459,11 @@ class ZmqPeer:
             return reply
 
         return wait
+
+
+def _release_message(request_id: int, blocks, cached) -> ReleaseBlocks:
+    cached = list(cached)
+    return ReleaseBlocks(request_id, tuple(blocks), tuple(b for b, _ in cached), tuple(h for _, h in cached))
 
 
 async def connect_peer(stack, tp, instance_id: int, address: str, nursery: trio.Nursery, lendable: int) -> ZmqPeer:

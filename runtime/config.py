@@ -115,7 +115,11 @@ class CacheConfig:
     it is derived on GPUs from NVML free memory times ``gpu_memory_utilization``, and on CPU
     from ``cpu_kv_fraction`` of available memory. An instance lends at most
     ``max_lend_fraction`` of its blocks, so its own requests keep room. A loan reservation
-    not committed within ``reservation_ttl_s`` returns its blocks. While less than twice
+    not committed within ``reservation_ttl_s`` returns its blocks. With
+    ``enable_prefix_caching`` (the default, as vLLM's), full blocks stay cached after their
+    request ends and a new request that starts with the same tokens reuses them (only the rest
+    of its prompt is computed); cached blocks nobody holds count as free and are evicted least
+    recently used first. While less than twice
     ``min_free_memory_fraction`` of the device's memory is free (NVML on GPUs, the host's
     available memory on CPU; other processes took it) an instance lends less, and nothing new
     at or below ``min_free_memory_fraction`` (0: never limited); loans already made stay.
@@ -128,9 +132,12 @@ class CacheConfig:
     max_lend_fraction: float = 0.5
     reservation_ttl_s: float = 2.0
     min_free_memory_fraction: float = 0.05
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         o = "CacheConfig"
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValidationError("enable_prefix_caching", self.enable_prefix_caching, "must be True or False", owner=o)
         _int(o, "block_size", self.block_size, 1, 1024)
         if self.block_size & (self.block_size - 1):
             raise ValidationError("block_size", self.block_size, "must be a power of two in [1, 1024]", owner=o)

@@ -16,6 +16,8 @@ core's); the runtime maps the public string ids onto them.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -46,6 +48,21 @@ log = logging.getLogger("infinillm.engine")
 _RID_BITS = 40  # request ids: instance id << 40 | a counter
 
 
+def block_hashes(token_ids, block_size: int, parent: int | None = None) -> list[int]:
+    """The hashes naming the full blocks of ``token_ids`` (prefix caching): each is a 64-bit
+    BLAKE2b digest of the previous block's hash and the block's tokens, so it names the block
+    and everything before it. ``parent``: the hash of the block before ``token_ids[0]``
+    (None at the start). Signed, to fit the scheduler core's int64."""
+    tokens = np.asarray(token_ids, dtype=np.int32)
+    out: list[int] = []
+    prev = b"" if parent is None else int(parent).to_bytes(8, "little", signed=True)
+    for i in range(len(tokens) // block_size):
+        digest = hashlib.blake2b(prev + tokens[i * block_size : (i + 1) * block_size].tobytes(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little", signed=True))
+        prev = digest
+    return out
+
+
 @dataclass(slots=True)
 class EngineRequest:
     """A request as the engine tracks it: its tokens, sampling state and outputs so far."""
@@ -69,6 +86,12 @@ class EngineRequest:
     first_token_at: float | None = None
     last_token_at: float | None = None
     num_preemptions: int = 0
+    # Prefix caching: the hashes of its full blocks so far, how many of its blocks (from the
+    # first) are named where they lie, and which of them lie on creditors ((instance, block) ->
+    # hash, for the release to keep them cached there).
+    block_hashes: list[int] = field(default_factory=list)
+    num_named: int = 0
+    remote_named: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def snapshot(self, finished: bool, error: str | None = None) -> RequestOutput:
         completion = CompletionOutput(
@@ -122,6 +145,15 @@ class EngineStats:
     max_lent_blocks: int = 0  # its lending cap now (lowered while its device's memory is short)
     memory_total_bytes: int = 0  # its device's memory as last read (0: not watched)
     memory_free_bytes: int = 0
+    # Prefix caching: blocks named by a hash here (in use or evictable; evictable ones count as
+    # free), and of the prompt tokens of the requests it admitted, how many were found cached.
+    kv_cached_blocks: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
 
 class Engine:
@@ -151,6 +183,7 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = cache.block_size
+        self.prefix_caching = cache.enable_prefix_caching
         self.max_model_len = max_model_len
         self.kernel_backend = kernel_backend
         self.pool = core_sched.BlockPool(instance_id, num_blocks, cache.max_lent_blocks(num_blocks))
@@ -261,7 +294,9 @@ class Engine:
         req.output_token_ids += done
         if req.logprobs is not None:
             req.logprobs += [{} for _ in done]
-        self.planner.add_request(rid, len(prompt_token_ids) + len(done), max_new - len(done))
+        if self.prefix_caching:
+            req.block_hashes = block_hashes(req.token_ids, self.block_size)
+        self.planner.add_request(rid, len(prompt_token_ids) + len(done), max_new - len(done), req.block_hashes or None)
         self.requests[rid] = req
         self.prompt_tokens += len(prompt_token_ids)
         return rid
@@ -280,7 +315,7 @@ class Engine:
             return None
         with self.pool_lock:
             runs = self.planner.abort(rid)
-        self._release_remote(rid, runs)
+        self._release_remote(rid, runs, req)
         req.detok.finish(reason)
         req.finish_reason, req.stop_reason = reason, None
         return req.snapshot(finished=True, error=error)
@@ -313,10 +348,15 @@ class Engine:
         with self.pool_lock:
             plan = self.planner.schedule(loan_available)
         for p in plan.preempted:  # recompute: back in the planner's waiting queue, tokens kept here
-            self.requests[p.request_id].num_preemptions += 1
-            self._release_remote(p.request_id, p.remote_runs)
+            req = self.requests[p.request_id]
+            req.num_preemptions += 1
+            self._release_remote(p.request_id, p.remote_runs, req)
+            self._unname(req)
+        if plan.claims:
+            plan = self._claim(plan)
         for loan in plan.loans:
-            self._borrow(loan.request_id, loan.num_blocks)
+            if self.planner.is_running(loan.request_id):  # (not one a failed claim preempted)
+                self._borrow(loan.request_id, loan.num_blocks)
         if not plan.chunks:
             return outputs
         self.num_steps += 1
@@ -350,6 +390,8 @@ class Engine:
         attn = DistAttentionBackend(self.kv, meta, backend=self.kernel_backend, remote=remote,
                                     layer_windows=self.model.args.layer_windows)
         hidden = self.model(input_ids, positions, attn)
+        if self.prefix_caching:
+            self._name_blocks(plan)
         if not sampled:
             return
         logits = self.model.compute_logits(hidden[sample_rows])
@@ -386,7 +428,7 @@ class Engine:
                 req.finish_reason, req.stop_reason = stop.finish_reason, stop.stop_reason
                 with self.pool_lock:
                     runs = self.planner.finish(req.rid)
-                self._release_remote(req.rid, runs)
+                self._release_remote(req.rid, runs, req)
                 del self.requests[req.rid]
                 outputs.append(req.snapshot(finished=True))
             else:
@@ -497,13 +539,100 @@ class Engine:
         offers = [(p.instance_id, p.lendable()) for p in self.peers.values()]
         borrow(n, offers, parts, part_limit(most, len(self.peers) + 1, self.block_size), ask)
 
-    def _release_remote(self, rid: int, runs) -> None:
+    def _release_remote(self, rid: int, runs, req: EngineRequest | None = None) -> None:
         """Free the blocks creditors hold for a request that ended or was preempted (those on
-        a lost peer went with it)."""
+        a lost peer went with it). With prefix caching, its named full blocks stay cached there
+        and this home remembers where (``BatchPlanner.remember_remote``)."""
+        named = req.remote_named if req is not None else {}
         for instance, blocks in runs:
             peer = self.peers.get(instance)
+            if peer is None:
+                continue
+            cached = [(b, named[(instance, b)]) for b in blocks if (instance, b) in named]
+            peer.release(rid, list(blocks), cached)
+            if cached:
+                with self.pool_lock:
+                    self.planner.remember_remote(instance, [b for b, _ in cached], [h for _, h in cached])
+
+    # ---- prefix caching ----------------------------------------------------------------------
+
+    def _name_blocks(self, plan) -> None:
+        """After a step's KV is written: name the blocks its chunks filled, by the hash of their
+        tokens and of everything before them, where they lie (here: ``BlockPool.register_block``;
+        on a creditor: kept for the release, ``_release_remote``)."""
+        bs = self.block_size
+        for c in plan.chunks:
+            req = self.requests.get(c.request_id)
+            full = (c.start + c.num_tokens) // bs
+            if req is None or full <= req.num_named:
+                continue
+            if len(req.block_hashes) < full:
+                have = len(req.block_hashes)
+                parent = req.block_hashes[-1] if have else None
+                req.block_hashes += block_hashes(req.token_ids[have * bs : full * bs], bs, parent)
+            i = 0
+            with self.pool_lock:
+                for instance, ids in self.tables.runs(c.request_id):
+                    for b in ids:
+                        if req.num_named <= i < full:
+                            if instance == self.instance_id:
+                                self.pool.register_block(b, req.block_hashes[i])
+                            else:
+                                req.remote_named[(instance, b)] = req.block_hashes[i]
+                        i += 1
+                        if i >= full:
+                            break
+                    if i >= full:
+                        break
+            req.num_named = full
+
+    @staticmethod
+    def _unname(req: EngineRequest) -> None:
+        """A preempted request's blocks are gone from its table: name them again when it runs."""
+        req.num_named = 0
+        req.remote_named = {}
+
+    def _claim(self, plan):
+        """Take on their creditors the cached blocks that newly admitted requests reuse
+        (``StepPlan.claims``). A request whose blocks are gone there (evicted) is preempted, to
+        be recomputed; the directory forgets them. Returns the plan without its chunks."""
+        failed: dict[int, list] = {}
+        for claim in plan.claims:
+            peer = self.peers.get(claim.instance)
+            ok = False
             if peer is not None:
-                peer.release(rid, list(blocks))
+                try:
+                    ok = peer.claim(claim.request_id, self.instance_id, list(claim.blocks), list(claim.hashes))
+                except (InstanceDeadError, TransportError) as e:
+                    log.warning("claiming cached blocks on instance %d failed: %s", claim.instance, e)
+            if not ok:
+                failed.setdefault(claim.request_id, []).append(claim)
+        if not failed:
+            return plan
+        for rid, bad in failed.items():
+            unclaimed = {(c.instance, b) for c in bad for b in c.blocks}
+            claimed = {(c.instance, b): h for c in plan.claims if c.request_id == rid and c not in bad
+                       for b, h in zip(c.blocks, c.hashes)}
+            with self.pool_lock:
+                for c in bad:
+                    self.planner.forget_remote(c.instance, list(c.hashes))
+                runs = self.planner.preempt(rid)
+            runs = [(i, [b for b in ids if (i, b) not in unclaimed]) for i, ids in runs]
+            req = self.requests[rid]
+            req.remote_named = claimed  # what it did take stays cached where it is
+            self._release_remote(rid, [(i, ids) for i, ids in runs if ids], req)
+            self._unname(req)
+        chunks = tuple(c for c in plan.chunks if c.request_id not in failed)
+        return dataclasses.replace(plan, chunks=chunks, num_batched_tokens=sum(c.num_tokens for c in chunks))
+
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached blocks no request holds here (they become plain free blocks);
+        returns how many. Blocks cached on creditors are forgotten too."""
+        with self.pool_lock:
+            n = self.pool.reset_cache()
+            for instance in self.peers:
+                self.planner.forget_remote(instance)
+        return n
 
     def _preempt_now(self, rid: int) -> None:
         """Recompute a running request from its tokens (its blocks freed everywhere)."""
@@ -515,7 +644,8 @@ class Engine:
             runs = self.planner.preempt(rid)
         if was_running:
             req.num_preemptions += 1
-        self._release_remote(rid, runs)
+        self._release_remote(rid, runs, req)
+        self._unname(req)
 
     # ---- migration ---------------------------------------------------------------------------
 
@@ -625,9 +755,9 @@ class Engine:
 
     def _check_lent(self, request_id: int, block_ids: list[int]) -> None:
         with self.pool_lock:
+            lent = set(self.pool.blocks_of(request_id))  # (a block cached and shared has other holders)
             for b in block_ids:
-                owner = self.pool.owner(b) if 0 <= b < self.pool.num_blocks else None
-                if owner is None or owner[0] != request_id:
+                if b not in lent:
                     raise ValidationError("block_ids", b, f"must be blocks this instance lends request {request_id}")
 
     # ---- lost peers --------------------------------------------------------------------------
@@ -656,6 +786,7 @@ class Engine:
                 if self.tables.has_request(rid) and any(i == instance_id for i, _ in self.tables.runs(rid)):
                     self._preempt_now(rid)
             with self.pool_lock:
+                self.planner.forget_remote(instance_id)
                 for rid in [r for r in self._lent_to if r >> _RID_BITS == instance_id]:
                     self.pool.free_request(rid)
                     self._lent_to.discard(rid)
@@ -694,12 +825,35 @@ class Engine:
         with self.pool_lock:
             self.pool.cancel(reservation_id)
 
-    def lend_release(self, request_id: int, blocks: list[int]) -> None:
-        """Free blocks lent to ``request_id`` (all of them when ``blocks`` is empty)."""
+    def lend_release(self, request_id: int, blocks: list[int], cached=()) -> None:
+        """Free blocks lent to ``request_id`` (all of them when ``blocks`` is empty). ``cached``:
+        (block, hash) pairs naming full blocks among them, which stay cached here for later
+        requests of the same home (``lend_claim``)."""
         with self.pool_lock:
-            self.pool.free_blocks(request_id, blocks or self.pool.blocks_of(request_id))
+            held = self.pool.blocks_of(request_id)
+            blocks = blocks or held
+            if cached:
+                mine = set(blocks) & set(held)
+                for b, h in cached:
+                    if b in mine:
+                        self.pool.register_block(b, h)
+            self.pool.free_blocks(request_id, blocks)
             if not self.pool.blocks_of(request_id):
                 self._lent_to.discard(request_id)
+
+    def lend_claim(self, request_id: int, home: int, blocks: list[int], hashes: list[int]) -> bool:
+        """A home's new request reuses blocks cached here for that home (named by ``hashes``):
+        take them all for it, or none (False: evicted or reused meanwhile)."""
+        if len(blocks) != len(hashes):
+            raise ValidationError("hashes", len(hashes), f"must name each of the {len(blocks)} blocks")
+        with self.pool_lock:
+            got = self.pool.acquire(request_id, home, hashes)
+            if got != list(blocks):
+                if got:
+                    self.pool.free_blocks(request_id, got)
+                return False
+            self._lent_to.add(request_id)
+            return True
 
     def serve_attention(self, query: AttentionQuery) -> AttentionResult:
         """A debtor's partial attention over the blocks this instance lends it: write the new k,
@@ -762,4 +916,7 @@ class Engine:
             max_lent_blocks=self.pool.max_lent_blocks,
             memory_total_bytes=self.memory.reading.total if self.memory is not None and self.memory.reading else 0,
             memory_free_bytes=self.memory.reading.free if self.memory is not None and self.memory.reading else 0,
+            kv_cached_blocks=self.pool.num_cached,
+            prefix_query_tokens=s.prefix_query_tokens,
+            prefix_hit_tokens=s.prefix_hit_tokens,
         )

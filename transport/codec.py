@@ -62,7 +62,7 @@ else:
 
 __all__ = ["Codec", "DecodeError", "PROTOCOL_VERSION", "SMALL_TENSOR_BYTES", "MAX_DIMS"]
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 SMALL_TENSOR_BYTES = 1 << 16  # tensors below this share one frame
 MAX_DIMS = 8
 _ALIGN = 16

@@ -23,7 +23,9 @@ Peer traffic (one decode step, DESIGN.md §4)::
 Runtime <-> instance: ``ConnectPeers`` (once), ``AddRequest`` / ``AbortRequest`` and
 ``LendableUpdate`` (the gManager's view of who may lend) in,
 ``StepOutputs`` and ``HeartbeatDelta`` out. Lending: ``ReserveBlocks`` -> ``Reservation``; ``CommitReservation`` ->
-``Committed``; ``CancelReservation``; ``ReleaseBlocks``. Migration: ``MoveBlocks`` (a plan
+``Committed``; ``CancelReservation``; ``ReleaseBlocks`` (with the hashes naming full blocks
+the creditor keeps cached); ``ClaimCached`` -> ``Claimed`` (a new request takes blocks cached
+there, prefix caching). Migration: ``MoveBlocks`` (a plan
 step, to the source) and ``BlockTransfer`` (the KV itself, to the destination). Any request may
 be answered with ``ErrorReply``; requests with nothing to say are answered with ``Ack``.
 """
@@ -50,6 +52,8 @@ __all__ = [
     "Committed",
     "CancelReservation",
     "ReleaseBlocks",
+    "ClaimCached",
+    "Claimed",
     "MoveBlocks",
     "BlockTransfer",
     "AddRequest",
@@ -404,14 +408,48 @@ class CancelReservation(Message):
 @dataclass(frozen=True, slots=True)
 class ReleaseBlocks(Message):
     """Free blocks a creditor holds for ``request_id`` (finished, aborted, truncated or moved
-    away): the listed ``block_ids``, or all of them when the tuple is empty. Answered with
-    ``Ack``."""
+    away): the listed ``block_ids``, or all of them when the tuple is empty. ``cached`` pairs
+    (block id, hash) name full blocks among them that the creditor keeps cached for later
+    requests of the same home (prefix caching). Answered with ``Ack``."""
 
     request_id: int
     block_ids: tuple[int, ...] = ()
+    cached_blocks: tuple[int, ...] = ()
+    cached_hashes: tuple[int, ...] = ()
 
     def _check(self) -> None:
         _nonneg("ReleaseBlocks", request_id=self.request_id)
+        if len(self.cached_blocks) != len(self.cached_hashes):
+            _fail("ReleaseBlocks", "cached_hashes", len(self.cached_hashes),
+                  f"must name each of the {len(self.cached_blocks)} cached blocks")
+
+
+@message(26)
+@dataclass(frozen=True, slots=True)
+class ClaimCached(Message):
+    """A home's new request ``request_id`` reuses blocks the creditor keeps cached for the
+    home ``home``: ``block_ids``, named by ``hashes``, in order. Taken all or none; answered
+    with ``Claimed``."""
+
+    request_id: int
+    home: int
+    block_ids: tuple[int, ...]
+    hashes: tuple[int, ...]
+
+    def _check(self) -> None:
+        _nonneg("ClaimCached", request_id=self.request_id, home=self.home)
+        if len(self.block_ids) != len(self.hashes):
+            _fail("ClaimCached", "hashes", len(self.hashes), f"must name each of the {len(self.block_ids)} blocks")
+
+
+@message(27)
+@dataclass(frozen=True, slots=True)
+class Claimed(Message):
+    """The answer to ``ClaimCached``: whether the blocks were still cached and are now held
+    for the request (False: evicted or reused meanwhile; nothing taken)."""
+
+    request_id: int
+    ok: bool
 
 
 @message(10)

@@ -237,6 +237,13 @@ class BlockPool {
     return k;
   }
 
+  // Of the blocks `lookup` finds, how many no request holds (taking them uses free blocks).
+  int32_t lookup_evictable(int32_t home, const int64_t* hashes, int32_t n) const {
+    int32_t k = lookup(home, hashes, n), e = 0;
+    for (int32_t i = 0; i < k; ++i) e += state_[cache_.find(hashes[i])->second] == BLOCK_CACHED;
+    return e;
+  }
+
   // Take a reference for request `request_id` (of `home`) on the blocks named by the longest
   // cached run of `hashes` from the first (as `lookup`), and append them to its blocks here and
   // to `out`. Returns how many, or POOL_BAD_REQUEST when the request is held here for another

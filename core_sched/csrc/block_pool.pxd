@@ -61,6 +61,7 @@ cdef extern from "block_pool.hpp":
         int32_t owner_home(int32_t b)
         int32_t register_block(int32_t b, int64_t hash) except +
         int32_t lookup(int32_t home, const int64_t* hashes, int32_t n)
+        int32_t lookup_evictable(int32_t home, const int64_t* hashes, int32_t n)
         int32_t acquire(int64_t request_id, int32_t home, const int64_t* hashes, int32_t n, vector[int32_t]& out) except +
         int32_t reset_cache() except +
         int32_t refs(int32_t b)

@@ -437,7 +437,7 @@ class Engine:
             self.give_back([(i, [b for b in ids if (i, b) not in unclaimed]) for i, ids in runs])
         self.named_before_release = {}
         for i, loan in enumerate(plan.loans):
-            if grant[i % len(grant)]:
+            if grant[i % len(grant)] and loan.request_id not in dropped:
                 creditor = 1 + loan.request_id % 3
                 ids = list(range(self.next_block, self.next_block + loan.num_blocks))
                 self.next_block += loan.num_blocks

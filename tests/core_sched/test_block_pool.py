@@ -349,6 +349,7 @@ class PoolTwins(RuleBasedStateMachine):
           hashes=st.lists(st.sampled_from(HASHES), max_size=4))
     def lookup_and_acquire(self, rid, home, hashes):
         self.call("lookup", home, hashes)
+        self.call("lookup_evictable", home, hashes)
         self.call("acquire", rid, home, hashes)
 
     @rule()

@@ -160,7 +160,7 @@ def test_bad_hashes_are_refused(core):
 
 # ---- the batch planner ---------------------------------------------------------------------------
 
-from infinillm.core_sched.types import PrefixClaim, ScheduledChunk  # noqa: E402
+from infinillm.core_sched.types import LoanRequest, PrefixClaim, ScheduledChunk  # noqa: E402
 
 
 def planner(core, num_blocks=16, block_size=4, budget=64):
@@ -265,3 +265,30 @@ def test_the_remote_directory_keeps_at_most_the_clusters_blocks(core):
     bp.remember_remote(1, list(range(10)), list(range(100, 110)))
     assert bp.num_remote_cached == 8
     assert bp.forget_remote(1, [100, 101]) == 0  # the oldest went first
+
+
+def test_lookup_evictable_counts_the_cached_blocks_no_request_holds(core):
+    pool = core.BlockPool(0, 4)
+    a = pool.allocate(1, 3)
+    for b, h in zip(a, [1, 2, 3]):
+        pool.register_block(b, h)
+    pool.free_blocks(1, a[1:])
+    assert pool.lookup(0, [1, 2, 3, 4]) == 3 and pool.lookup_evictable(0, [1, 2, 3, 4]) == 2
+    assert pool.lookup_evictable(1, [1, 2]) == 0 and pool.lookup_evictable(0, []) == 0
+
+
+def test_an_idle_instance_full_of_the_prefix_borrows_the_first_chunk(core):
+    """Every block here is the request's own cached prefix: it is admitted with a loan for the
+    rest and computes from the next step, once the loan is in its table."""
+    bp = planner(core, num_blocks=2)
+    bp.add_request(1, 8, 1, [101, 102])
+    bp.schedule()
+    for b, h in zip(bp.tables.blocks_on(1, 0), [101, 102]):
+        bp.pool.register_block(b, h)
+    bp.finish(1)
+    bp.add_request(2, 12, 2, [101, 102, 103])
+    assert bp.schedule(0).chunks == ()  # nothing to borrow from: it waits
+    plan = bp.schedule(4)
+    assert plan.chunks == () and plan.loans == (LoanRequest(2, 1),) and bp.is_running(2)
+    bp.add_loan(2, 3, [50])
+    assert bp.schedule(4).chunks == (ScheduledChunk(2, 8, 4, True),)

@@ -185,7 +185,7 @@ async def test_unknown_option_and_bad_config_fail_before_loading(tiny_model):
     assert str(e.value) == (
         "block_sizes=16 is invalid: unknown option; known options: base_port, bind_host, block_size, cpu_kv_fraction, "
         "curve_public_key_file, curve_secret_key_file, curve_server_public_key_file, device, dtype, "
-        "gpu_memory_utilization, heartbeat_interval_s, heartbeat_timeout_s, instance_mode, join_address, kv_capacity_tokens, "
+        "enable_prefix_caching, gpu_memory_utilization, heartbeat_interval_s, heartbeat_timeout_s, instance_mode, join_address, kv_capacity_tokens, "
         "launcher, "
         "max_lend_fraction, max_message_bytes, max_model_len, max_moves_per_step, max_num_batched_tokens, max_num_seqs, "
         "min_free_memory_fraction, "

@@ -45,6 +45,8 @@ from infinillm.transport import (
     HeartbeatDelta,
     MoveBlocks,
     ReleaseBlocks,
+    ClaimCached,
+    Claimed,
     RequestDelta,
     Reservation,
     ReserveBlocks,
@@ -186,6 +188,10 @@ def one_of_each() -> list:
         CancelReservation(11),
         ReleaseBlocks(42),
         ReleaseBlocks(42, (1, 2)),
+        ReleaseBlocks(42, (1, 2), (2,), (-(2**63),)),
+        ClaimCached(42, 1, (3, 4), (2**63 - 1, -7)),
+        Claimed(42, True),
+        Claimed(42, False),
         MoveBlocks(42, 4, src=0, dst=3, kind="home"),
         BlockTransfer(42, (7, 8), torch.randn(2, 2, 2, 16, 4, 64, generator=g)),  # 128 KiB: a frame of its own
         AddRequest(42, torch.tensor([1, 2, 3], dtype=torch.int32), {"max_tokens": 8, "temperature": 0.0, "stop": ("a", "b"), "seed": None}),
@@ -239,7 +245,7 @@ def _golden():
         ("AttentionQuery", AttentionQuery(
             2, (7, 8), torch.arange(8, dtype=f16).view(2, 1, 4), None, torch.tensor([5, 9], dtype=i32),
             torch.tensor([[[3], [4]], [[0], [16]], [[6], [10]]], dtype=i32)), 5, [
-            "9c" "03" "01" "05"  # [12 items: version 3, type 1, seq 5,
+            "9c" "04" "01" "05"  # [12 items: version 4, type 1, seq 5,
             "02" "920708"  # layer 2, request_ids [7, 8],
             "94a3663136020104" "c0"  # q ["f16", 2, 1, 4], cu_q None,
             "92a369333202" "94a3693332030201"  # q_pos ["i32", 2], blocks ["i32", 3, 2, 1],
@@ -254,7 +260,7 @@ def _golden():
             k=torch.tensor([[[-1.0, 0.5]], [[2.0, -2.0]]], dtype=f16),
             v=torch.tensor([[[1.0, 1.0]], [[0.25, 3.0]]], dtype=f16),
             slot_mapping=torch.tensor([20, 21], dtype=torch.int64)), 6, [
-            "9c" "03" "01" "06" "00" "9103"  # [version 3, type 1, seq 6, layer 0, request_ids [3],
+            "9c" "04" "01" "06" "00" "9103"  # [version 4, type 1, seq 6, layer 0, request_ids [3],
             "94a3663136020102" "92a369333202" "92a369333202"  # q ["f16", 2, 1, 2], cu_q ["i32", 2], q_pos
             "94a3693332030101"  # blocks ["i32", 3, 1, 1],
             "94a3663136020102" "94a3663136020102" "92a369363402",  # k, v ["f16", 2, 1, 2], slot_mapping ["i64", 2]]
@@ -268,37 +274,45 @@ def _golden():
         ]),
         ("AttentionResult", AttentionResult(
             2, torch.arange(8, dtype=f16).view(2, 1, 4), torch.tensor([[0.5], [-float("inf")]])), 5, [
-            "96" "03" "02" "05" "02"  # [version 3, type 2, seq 5, layer 2,
+            "96" "04" "02" "05" "02"  # [version 4, type 2, seq 5, layer 2,
             "94a3663136020104" "93a36633320201",  # out ["f16", 2, 1, 4], lse ["f32", 2, 1]]
             "0000003c004000420044004500460047" "0000003f000080ff",  # out at 0, lse at 16 (0.5, -inf)
         ]),
         ("HeartbeatDelta", HeartbeatDelta(1, 4, 7, 100, 60, 40, 10, 0, 3, batch_size=5, num_waiting=2,
                                           waiting_blocks=300), 0, [
-            "dc0012" "03" "03" "00"  # [18 items: version 3, type 3, seq 0 (one-way),
+            "dc0012" "04" "03" "00"  # [18 items: version 4, type 3, seq 0 (one-way),
             "010407643c280a000305" "02" "cd012c"  # 1, 4, 7, 100, 60, 40, 10, 0, 3, 5, 2, 300 (uint16),
             "ff" "00" "00",  # max_lent -1 (not reported), memory_total 0, memory_free 0]
         ]),
         ("AddRequest", AddRequest(42, torch.tensor([1, 2, 300], dtype=i32),
                                   {"max_tokens": 8, "temperature": 0.5, "stop": ("a",), "seed": None}), 9, [
-            "97" "03" "0c" "09" "2a" "92a369333203"  # [version 3, type 12, seq 9, request_id 42, ["i32", 3],
+            "97" "04" "0c" "09" "2a" "92a369333203"  # [version 4, type 12, seq 9, request_id 42, ["i32", 3],
             "84" "aa6d61785f746f6b656e73" "08"  # {4 items: "max_tokens": 8,
             "ab74656d7065726174757265" "cb3fe0000000000000"  # "temperature": 0.5 (float64),
             "a473746f70" "91a161" "a473656564" "c0" "c0",  # "stop": ["a"], "seed": None}, output_token_ids None]
             "01000000020000002c010000",
         ]),
         ("StepOutputs", StepOutputs(0, 17, (RequestDelta(1, (5, 6), (-0.5,)), RequestDelta(2, (9,), (), "stop"))), 0, [
-            "96" "03" "0e" "00" "00" "11" "92"  # [version 3, type 14, seq 0, instance 0, step 17, [2 records:
+            "96" "04" "0e" "00" "00" "11" "92"  # [version 4, type 14, seq 0, instance 0, step 17, [2 records:
             "dc0015" "01" "920506" "91cbbfe0000000000000" "c0"  # [21 fields: 1, [5, 6], [-0.5], finish None,
             "00" "a0" "c0c0c0c0" "9090909090" "00"  # text_offset 0, text "", cumulative, stop x2, error None, top_* [], 0 preemptions,
             "cb0000000000000000" "c0c0c0" "90"  # arrival 0.0, three times None, placement []],
             "dc0015" "02" "9109" "90" "a473746f70"  # [2, [9], [], "stop",
             "00" "a0" "c0c0c0c0" "9090909090" "00" "cb0000000000000000" "c0c0c0" "90",  # the rest as above]]]
         ]),
-        ("Reservation", Reservation(None, 8, 2.0), 7, ["96" "03" "05" "07" "c0" "08" "cb4000000000000000"]),
+        ("Reservation", Reservation(None, 8, 2.0), 7, ["96" "04" "05" "07" "c0" "08" "cb4000000000000000"]),
         ("ErrorReply", ErrorReply("CapacityError", "no room"), 5, [
-            "95" "03" "0f" "05" "ad43617061636974794572726f72" "a76e6f20726f6f6d",  # "CapacityError", "no room"
+            "95" "04" "0f" "05" "ad43617061636974794572726f72" "a76e6f20726f6f6d",  # "CapacityError", "no room"
         ]),
-        ("Ack", Ack(), 6, ["93" "03" "10" "06"]),  # [version 3, type 16, seq 6]
+        ("Ack", Ack(), 6, ["93" "04" "10" "06"]),  # [version 4, type 16, seq 6]
+        ("ReleaseBlocks", ReleaseBlocks(42, (1, 2), (2,), (-2,)), 3, [
+            "97" "04" "09" "03" "2a"  # [version 4, type 9, seq 3, request_id 42,
+            "920102" "9102" "91fe",  # block_ids [1, 2], cached_blocks [2], cached_hashes [-2]]
+        ]),
+        ("ClaimCached", ClaimCached(42, 1, (3,), (2**63 - 1,)), 4, [
+            "97" "04" "1a" "04" "2a" "01"  # [version 4, type 26, seq 4, request_id 42, home 1,
+            "9103" "91cf7fffffffffffffff",  # block_ids [3], hashes [2**63 - 1] (uint64)]
+        ]),
     ]
 
 
@@ -306,12 +320,12 @@ def _golden():
 def test_golden_frames_pin_the_wire_format(name, msg, seq, golden):
     """The exact bytes of a few messages, both ways, with both codecs.
 
-    These bytes ARE the wire format (version 3: heartbeats carry the lending cap and memory). Changing any of them changes the format: bump
+    These bytes ARE the wire format (version 4: releases name the blocks a creditor keeps cached, and claims take them). Changing any of them changes the format: bump
     ``PROTOCOL_VERSION`` in ``transport/codec.py`` in the same change (peers of different
     versions then refuse each other's messages by name instead of misreading them), and update
     these bytes and the version pinned below together.
     """
-    assert PROTOCOL_VERSION == 3, "a new wire version: update the golden frames with it"
+    assert PROTOCOL_VERSION == 4, "a new wire version: update the golden frames with it"
     frames = [bytes.fromhex(h) for h in golden]
     assert as_bytes(CODEC.encode(msg, seq)) == frames
     got_seq, got = CODEC.decode(wire(frames))
@@ -322,12 +336,12 @@ def test_golden_frames_pin_the_wire_format(name, msg, seq, golden):
 @pytest.mark.parametrize(
     "what, frames, golden",
     [
-        ("a longer msgpack int", ["930310cc06"], ["93031006"]),  # seq 6 as uint8
-        ("an int for a float", ["96030507c00802"], ["96030507c008cb4000000000000000"]),  # ttl_s 2
-        ("a repeated map key", ["97030c092a92a36933320182a17401a17402c0", "01000000"],
-         ["97030c092a92a36933320181a17402c0", "01000000"]),  # {"t": 1, "t": 2}
-        ("non-zero padding", ["960302050294a366313602010193a36633320201", "0000003c" "0102030405060708090a0b0c" "0000003f000080ff"],
-         ["960302050294a366313602010193a36633320201", "0000003c" "000000000000000000000000" "0000003f000080ff"]),
+        ("a longer msgpack int", ["930410cc06"], ["93041006"]),  # seq 6 as uint8
+        ("an int for a float", ["96040507c00802"], ["96040507c008cb4000000000000000"]),  # ttl_s 2
+        ("a repeated map key", ["97040c092a92a36933320182a17401a17402c0", "01000000"],
+         ["97040c092a92a36933320181a17402c0", "01000000"]),  # {"t": 1, "t": 2}
+        ("non-zero padding", ["960402050294a366313602010193a36633320201", "0000003c" "0102030405060708090a0b0c" "0000003f000080ff"],
+         ["960402050294a366313602010193a36633320201", "0000003c" "000000000000000000000000" "0000003f000080ff"]),
     ],
     ids=["longer-int", "int-for-float", "repeated-map-key", "non-zero-padding"],
 )

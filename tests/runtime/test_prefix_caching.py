@@ -1,0 +1,212 @@
+"""Prefix caching through the engine: a request that starts with the tokens of an earlier one
+reuses that one's full KV blocks (here and on creditors) and computes only the rest; greedy
+outputs are identical with the cache on and off, and every block is accounted for afterwards.
+
+The engines live in one process and reach each other through ``LocalPeer`` (every message is
+encoded and decoded by the codec), as in ``test_distattention.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from infinillm import SamplingParams, ValidationError
+from infinillm.cluster import LocalPeer
+from infinillm.config import CacheConfig, SchedulerConfig
+from infinillm.engine import Engine, block_hashes
+from infinillm.loader import load_model
+from infinillm.testing import make_tiny_model
+
+BLOCK = 16
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    make_tiny_model(folder)
+    return load_model(folder, progress=False)
+
+
+def make_engine(tiny, instance_id=0, num_blocks=64, *, caching=True, cluster_blocks=None, budget=2048) -> Engine:
+    model, tokenizer, args = tiny
+    return Engine(model, args, tokenizer, cache=CacheConfig(block_size=BLOCK, enable_prefix_caching=caching),
+                  scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16),
+                  num_blocks=num_blocks, max_model_len=1024, instance_id=instance_id, cluster_blocks=cluster_blocks)
+
+
+def make_cluster(tiny, home_blocks, creditor_blocks, *, caching=True, budget=48):
+    creditors = [make_engine(tiny, i + 1, n, caching=caching) for i, n in enumerate(creditor_blocks)]
+    lendable = sum(c.pool.lendable for c in creditors)
+    home = make_engine(tiny, 0, home_blocks, caching=caching, cluster_blocks=home_blocks + lendable, budget=budget)
+    home.peers = {c.instance_id: LocalPeer(c) for c in creditors}
+    return home, creditors
+
+
+def document(n: int, seed: int = 0) -> list[int]:
+    return [(seed * 31 + j * 13 + j * j) % 300 + 3 for j in range(n)]
+
+
+def run(engine: Engine, prompts: dict[str, list[int]], params=GREEDY) -> dict[str, tuple]:
+    """The prompts together, to their ends: (token ids, logprobs) by request id."""
+    for rid, p in prompts.items():
+        engine.add_request(rid, p, params)
+    finals = {}
+    while engine.has_work:
+        for out in engine.step():
+            if out.finished:
+                assert out.error is None, out.error
+                c = out.outputs[0]
+                finals[out.request_id] = (tuple(c.token_ids), c.logprobs)
+    return finals
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for rid in want:
+        assert got[rid][0] == want[rid][0], rid
+        for g, w in zip(got[rid][1], want[rid][1]):
+            (tok,) = [t for t in w if w[t].rank == 1]
+            assert math.isclose(g[tok].logprob, w[tok].logprob, abs_tol=1e-3), rid
+
+
+def assert_all_free(*engines: Engine) -> None:
+    for e in engines:
+        c = e.pool.counters()
+        assert (c.used, c.lent, c.reserved, c.borrowed) == (0, 0, 0, 0), (e.instance_id, c)
+        assert c.free == c.capacity and e.tables.num_requests == 0
+
+
+def prompt_tokens_computed(engine: Engine) -> int:
+    s = engine.statistics()
+    return s.prefix_query_tokens - s.prefix_hit_tokens
+
+
+def test_block_hashes_name_a_block_and_everything_before_it():
+    a = block_hashes(list(range(40)), 16)
+    assert len(a) == 2 and len(set(a)) == 2
+    assert block_hashes(list(range(32)), 16) == a  # the partial block is not named
+    b = block_hashes([99] + list(range(1, 40)), 16)
+    assert b[0] != a[0] and b[1] != a[1]  # the second block's tokens are the same, its prefix is not
+    assert block_hashes(list(range(16, 32)), 16, parent=a[0]) == a[1:]
+    assert all(-(2**63) <= h < 2**63 for h in a)
+
+
+def test_a_follow_up_reuses_the_conversation_and_answers_the_same(tiny):
+    doc = document(200)
+    turn1 = doc + [5, 6, 7]
+    turn2 = doc + [5, 6, 7, 9, 10, 11, 12] + document(20, seed=3)
+    want = {k: v for k, v in (run(make_engine(tiny, caching=False), {"t1": turn1}) |
+                              run(make_engine(tiny, caching=False), {"t2": turn2})).items()}
+    engine = make_engine(tiny)
+    got = run(engine, {"t1": turn1})
+    first = prompt_tokens_computed(engine)
+    got |= run(engine, {"t2": turn2})
+    assert_same(got, want)
+    assert first == len(turn1)
+    s = engine.statistics()
+    assert s.prefix_hit_tokens == (len(turn1) // BLOCK) * BLOCK  # turn 1's full blocks, 192 tokens
+    assert prompt_tokens_computed(engine) - first == len(turn2) - s.prefix_hit_tokens
+    assert 0 < s.prefix_cache_hit_rate < 1 and s.kv_cached_blocks >= len(turn1) // BLOCK
+    assert_all_free(engine)
+
+
+def test_greedy_outputs_are_the_same_with_the_cache_on_and_off(tiny):
+    """Prompts sharing prefixes of several lengths, some running together (sharing blocks in
+    use), some after others finished (reusing evictable blocks), an exact repeat included."""
+    doc = document(150)
+    waves = [
+        {"a": doc[:40], "b": doc[:100] + [7], "c": document(30, seed=5)},
+        {"d": doc[:100] + [8, 9], "e": doc[:40], "f": doc + [1] * 5},
+        {"g": doc[:64], "h": doc[:64] + [3], "i": doc + [1] * 5},
+    ]
+    engines = {on: make_engine(tiny, caching=on, budget=64) for on in (True, False)}
+    got = {on: {} for on in engines}
+    for wave in waves:
+        for on, e in engines.items():
+            got[on] |= run(e, wave)
+    assert_same(got[True], got[False])
+    assert engines[True].statistics().prefix_hit_tokens > 300
+    assert engines[False].statistics().prefix_query_tokens == 0
+    assert engines[False].pool.num_cached == 0
+    for e in engines.values():
+        assert_all_free(e)
+
+
+def test_cached_blocks_are_evicted_before_anything_is_preempted(tiny):
+    engine = make_engine(tiny, num_blocks=24)  # 384 tokens
+    run(engine, {"a": document(300)})
+    assert engine.pool.num_evictable >= 18 and engine.pool.num_free == 24
+    got = run(engine, {"b": document(300, seed=9)})  # needs the blocks: takes them from the cache
+    assert engine.statistics().num_preemptions == 0 and engine.pool.num_evicted > 0
+    assert got["b"][0] == run(make_engine(tiny, caching=False), {"b": document(300, seed=9)})["b"][0]
+    assert_all_free(engine)
+
+
+def test_a_prefix_spread_over_creditors_is_reused_where_it_lies(tiny):
+    doc = document(400)
+    turn1, turn2 = doc + [5], doc + [6, 7, 8]
+    want = run(make_engine(tiny, caching=False), {"t1": turn1}) | run(make_engine(tiny, caching=False), {"t2": turn2})
+    home, creditors = make_cluster(tiny, 6, [24, 24, 24])
+    got = run(home, {"t1": turn1})
+    assert sum(c.pool.num_evictable for c in creditors) > 0  # its blocks there stayed cached
+    assert home.planner.num_remote_cached > 0
+    got |= run(home, {"t2": turn2})
+    assert_same(got, want)
+    s = home.statistics()
+    assert s.prefix_hit_tokens == (len(turn1) // BLOCK) * BLOCK  # all of it: here and on creditors
+    assert_all_free(home, *creditors)
+
+
+def test_a_prefix_evicted_on_a_creditor_is_computed_again(tiny):
+    doc = document(400)
+    turn1, turn2 = doc + [5], doc + [6, 7, 8]
+    want = run(make_engine(tiny, caching=False), {"t2": turn2})
+    home, creditors = make_cluster(tiny, 6, [24, 24, 24])
+    run(home, {"t1": turn1})
+    for c in creditors:  # they needed the room meanwhile
+        c.pool.reset_cache()
+    got = run(home, {"t2": turn2})
+    assert_same(got, want)
+    assert home.statistics().num_preemptions == 1  # the failed claim: recomputed from its tokens
+    assert_all_free(home, *creditors)
+    # Turn 2 computed the prefix again and left it cached where it lay: a third turn reuses it.
+    before = home.statistics().prefix_hit_tokens
+    turn3 = doc + [9]
+    got = run(home, {"t3": turn3})
+    assert got["t3"][0] == run(make_engine(tiny, caching=False), {"t3": turn3})["t3"][0]
+    assert home.statistics().prefix_hit_tokens - before == 400
+    assert_all_free(home, *creditors)
+
+
+def test_a_creditor_never_hands_one_homes_cached_blocks_to_another(tiny):
+    creditor = make_engine(tiny, 1, 8)
+    r = creditor.lend_reserve(0, 2, 5.0)
+    blocks = creditor.lend_commit(r, 7)
+    creditor.lend_release(7, [], [(blocks[0], 11), (blocks[1], 12), (99, 13)])  # 99: not its block, ignored
+    assert creditor.pool.num_evictable == 2
+    assert creditor.lend_claim(8, 2, blocks, [11, 12]) is False  # home 2 never cached them
+    assert creditor.lend_claim(8, 0, blocks, [11, 99]) is False  # not all there: nothing taken
+    assert creditor.pool.num_lent == 0
+    assert creditor.lend_claim(8, 0, blocks, [11, 12]) is True
+    assert creditor.pool.num_lent == 2
+    with pytest.raises(ValidationError, match="must name each"):
+        creditor.lend_claim(9, 0, blocks, [11])
+    creditor.lend_release(8, [])
+    assert_all_free(creditor)
+
+
+def test_reset_prefix_cache_forgets_what_no_request_holds(tiny):
+    engine = make_engine(tiny)
+    run(engine, {"a": document(100)})
+    assert engine.reset_prefix_cache() == 100 // BLOCK
+    assert engine.pool.num_cached == 0
+    run(engine, {"b": document(100)})
+    assert engine.statistics().prefix_hit_tokens == 0
+
+
+def test_the_option_is_checked():
+    with pytest.raises(ValidationError, match="enable_prefix_caching"):
+        CacheConfig(enable_prefix_caching="yes")
