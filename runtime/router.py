@@ -11,6 +11,12 @@ decides each one's home from every instance's load::
               shortest queue
     the chosen instance's free and queue are updated before the next request is placed
 
+With prefix caching a request may have an *affinity*: the instance that was home to the
+longest prefix of its prompt seen lately (its KV is cached there, and on the creditors of that
+home, which only that home can reuse). It goes there when it fits there, or fits nowhere, and
+that instance's queue is at most ``AFFINITY_SLACK`` longer than the shortest: reuse beats
+balance until the imbalance grows (SGLang's cache-aware routing in its simplest form).
+
 Placing the longest first keeps the large free regions for the requests that need them (a short
 request fits anywhere); among the instances where a request fits, the shortest queue spreads
 the compute. A request no single instance can hold still runs: its home borrows from the others
@@ -22,7 +28,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["InstanceLoad", "Router"]
+__all__ = ["InstanceLoad", "Router", "AFFINITY_SLACK"]
+
+AFFINITY_SLACK = 2  # how much longer than the shortest an affine instance's queue may be
 
 
 @dataclass(slots=True)
@@ -39,8 +47,10 @@ class InstanceLoad:
 class Router:
     """Longest-context-first-fit placement (see the module docstring)."""
 
-    def place(self, needs: Sequence[int], loads: Sequence[InstanceLoad]) -> list[int]:
-        """The home instance of each request, in the order of ``needs`` (blocks each)."""
+    def place(self, needs: Sequence[int], loads: Sequence[InstanceLoad],
+              affinity: Sequence[int | None] | None = None) -> list[int]:
+        """The home instance of each request, in the order of ``needs`` (blocks each);
+        ``affinity``: each request's preferred instance (its cached prefix), or None."""
         if not loads:
             raise ValueError("no instance to place requests on")
         free = {x.instance_id: x.free_blocks for x in loads}
@@ -50,7 +60,11 @@ class Router:
         for i in sorted(range(len(needs)), key=lambda i: -needs[i]):
             need = needs[i]
             fits = [j for j in ids if free[j] >= need]
-            if fits:
+            near = affinity[i] if affinity is not None else None
+            if near in free and (free[near] >= need or not fits) and \
+                    queue[near] <= min(queue.values()) + AFFINITY_SLACK:
+                home = near
+            elif fits:
                 home = min(fits, key=lambda j: (queue[j], -free[j], j))
             else:
                 home = min(ids, key=lambda j: (-free[j], queue[j], j))

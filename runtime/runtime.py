@@ -43,7 +43,7 @@ import math
 import os
 import threading
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -55,7 +55,7 @@ import trio
 from . import core_sched
 from .cluster import PeerService, connect_peer
 from .config import RuntimeConfig
-from .engine import Engine, EngineStats
+from .engine import Engine, EngineStats, block_hashes
 from .homes import RemoteOutput, WorkerHome
 from .router import InstanceLoad, Router
 from .errors import InfiniLLMError, InstanceDeadError, ValidationError
@@ -100,6 +100,7 @@ _JOIN_READY_S = 600.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _THROUGHPUT_WINDOW_S = 10.0
 _SETTLE_S = 10.0  # at close, how long the workers get to apply the last aborts
+_PREFIX_HOMES = 1 << 16  # block hashes the router remembers the home of
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,17 @@ class RuntimeStats:
     def kv_used_blocks(self) -> int:
         return sum(i.kv_used_blocks for i in self.instances)
 
+    @property
+    def kv_cached_blocks(self) -> int:
+        """Blocks named by the prefix cache, over every instance (in use or evictable)."""
+        return sum(i.kv_cached_blocks for i in self.instances)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Of the prompt tokens of every request admitted so far, the share found cached."""
+        query = sum(i.prefix_query_tokens for i in self.instances)
+        return sum(i.prefix_hit_tokens for i in self.instances) / query if query else 0.0
+
 
 @dataclass(slots=True, eq=False)
 class _Request:
@@ -158,6 +170,7 @@ class _Request:
     wire: int | None = None  # and its id on the control socket
     instance: int = 0  # its home, once placed
     need: int = 0  # KV blocks it may grow to (prompt + max new tokens): the router's measure
+    block_hashes: list[int] | None = None  # its prompt's, while the router places it (prefix affinity)
     aborted: bool = False  # abort() before its stream was first read
     ended: trio.Event = field(default_factory=trio.Event)
     last: RequestOutput | None = None  # the last output its stream was given
@@ -292,6 +305,8 @@ class Runtime:
         self.workers: tuple[WorkerProcess, ...] = ()  # instances 1..N-1, when N > 1
         self.homes: dict[int, WorkerHome] = {}  # their control sockets
         self.router = Router()
+        # block hash -> the home of the last request whose prompt had it (the router's affinity)
+        self._prefix_homes: OrderedDict[int, int] = OrderedDict()
         self._wire: dict[int, _Request] = {}  # requests homed on workers, by wire id
         self._next_wire = 1
         # A worker's runtime hands its outputs and pool changes to its control socket instead.
@@ -300,6 +315,7 @@ class Runtime:
         self.lost_instances: dict[int, str] = {}  # workers that died, and how
         self.memory: MemoryWatch | None = None  # with peers: the device memory that caps lending
         self._worker_memory: dict[int, tuple[int, int]] = {}  # (total, free) bytes, from heartbeats
+        self._worker_prefix: dict[int, tuple[int, int, int]] = {}  # cached blocks, query and hit tokens, from heartbeats
         self._heard_count: dict[int, int] = {}  # heartbeats received from each worker
         self._last_heard: dict[int, float] = {}  # and when the last one came (trio time)
         self._by_lid: dict[int, _Request] = {}  # placed requests by ledger id
@@ -444,7 +460,8 @@ class Runtime:
     def _statistics(self, idle: bool = False) -> RuntimeStats:
         stats, placements = self._stats_before_step if self._stepping else self._engine_snapshot()
         workers = tuple(
-            _stats_from_view(self.ledger.instance(i), stats.block_size, self._worker_memory.get(i))
+            _stats_from_view(self.ledger.instance(i), stats.block_size, self._worker_memory.get(i),
+                             self._worker_prefix.get(i))
             for i in sorted(self.homes) if self.ledger.has_instance(i)
         )
         placements = dict(placements)
@@ -644,10 +661,11 @@ class Runtime:
             return
         queued = list(self._queue.values())
         self._queue.clear()
-        homes = (self.router.place([r.need for r in queued], self._loads()) if self.homes
+        homes = (self.router.place([r.need for r in queued], self._loads(), self._affinity(queued)) if self.homes
                  else [self.engine.instance_id] * len(queued))
         for request, home in zip(queued, homes):
             request.instance = home
+            self._remember_prefix(request, home)
             if home == self.engine.instance_id:
                 try:
                     request.rid = self.engine.add_request(
@@ -660,6 +678,32 @@ class Runtime:
                 self._place(request, request.rid)
             else:
                 self._hand_to_worker(request, home)
+
+    def _affinity(self, queued: list[_Request]) -> list[int | None] | None:
+        """Each request's instance of choice for the router: the last home of the longest prefix
+        of its prompt (block hashes, as the engines name their cached blocks), or None."""
+        if not self.engine.prefix_caching:
+            return None
+        out: list[int | None] = []
+        for request in queued:
+            request.block_hashes = block_hashes(request.prompt_token_ids, self.engine.block_size)
+            home = None
+            for h in request.block_hashes:
+                if h not in self._prefix_homes:
+                    break
+                home = self._prefix_homes[h]
+            out.append(home)
+        return out
+
+    def _remember_prefix(self, request: _Request, home: int) -> None:
+        if not request.block_hashes:
+            return
+        for h in request.block_hashes:
+            self._prefix_homes[h] = home
+            self._prefix_homes.move_to_end(h)
+        while len(self._prefix_homes) > _PREFIX_HOMES:
+            self._prefix_homes.popitem(last=False)
+        request.block_hashes = None
 
     def _hand_to_worker(self, request: _Request, home: int) -> None:
         """Send a request to worker ``home`` (its control socket), under a new wire id; its
@@ -976,16 +1020,19 @@ def _check_unicode(field: str, text: str) -> None:
         raise ValidationError(field, text[max(0, e.start - 8) : e.end + 8], f"must be valid Unicode: {e.reason} at index {e.start}") from None
 
 
-def _stats_from_view(view, block_size: int, memory: tuple[int, int] | None = None) -> EngineStats:
-    """A worker's figures as the ledger holds them (no step counters: it is not a home), and
-    its memory as its last heartbeat read it."""
+def _stats_from_view(view, block_size: int, memory: tuple[int, int] | None = None,
+                     prefix: tuple[int, int, int] | None = None) -> EngineStats:
+    """A worker's figures as the ledger holds them (no step counters), and its memory and
+    prefix cache as its last heartbeat had them."""
     total, free = memory or (0, 0)
+    cached, query, hit = prefix or (0, 0, 0)
     return EngineStats(
         instance_id=view.instance_id, num_running=view.batch_size, num_waiting=view.num_waiting,
         kv_capacity_blocks=view.capacity, kv_free_blocks=view.free, kv_used_blocks=view.used,
         kv_lent_blocks=view.lent, kv_borrowed_blocks=view.borrowed, kv_reserved_blocks=view.reserved,
         block_size=block_size, num_steps=0, num_preemptions=0, generated_tokens=0, prompt_tokens=0,
         max_lent_blocks=view.max_lent, memory_total_bytes=total, memory_free_bytes=free,
+        kv_cached_blocks=cached, prefix_query_tokens=query, prefix_hit_tokens=hit,
     )
 
 
@@ -1166,6 +1213,8 @@ async def _receive_from_workers(puller, runtime: Runtime) -> None:
                     ledger.set_max_lent(msg.instance_id, min(msg.max_lent, ledger.instance(msg.instance_id).capacity))
                 if msg.memory_total:
                     runtime._worker_memory[msg.instance_id] = (msg.memory_total, msg.memory_free)
+                runtime._worker_prefix[msg.instance_id] = (msg.cached_blocks, msg.prefix_query_tokens,
+                                                           msg.prefix_hit_tokens)
                 runtime._ledger_changed()
                 runtime._heard.set()
                 runtime._heard = trio.Event()

@@ -96,6 +96,7 @@ def _heartbeat(engine: Engine, force: bool = False) -> HeartbeatDelta | None:
     with engine.pool_lock:  # (the planner changes under it too: a consistent load)
         delta = engine.pool.take_delta()
         s = engine.planner.statistics()
+        cached = engine.pool.num_cached
     if delta.empty and not force:
         return None
     reading = engine.memory.reading if engine.memory is not None else None
@@ -103,6 +104,7 @@ def _heartbeat(engine: Engine, force: bool = False) -> HeartbeatDelta | None:
         delta, batch_size=s.num_running, num_waiting=s.num_waiting, waiting_blocks=s.waiting_blocks,
         max_lent=engine.pool.max_lent_blocks,
         memory_total=reading.total if reading else 0, memory_free=reading.free if reading else 0,
+        cached_blocks=cached, prefix_query_tokens=s.prefix_query_tokens, prefix_hit_tokens=s.prefix_hit_tokens,
     )
 
 

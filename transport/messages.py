@@ -286,7 +286,8 @@ class HeartbeatDelta(Message):
     instance; otherwise it asks for a snapshot (a delta with ``base_version == 0`` is one).
     ``max_lent`` is the pool's lending cap now (it follows the device's free memory; -1: not
     reported), ``memory_total`` / ``memory_free`` the instance's device memory in bytes as last
-    read (NVML, or the host's on CPU; 0: not read).
+    read (NVML, or the host's on CPU; 0: not read). ``cached_blocks``, ``prefix_query_tokens``
+    and ``prefix_hit_tokens`` are its prefix cache's figures (absolute, as ``EngineStats``).
     """
 
     instance_id: int
@@ -304,12 +305,16 @@ class HeartbeatDelta(Message):
     max_lent: int = -1
     memory_total: int = 0
     memory_free: int = 0
+    cached_blocks: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
     def _check(self) -> None:
         o = "HeartbeatDelta"
         _nonneg(o, instance_id=self.instance_id, base_version=self.base_version, version=self.version,
                 batch_size=self.batch_size, num_waiting=self.num_waiting, waiting_blocks=self.waiting_blocks,
-                memory_total=self.memory_total, memory_free=self.memory_free)
+                memory_total=self.memory_total, memory_free=self.memory_free, cached_blocks=self.cached_blocks,
+                prefix_query_tokens=self.prefix_query_tokens, prefix_hit_tokens=self.prefix_hit_tokens)
         if self.version < self.base_version:
             _fail(o, "version", self.version, f"must be >= base_version={self.base_version}")
         if self.max_lent < -1:
@@ -327,12 +332,14 @@ class HeartbeatDelta(Message):
     @classmethod
     def from_pool_delta(cls, delta: Any, *, batch_size: int = 0, num_waiting: int = 0,
                         waiting_blocks: int = 0, max_lent: int = -1, memory_total: int = 0,
-                        memory_free: int = 0) -> HeartbeatDelta:
-        """From a ``core_sched.PoolDelta``, the batch planner's load, the lending cap and the
-        last memory reading."""
+                        memory_free: int = 0, cached_blocks: int = 0, prefix_query_tokens: int = 0,
+                        prefix_hit_tokens: int = 0) -> HeartbeatDelta:
+        """From a ``core_sched.PoolDelta``, the batch planner's load, the lending cap, the
+        last memory reading and the prefix cache's figures."""
         return cls(delta.instance_id, delta.base_version, delta.version, delta.capacity, delta.free,
                    delta.used, delta.lent, delta.reserved, delta.borrowed, batch_size, num_waiting,
-                   waiting_blocks, max_lent, memory_total, memory_free)
+                   waiting_blocks, max_lent, memory_total, memory_free, cached_blocks, prefix_query_tokens,
+                   prefix_hit_tokens)
 
 
 @message(4)

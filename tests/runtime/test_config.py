@@ -96,7 +96,7 @@ def test_unknown_option_is_refused_with_the_known_ones():
     assert str(info.value) == (
         "num_instance=4 is invalid: unknown option; known options: base_port, bind_host, block_size, cpu_kv_fraction, "
         "curve_public_key_file, curve_secret_key_file, curve_server_public_key_file, device, dtype, "
-        "gpu_memory_utilization, heartbeat_interval_s, heartbeat_timeout_s, instance_mode, join_address, kv_capacity_tokens, "
+        "enable_prefix_caching, gpu_memory_utilization, heartbeat_interval_s, heartbeat_timeout_s, instance_mode, join_address, kv_capacity_tokens, "
         "launcher, "
         "max_lend_fraction, max_message_bytes, max_model_len, max_moves_per_step, max_num_batched_tokens, max_num_seqs, "
         "min_free_memory_fraction, "

@@ -41,6 +41,17 @@ def test_the_router_balances_equal_requests_over_equal_instances():
     assert sorted(homes.count(i) for i in range(4)) == [2, 2, 2, 2]
 
 
+def test_the_router_sends_a_request_where_its_prefix_is_cached_unless_that_one_is_far_busier():
+    loads = [InstanceLoad(0, 100, 0), InstanceLoad(1, 100, 2), InstanceLoad(2, 5, 0)]
+    assert Router().place([10], loads, [1]) == [1]  # queue 2 against 0: within the slack
+    assert Router().place([10], loads, [None]) == [0]
+    assert Router().place([10], [InstanceLoad(0, 100, 0), InstanceLoad(1, 100, 3)], [1]) == [0]  # too busy
+    assert Router().place([10], loads, [2]) == [0]  # it does not fit there, but fits elsewhere
+    assert Router().place([500], loads, [2]) == [2]  # it fits nowhere: where its prefix is
+    assert Router().place([10], loads, [7]) == [0]  # an instance that is gone
+    assert Router().place([10, 10], loads, [1, None]) == [1, 0]
+
+
 # ---- outputs as deltas and back ------------------------------------------------------------------
 
 

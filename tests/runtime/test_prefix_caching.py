@@ -210,3 +210,45 @@ def test_reset_prefix_cache_forgets_what_no_request_holds(tiny):
 def test_the_option_is_checked():
     with pytest.raises(ValidationError, match="enable_prefix_caching"):
         CacheConfig(enable_prefix_caching="yes")
+
+
+# ---- through the public API ----------------------------------------------------------------------
+
+import trio  # noqa: E402
+
+import infinillm  # noqa: E402
+from infinillm.testing import generate_all  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny-rt")))
+
+
+async def _turns(rt, turns):
+    out = []
+    for t in turns:
+        out += await generate_all(rt, [t], GREEDY)
+    return out
+
+
+async def test_a_conversation_over_three_instances_reuses_its_prefix_where_it_lies(tiny_model):
+    doc = document(150)
+    turns = [doc + [5], doc + [5, 6, 7, 8], doc + [5, 6, 7, 8, 9, 10] + document(10, seed=2)]
+    opts = dict(model=tiny_model, device="cpu", kv_capacity_tokens=8 * BLOCK, max_model_len=256,
+                num_instances=3, max_num_batched_tokens=32)
+    async with infinillm.open_runtime(**opts, enable_prefix_caching=False) as rt:
+        want = await _turns(rt, turns)
+        assert (await rt.sync_statistics()).kv_cached_blocks == 0
+    async with infinillm.open_runtime(**opts) as rt:
+        got = await _turns(rt, turns)
+        s = await rt.sync_statistics()
+        homes = {h for h in rt._prefix_homes.values()}
+    assert got == want
+    assert len(homes) == 1  # the router kept the conversation on one home
+    # Turn 2 reused turn 1's 9 full blocks, turn 3 turn 2's 9 (its tenth block is partial).
+    assert sum(i.prefix_hit_tokens for i in s.instances) == 2 * 9 * BLOCK
+    assert s.prefix_cache_hit_rate == pytest.approx(18 * BLOCK / sum(len(t) for t in turns))
+    assert s.kv_cached_blocks > 0
+    assert [(i.kv_used_blocks, i.kv_lent_blocks, i.kv_borrowed_blocks) for i in s.instances] == [(0, 0, 0)] * 3
+    assert [i.kv_free_blocks for i in s.instances] == [8, 8, 8]  # cached blocks count as free

@@ -279,10 +279,12 @@ def _golden():
             "0000003c004000420044004500460047" "0000003f000080ff",  # out at 0, lse at 16 (0.5, -inf)
         ]),
         ("HeartbeatDelta", HeartbeatDelta(1, 4, 7, 100, 60, 40, 10, 0, 3, batch_size=5, num_waiting=2,
-                                          waiting_blocks=300), 0, [
-            "dc0012" "04" "03" "00"  # [18 items: version 4, type 3, seq 0 (one-way),
+                                          waiting_blocks=300, cached_blocks=7,
+                                          prefix_query_tokens=400, prefix_hit_tokens=64), 0, [
+            "dc0015" "04" "03" "00"  # [21 items: version 4, type 3, seq 0 (one-way),
             "010407643c280a000305" "02" "cd012c"  # 1, 4, 7, 100, 60, 40, 10, 0, 3, 5, 2, 300 (uint16),
-            "ff" "00" "00",  # max_lent -1 (not reported), memory_total 0, memory_free 0]
+            "ff" "00" "00"  # max_lent -1 (not reported), memory_total 0, memory_free 0,
+            "07" "cd0190" "40",  # cached_blocks 7, prefix_query_tokens 400, prefix_hit_tokens 64]
         ]),
         ("AddRequest", AddRequest(42, torch.tensor([1, 2, 300], dtype=i32),
                                   {"max_tokens": 8, "temperature": 0.5, "stop": ("a",), "seed": None}), 9, [
