@@ -37,6 +37,7 @@ from .config import CacheConfig, SchedulerConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import InstanceDeadError, RequestTooLongError, TransportError, ValidationError
 from .lending import borrow, loan_size, movable, part_limit
+from . import model as _model
 from .model import LlamaModel, ModelArgs
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, make_logprobs_dict
 from .sampling import Sampler, SamplingParams, make_generator
@@ -186,6 +187,7 @@ class Engine:
         self.prefix_caching = cache.enable_prefix_caching
         self.max_model_len = max_model_len
         self.kernel_backend = kernel_backend
+        self._cpu_threads = torch.get_num_threads()  # torch's threads for steps that are not decode batches
         self.pool = core_sched.BlockPool(instance_id, num_blocks, cache.max_lent_blocks(num_blocks))
         self.tables = core_sched.BlockTables(cache.block_size)
         self.planner = core_sched.BatchPlanner(
@@ -389,6 +391,7 @@ class Engine:
         input_ids, positions, meta, remote, sample_rows, sampled = self._prepare(plan)
         attn = DistAttentionBackend(self.kv, meta, backend=self.kernel_backend, remote=remote,
                                     layer_windows=self.model.args.layer_windows)
+        self._torch_threads(plan.num_batched_tokens)
         hidden = self.model(input_ids, positions, attn)
         if self.prefix_caching:
             self._name_blocks(plan)
@@ -434,6 +437,20 @@ class Engine:
             else:
                 self.planner.append_output(req.rid)
                 outputs.append(req.snapshot(finished=False))
+
+    def _torch_threads(self, num_tokens: int) -> None:
+        """A CPU step on the quantised weights (a decode batch) runs torch's own operations on
+        one thread: they are small, and waking torch's other threads for each costs more than
+        they save (torch's OpenMP team per calling thread), while the quantised products use
+        every core themselves; other steps get torch's threads back. The count is switched only
+        when the kind of step changes (switching costs a few hundred microseconds), and only in
+        the thread running the step (OpenMP's setting is per thread). bench_generate:
+        docs/PERFORMANCE.md."""
+        if self.device.type != "cpu" or not self.model.num_quantized:
+            return
+        want = 1 if num_tokens <= _model.QUANT_MAX_TOKENS else self._cpu_threads
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
 
     def _prepare(self, plan):
         """Pack the plan's chunks into model inputs and attention metadata."""

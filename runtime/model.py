@@ -46,9 +46,11 @@ from torch import Tensor, nn
 from .errors import ValidationError
 from .quant import QuantWeight
 
-# Steps of at most this many tokens use the quantised weights when the model has them: their
-# cost grows with the tokens while the fp32 products are memory-bound until a larger batch.
-QUANT_MAX_TOKENS = 4
+# Steps of at most this many tokens use the quantised weights when the model has them (decode
+# batches): each block of weights is dequantised once for a tile of tokens, so up to here they
+# are as fast as the fp32 products or faster, from a quarter of the memory (bench_generate,
+# docs/PERFORMANCE.md); prefill chunks use the fp32 products.
+QUANT_MAX_TOKENS = 64
 
 __all__ = [
     "ModelArgs",
@@ -533,6 +535,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
         self.lm_head = None if args.tie_word_embeddings else _linear(args.hidden_size, args.vocab_size, False, dtype, device)
         self.quant_head: QuantWeight | None = None  # quantised output projection (attach_quantized)
+        self.num_quantized = 0  # projections with a quantised copy
         inv_freq, self.attention_factor = rope_inv_freq(args)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)  # [Dh/2] fp32
 
@@ -596,6 +599,7 @@ class LlamaModel(nn.Module):
         if head is not None and (head.out_features, head.in_features) == (self.args.vocab_size, self.args.hidden_size):
             self.quant_head = head
             count += 1
+        self.num_quantized += count
         return count
 
     @torch.no_grad()

@@ -4,12 +4,15 @@ A decode step on the CPU reads every weight once and is bound by memory bandwidt
 SmolLM2-135M is 540 MB a token. ``QuantWeight`` keeps a GGUF Q4_1 or Q8_0 matrix repacked as
 structure-of-arrays (``kernels/csrc/quant_cpu.hpp``) and multiplies with it directly, reading
 0.75 (Q4_1) or 1.125 (Q8_0) bytes a weight; the products are the fp32 products of the
-dequantised weights up to summation order. The model uses them for steps of a few tokens and
-its fp32 weights for prefill (``LlamaModel.attach_quantized``).
+dequantised weights up to summation order. The model uses them for steps of up to
+``QUANT_MAX_TOKENS`` tokens (decode batches) and its fp32 weights for prefill
+(``LlamaModel.attach_quantized``). Large products split their output rows over the CPU's cores
+(a small pool of threads in ``quant_cpu.hpp``, one product at a time).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +24,11 @@ __all__ = ["QuantWeight", "QUANT_KINDS", "quant_kernels_available"]
 
 QUANT_KINDS = ("Q4_1", "Q8_0")
 _BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+# Products of at least this many multiply-adds split their rows over the CPU's cores (below,
+# handing rows to another thread costs more than it saves: a decode of one token's smaller
+# projections).
+PARALLEL_MIN_MACS = 1 << 21
+THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 try:
     from .kernels import _quant_cpu
@@ -90,12 +98,16 @@ class QuantWeight:
             return (vals * self.d[..., None] + self.m[..., None]).reshape(o, nb * 32)
         return (self.qs.view(o, nb, 32).float() * self.d[..., None]).reshape(o, nb * 32)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, K] float32 (CPU) -> x @ W.T [T, O] float32."""
+    def matmul(self, x: torch.Tensor, *, threads: int | None = None, min_macs: int | None = None) -> torch.Tensor:
+        """x [T, K] float32 (CPU) -> x @ W.T [T, O] float32, its rows over ``threads`` threads
+        (default: the CPUs this process may use) when it has at least ``min_macs``
+        multiply-adds (default ``PARALLEL_MIN_MACS``)."""
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        threads = THREADS if threads is None else threads
+        min_macs = PARALLEL_MIN_MACS if min_macs is None else min_macs
         if self.kind == "Q4_1":
-            _quant_cpu.q4_1_matmul(x.numpy(), self.d.numpy(), self.m.numpy(), self.qs.numpy(), y.numpy())
+            _quant_cpu.q4_1_matmul(x.numpy(), self.d.numpy(), self.m.numpy(), self.qs.numpy(), y.numpy(), threads, min_macs)
         else:
-            _quant_cpu.q8_0_matmul(x.numpy(), self.d.numpy(), self.qs.numpy(), y.numpy())
+            _quant_cpu.q8_0_matmul(x.numpy(), self.d.numpy(), self.qs.numpy(), y.numpy(), threads, min_macs)
         return y

@@ -1,4 +1,4 @@
-// Matrix-vector products straight from GGUF-quantised weights, for CPU decode steps.
+// Matrix products straight from GGUF-quantised weights, for CPU steps of a few tokens.
 //
 // A decode step reads every weight once; in fp32 that is 4 bytes a weight and the step is
 // bound by memory bandwidth. Reading the quantised blocks instead (Q4_1: 0.75 bytes a weight
@@ -12,8 +12,15 @@
 // y[t, o] = sum_k w[o, k] x[t, k]   for x [T, K], y [T, O], K = 32 * NB.
 #pragma once
 
+#include <algorithm>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -133,6 +140,175 @@ __attribute__((target("avx2,fma"))) inline void q8_0_gemv_avx2(const float* x, i
 }
 #endif
 
+#ifdef INFINILLM_X86
+// AVX-512: each block's 32 weights are dequantised once into two registers (exactly the fp32
+// weights: d * q is exact for q < 256 and a half-precision d, then + m rounds once, as the fp32
+// dequantisation does) and used for a tile of up to 16 tokens, two fused multiply-adds per token
+// a block. Tiles of 1-4 tokens keep two accumulators a token, so a decode of one token is not
+// bound by the adds' latency.
+template <int NT, bool PAIR>
+__attribute__((target("avx512f,avx512bw"))) inline void q4_1_tile_avx512(const float* x, int K, const float* d,
+                                                                      const float* m, const uint8_t* qs, int o0,
+                                                                      int o1, int O, float* y, int t0) {
+  const int NB = K / 32;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const float* xt = x + (size_t)t0 * K;
+  for (int o = o0; o < o1; ++o) {
+    const float* dr = d + (size_t)o * NB;
+    const float* mr = m + (size_t)o * NB;
+    const uint8_t* qr = qs + (size_t)o * NB * 16;
+    __m512 acc[NT], acc2[PAIR ? NT : 1];
+    for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
+    for (int i = 0; i < (PAIR ? NT : 1); ++i) acc2[i] = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) {
+      __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + 16 * b));
+      __m128i lo = _mm_and_si128(q, low);
+      __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+      __m512 dv = _mm512_set1_ps(dr[b]), mv = _mm512_set1_ps(mr[b]);
+      __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), dv, mv);
+      __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), dv, mv);
+      const float* xb = xt + 32 * b;
+      for (int i = 0; i < NT; ++i) {
+        acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + (size_t)i * K), acc[i]);
+        if (PAIR)
+          acc2[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + (size_t)i * K + 16), acc2[i]);
+        else
+          acc[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + (size_t)i * K + 16), acc[i]);
+      }
+    }
+    for (int i = 0; i < NT; ++i)
+      y[(size_t)(t0 + i) * O + o] = _mm512_reduce_add_ps(PAIR ? _mm512_add_ps(acc[i], acc2[PAIR ? i : 0]) : acc[i]);
+  }
+}
+
+template <int NT, bool PAIR>
+__attribute__((target("avx512f,avx512bw"))) inline void q8_0_tile_avx512(const float* x, int K, const float* d,
+                                                                      const int8_t* qs, int o0, int o1, int O,
+                                                                      float* y, int t0) {
+  const int NB = K / 32;
+  const float* xt = x + (size_t)t0 * K;
+  for (int o = o0; o < o1; ++o) {
+    const float* dr = d + (size_t)o * NB;
+    const int8_t* qr = qs + (size_t)o * NB * 32;
+    __m512 acc[NT], acc2[PAIR ? NT : 1];
+    for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
+    for (int i = 0; i < (PAIR ? NT : 1); ++i) acc2[i] = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) {
+      __m512 dv = _mm512_set1_ps(dr[b]);
+      const __m128i* q = reinterpret_cast<const __m128i*>(qr + 32 * b);
+      __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), dv);
+      __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), dv);
+      const float* xb = xt + 32 * b;
+      for (int i = 0; i < NT; ++i) {
+        acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + (size_t)i * K), acc[i]);
+        if (PAIR)
+          acc2[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + (size_t)i * K + 16), acc2[i]);
+        else
+          acc[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + (size_t)i * K + 16), acc[i]);
+      }
+    }
+    for (int i = 0; i < NT; ++i)
+      y[(size_t)(t0 + i) * O + o] = _mm512_reduce_add_ps(PAIR ? _mm512_add_ps(acc[i], acc2[PAIR ? i : 0]) : acc[i]);
+  }
+}
+
+// Tiles of 8 tokens by 2 output rows: each x load feeds two rows' products (16 accumulators).
+__attribute__((target("avx512f,avx512bw"))) inline void q4_1_tile8x2_avx512(const float* x, int K, const float* d,
+                                                                         const float* m, const uint8_t* qs, int o0,
+                                                                         int o1, int O, float* y, int t0) {
+  const int NB = K / 32;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const float* xt = x + (size_t)t0 * K;
+  int o = o0;
+  for (; o + 2 <= o1; o += 2) {
+    __m512 a[8], c[8];
+    for (int i = 0; i < 8; ++i) a[i] = c[i] = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) {
+      __m512 w[2][2];
+      for (int r = 0; r < 2; ++r) {
+        size_t at = (size_t)(o + r) * NB + b;
+        __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + at * 16));
+        __m512 dv = _mm512_set1_ps(d[at]), mv = _mm512_set1_ps(m[at]);
+        w[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low))), dv, mv);
+        w[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low))), dv, mv);
+      }
+      const float* xb = xt + 32 * b;
+      for (int i = 0; i < 8; ++i) {
+        __m512 x0 = _mm512_loadu_ps(xb + (size_t)i * K), x1 = _mm512_loadu_ps(xb + (size_t)i * K + 16);
+        a[i] = _mm512_fmadd_ps(w[0][1], x1, _mm512_fmadd_ps(w[0][0], x0, a[i]));
+        c[i] = _mm512_fmadd_ps(w[1][1], x1, _mm512_fmadd_ps(w[1][0], x0, c[i]));
+      }
+    }
+    for (int i = 0; i < 8; ++i) {
+      y[(size_t)(t0 + i) * O + o] = _mm512_reduce_add_ps(a[i]);
+      y[(size_t)(t0 + i) * O + o + 1] = _mm512_reduce_add_ps(c[i]);
+    }
+  }
+  if (o < o1) q4_1_tile_avx512<8, false>(x, K, d, m, qs, o, o1, O, y, t0);
+}
+
+__attribute__((target("avx512f,avx512bw"))) inline void q8_0_tile8x2_avx512(const float* x, int K, const float* d,
+                                                                         const int8_t* qs, int o0, int o1, int O,
+                                                                         float* y, int t0) {
+  const int NB = K / 32;
+  const float* xt = x + (size_t)t0 * K;
+  int o = o0;
+  for (; o + 2 <= o1; o += 2) {
+    __m512 a[8], c[8];
+    for (int i = 0; i < 8; ++i) a[i] = c[i] = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) {
+      __m512 w[2][2];
+      for (int r = 0; r < 2; ++r) {
+        size_t at = (size_t)(o + r) * NB + b;
+        const __m128i* q = reinterpret_cast<const __m128i*>(qs + at * 32);
+        __m512 dv = _mm512_set1_ps(d[at]);
+        w[r][0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), dv);
+        w[r][1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), dv);
+      }
+      const float* xb = xt + 32 * b;
+      for (int i = 0; i < 8; ++i) {
+        __m512 x0 = _mm512_loadu_ps(xb + (size_t)i * K), x1 = _mm512_loadu_ps(xb + (size_t)i * K + 16);
+        a[i] = _mm512_fmadd_ps(w[0][1], x1, _mm512_fmadd_ps(w[0][0], x0, a[i]));
+        c[i] = _mm512_fmadd_ps(w[1][1], x1, _mm512_fmadd_ps(w[1][0], x0, c[i]));
+      }
+    }
+    for (int i = 0; i < 8; ++i) {
+      y[(size_t)(t0 + i) * O + o] = _mm512_reduce_add_ps(a[i]);
+      y[(size_t)(t0 + i) * O + o + 1] = _mm512_reduce_add_ps(c[i]);
+    }
+  }
+  if (o < o1) q8_0_tile_avx512<8, false>(x, K, d, qs, o, o1, O, y, t0);
+}
+
+// Every token of x in tiles of 8 (by two rows), 4, 2, 1 (TILE: the kernel for NT tokens).
+#define INFINILLM_TILES(TILE, TILE8, ...)                            \
+  do {                                                              \
+    int t0 = 0;                                                     \
+    for (; t0 + 8 <= T; t0 += 8) TILE8(__VA_ARGS__, t0);             \
+    for (; t0 + 4 <= T; t0 += 4) TILE<4, true>(__VA_ARGS__, t0);     \
+    for (; t0 + 2 <= T; t0 += 2) TILE<2, true>(__VA_ARGS__, t0);     \
+    for (; t0 < T; t0 += 1) TILE<1, true>(__VA_ARGS__, t0);          \
+  } while (0)
+
+__attribute__((target("avx512f,avx512bw"))) inline void q4_1_gemv_avx512(const float* x, int T, int K,
+                                                                      const float* d, const float* m,
+                                                                      const uint8_t* qs, int o0, int o1, int O,
+                                                                      float* y) {
+  INFINILLM_TILES(q4_1_tile_avx512, q4_1_tile8x2_avx512, x, K, d, m, qs, o0, o1, O, y);
+}
+
+__attribute__((target("avx512f,avx512bw"))) inline void q8_0_gemv_avx512(const float* x, int T, int K,
+                                                                      const float* d, const int8_t* qs, int o0,
+                                                                      int o1, int O, float* y) {
+  INFINILLM_TILES(q8_0_tile_avx512, q8_0_tile8x2_avx512, x, K, d, qs, o0, o1, O, y);
+}
+
+inline bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+#endif
+
 inline bool has_avx2() {
 #ifdef INFINILLM_X86
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -145,6 +321,7 @@ inline bool has_avx2() {
 inline void q4_1_gemv(const float* x, const float* sx, int T, int K, const float* d, const float* m,
                       const uint8_t* qs, int o0, int o1, int O, float* y) {
 #ifdef INFINILLM_X86
+  if (has_avx512()) return q4_1_gemv_avx512(x, T, K, d, m, qs, o0, o1, O, y);
   if (has_avx2()) return q4_1_gemv_avx2(x, sx, T, K, d, m, qs, o0, o1, O, y);
 #endif
   q4_1_gemv_scalar(x, sx, T, K, d, m, qs, o0, o1, O, y);
@@ -153,9 +330,109 @@ inline void q4_1_gemv(const float* x, const float* sx, int T, int K, const float
 inline void q8_0_gemv(const float* x, int T, int K, const float* d, const int8_t* qs, int o0, int o1, int O,
                       float* y) {
 #ifdef INFINILLM_X86
+  if (has_avx512()) return q8_0_gemv_avx512(x, T, K, d, qs, o0, o1, O, y);
   if (has_avx2()) return q8_0_gemv_avx2(x, T, K, d, qs, o0, o1, O, y);
 #endif
   q8_0_gemv_scalar(x, T, K, d, qs, o0, o1, O, y);
+}
+
+// A few persistent threads that split a product's output rows: started on first use, joined
+// at exit. One call at a time (a lock): the caller takes part 0 and waits for the others. In a
+// process forked after they started, products run on the calling thread alone.
+class RowPool {
+ public:
+  static RowPool& get() {
+    static RowPool pool;
+    return pool;
+  }
+
+  // f(part, parts) for part in [0, parts), parts <= size(); returns when all are done.
+  void run(int parts, const std::function<void(int, int)>& f) {
+    std::lock_guard<std::mutex> call(call_mu_);
+    if (parts <= 1 || getpid() != pid_) {
+      f(0, 1);
+      return;
+    }
+    start(parts - 1);
+    parts = std::min<int>(parts, 1 + static_cast<int>(threads_.size()));
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &f;
+      parts_ = parts;
+      pending_ = parts - 1;
+      ++generation_;
+    }
+    cv_.notify_all();
+    f(0, parts);
+    std::unique_lock<std::mutex> lk(mu_);
+    done_.wait(lk, [this] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+  ~RowPool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+ private:
+  RowPool() : pid_(getpid()) {}
+
+  void start(int want) {  // (under call_mu_)
+    while (static_cast<int>(threads_.size()) < want) {
+      int index = static_cast<int>(threads_.size()) + 1;
+      threads_.emplace_back([this, index] { loop(index); });
+    }
+  }
+
+  void loop(int index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      if (index >= parts_) continue;
+      const std::function<void(int, int)>* job = job_;
+      int parts = parts_;
+      lk.unlock();
+      (*job)(index, parts);
+      lk.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  pid_t pid_;
+  std::mutex call_mu_, mu_;
+  std::condition_variable cv_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int, int)>* job_ = nullptr;
+  int parts_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+// y = x W^T over `threads` threads (rows of W split evenly, in multiples of 16) when the product
+// is large enough to be worth a hand-over (min_macs multiply-adds), else on this thread.
+inline void q4_1_matmul_rows(const float* x, const float* sx, int T, int K, const float* d, const float* m,
+                             const uint8_t* qs, int O, float* y, int threads, int64_t min_macs) {
+  int parts = (int64_t)T * O * K >= min_macs ? std::max(1, std::min(threads, O / 16)) : 1;
+  RowPool::get().run(parts, [&](int part, int n) {
+    int o0 = (int)((int64_t)O * part / n) & ~15, o1 = part + 1 == n ? O : (int)((int64_t)O * (part + 1) / n) & ~15;
+    q4_1_gemv(x, sx, T, K, d, m, qs, o0, o1, O, y);
+  });
+}
+
+inline void q8_0_matmul_rows(const float* x, int T, int K, const float* d, const int8_t* qs, int O, float* y,
+                             int threads, int64_t min_macs) {
+  int parts = (int64_t)T * O * K >= min_macs ? std::max(1, std::min(threads, O / 16)) : 1;
+  RowPool::get().run(parts, [&](int part, int n) {
+    int o0 = (int)((int64_t)O * part / n) & ~15, o1 = part + 1 == n ? O : (int)((int64_t)O * (part + 1) / n) & ~15;
+    q8_0_gemv(x, T, K, d, qs, o0, o1, O, y);
+  });
 }
 
 }  // namespace infinillm

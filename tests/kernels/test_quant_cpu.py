@@ -23,11 +23,25 @@ def quantized(kind: str, rows: int, cols: int, seed: int) -> tuple[np.ndarray, n
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_products_equal_the_dequantised_weights(kind, tokens):
+    """(Tiles of 1 to 8 tokens and of two rows, an odd row left over, and rows split over threads
+    are covered by ``test_every_tile_and_split_gives_the_same_products``.)"""
     raw, ref = quantized(kind, 96, 160, seed=tokens)  # 160 = 5 blocks of 32
     qw = QuantWeight.from_gguf_blocks(kind, raw, 96, 160)
     assert torch.equal(qw.dequantize(), torch.from_numpy(ref))  # the repacking loses nothing
     x = torch.randn(tokens, 160, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(qw.matmul(x), x @ torch.from_numpy(ref).T, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_every_tile_and_split_gives_the_same_products(kind):
+    raw, ref = quantized(kind, 99, 96, seed=7)  # 99 rows: two-row tiles leave one over
+    qw = QuantWeight.from_gguf_blocks(kind, raw, 99, 96)
+    want = torch.from_numpy(ref)
+    for tokens in [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33]:
+        x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens))
+        for threads in (1, 2, 3):
+            got = qw.matmul(x, threads=threads, min_macs=0)
+            torch.testing.assert_close(got, x @ want.T, atol=2e-5, rtol=1e-5, msg=f"{tokens} tokens, {threads} threads")
 
 
 def test_rows_reorder_and_concatenate_like_the_fp32_matrices():
