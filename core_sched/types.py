@@ -143,8 +143,9 @@ class BatchStats:
 
     ``waiting_blocks`` is what the head waiting request needs for its first chunk; the counts
     ``num_steps``, ``num_preemptions`` and ``num_loans`` run since the planner was made, as
-    do the prefix cache's: ``prefix_query_tokens`` (tokens of admitted requests that had block
-    hashes) and ``prefix_hit_tokens`` (those found cached, here or on other instances).
+    do the prefix cache's: ``prefix_query_tokens`` (the tokens of each admission of a request
+    that had block hashes: a preempted request counts again when it is admitted again, as in
+    vLLM) and ``prefix_hit_tokens`` (those found cached, here or on other instances).
     """
 
     num_running: int

@@ -147,7 +147,7 @@ class EngineStats:
     memory_total_bytes: int = 0  # its device's memory as last read (0: not watched)
     memory_free_bytes: int = 0
     # Prefix caching: blocks named by a hash here (in use or evictable; evictable ones count as
-    # free), and of the prompt tokens of the requests it admitted, how many were found cached.
+    # free), and of the tokens of each admission (BatchStats), how many were found cached.
     kv_cached_blocks: int = 0
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
@@ -210,6 +210,7 @@ class Engine:
         # reservation (``lend_*``, on the serving loop). Never held while waiting on a peer.
         self.pool_lock = threading.Lock()
         self.num_loans = 0  # loans granted: a step that only borrowed still made progress
+        self.num_failed_claims = 0  # cached blocks gone on a creditor: their requests recomputed (progress too)
         # Peers reported gone (``lose_peer``, any thread) and not yet forgotten (``reap_lost``,
         # between steps): instance -> (blocks it could lend, why).
         self._lost_pending: dict[int, tuple[int, str]] = {}
@@ -626,6 +627,7 @@ class Engine:
                 failed.setdefault(claim.request_id, []).append(claim)
         if not failed:
             return plan
+        self.num_failed_claims += len(failed)
         for rid, bad in failed.items():
             unclaimed = {(c.instance, b) for c in bad for b in c.blocks}
             claimed = {(c.instance, b): h for c in plan.claims if c.request_id == rid and c not in bad
@@ -706,6 +708,8 @@ class Engine:
             return
         new_ids = peer.commit(reservation, rid)
         old = movable[len(movable) - n:]
+        with self.pool_lock:
+            names = [self.pool.block_hash(b) for b in old]  # named blocks keep their names there
         idx = torch.tensor(old, dtype=torch.int64, device=self.device)
         kv = torch.stack([torch.stack([k.index_select(0, idx), v.index_select(0, idx)])
                           for k, v in zip(self.kv.k, self.kv.v)]).cpu()
@@ -718,6 +722,9 @@ class Engine:
             self.tables.move_blocks(rid, self.instance_id, dst, new_ids, keep_last=1)
             self.pool.free_blocks(rid, old)
             self.pool.add_borrowed(rid, self.instance_id, n)
+        req = self.requests.get(rid)
+        if req is not None:
+            req.remote_named.update({(dst, b): h for b, h in zip(new_ids, names) if h is not None})
         self.num_blocks_moved += n
 
     def _move_home(self, rid: int, n: int, src: int) -> None:
@@ -746,6 +753,12 @@ class Engine:
         with self.pool_lock:
             self.tables.move_blocks(rid, src, self.instance_id, new_ids, keep_last=1)
             self.pool.remove_borrowed(rid, n)
+            req = self.requests.get(rid)
+            if req is not None:  # their names come home with them (the ids there may be lent again)
+                for b, new in zip(old, new_ids):
+                    h = req.remote_named.pop((src, b), None)
+                    if h is not None:
+                        self.pool.register_block(new, h)
         peer.release(rid, old)
         self.num_blocks_moved += n
 
@@ -849,7 +862,7 @@ class Engine:
         with self.pool_lock:
             held = self.pool.blocks_of(request_id)
             blocks = blocks or held
-            if cached:
+            if cached and self.prefix_caching:
                 mine = set(blocks) & set(held)
                 for b, h in cached:
                     if b in mine:
@@ -863,6 +876,8 @@ class Engine:
         take them all for it, or none (False: evicted or reused meanwhile)."""
         if len(blocks) != len(hashes):
             raise ValidationError("hashes", len(hashes), f"must name each of the {len(blocks)} blocks")
+        if not self.prefix_caching:
+            return False
         with self.pool_lock:
             got = self.pool.acquire(request_id, home, hashes)
             if got != list(blocks):

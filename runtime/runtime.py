@@ -147,7 +147,8 @@ class RuntimeStats:
 
     @property
     def prefix_cache_hit_rate(self) -> float:
-        """Of the prompt tokens of every request admitted so far, the share found cached."""
+        """Of the tokens of every admission so far (a preempted request counts again when it
+        is admitted again), the share found cached."""
         query = sum(i.prefix_query_tokens for i in self.instances)
         return sum(i.prefix_hit_tokens for i in self.instances) / query if query else 0.0
 
@@ -556,7 +557,7 @@ class Runtime:
                 self._wake = trio.Event()
                 self._between_steps()
                 while engine.has_work and not self._closed:
-                    steps, loans = engine.num_steps, engine.num_loans
+                    steps, loans, claims = engine.num_steps, engine.num_loans, engine.num_failed_claims
                     self._stats_before_step = self._engine_snapshot()
                     self._stepping = True
                     try:
@@ -566,7 +567,8 @@ class Runtime:
                     self._throughput.append((trio.current_time(), self._generated_tokens()))
                     self._route(outputs)
                     self._between_steps()
-                    if engine.num_steps == steps and engine.num_loans == loans and not outputs:
+                    if engine.num_steps == steps and engine.num_loans == loans and not outputs \
+                            and engine.num_failed_claims == claims:
                         break  # nothing ran or was borrowed (waiting on memory): sleep until something changes
                     await trio.lowlevel.checkpoint()
         finally:
@@ -1295,6 +1297,7 @@ async def _join_handler(runtime: Runtime, joins: trio.MemorySendChannel, msg):
             "block_size": config.cache.block_size, "max_lend_fraction": config.cache.max_lend_fraction,
             "reservation_ttl_s": config.cache.reservation_ttl_s,
             "min_free_memory_fraction": config.cache.min_free_memory_fraction,
+            "no_prefix_caching": not config.cache.enable_prefix_caching,
             "cluster_blocks": msg.num_blocks + sum(cluster.lendable.values()),
             "max_model_len": config.model.max_model_len, "seed": config.model.seed,
             "max_num_seqs": config.scheduler.max_num_seqs,
@@ -1486,6 +1489,7 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
             max_num_seqs=config.scheduler.max_num_seqs, max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             seed=config.model.seed, threads=threads, min_free_memory_fraction=cache.min_free_memory_fraction,
             keepalive_s=config.parallel.heartbeat_timeout_s / 4, launcher=config.parallel.launcher,
+            enable_prefix_caching=cache.enable_prefix_caching,
         ))  # fmt: skip
         addresses[instance_id] = worker.peer_address
         engine.peers[instance_id] = await connect_peer(stack, tp, instance_id, worker.peer_address, nursery, lendable)

@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reservation-ttl-s", type=float, default=2.0)
     p.add_argument("--min-free-memory-fraction", type=float, default=CacheConfig().min_free_memory_fraction,
                    help="lend nothing new while at most this fraction of the device's memory is free")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off (CacheConfig)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--cluster-blocks", type=int, default=None, help="blocks a request may span (own + lendable)")
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig().max_num_seqs)
@@ -218,7 +219,8 @@ async def _serve(args, tp, model, tokenizer, margs, dtype, join_client) -> None:
 
     parent = os.getppid()
     cache = CacheConfig(block_size=args.block_size, kv_capacity_tokens=args.num_blocks * args.block_size,
-                        max_lend_fraction=args.max_lend_fraction, reservation_ttl_s=args.reservation_ttl_s)
+                        max_lend_fraction=args.max_lend_fraction, reservation_ttl_s=args.reservation_ttl_s,
+                        enable_prefix_caching=not args.no_prefix_caching)
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     engine = Engine(model, margs, tokenizer, cache=cache, scheduler=scheduler, num_blocks=args.num_blocks,
                     max_model_len=args.max_model_len or margs.max_position_embeddings, instance_id=args.instance_id,
@@ -364,6 +366,7 @@ async def open_worker(
     max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
     threads: int | None = None, reservation_ttl_s: float | None = None, env: dict[str, str] | None = None,
     min_free_memory_fraction: float | None = None, keepalive_s: float | None = None, launcher: str = "local",
+    enable_prefix_caching: bool = True,
 ) -> AsyncIterator[WorkerProcess]:
     """Start ``python -m infinillm.worker`` and wait until it serves; on exit close its stdin
     (it stops) and wait for it. A worker that dies before it is ready raises ``InfiniLLMError``
@@ -379,6 +382,8 @@ async def open_worker(
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
+    if not enable_prefix_caching:
+        argv.append("--no-prefix-caching")
     if heartbeat_address is not None:
         argv += ["--heartbeat-address", heartbeat_address, "--heartbeat-interval-s", str(heartbeat_interval_s)]
     if launcher == "ray":

@@ -239,7 +239,11 @@ async def test_a_conversation_over_three_instances_reuses_its_prefix_where_it_li
                 num_instances=3, max_num_batched_tokens=32)
     async with infinillm.open_runtime(**opts, enable_prefix_caching=False) as rt:
         want = await _turns(rt, turns)
-        assert (await rt.sync_statistics()).kv_cached_blocks == 0
+        # Mixed requests over every home: no instance caches (the workers are told; a review
+        # found them caching with the option off).
+        await generate_all(rt, [document(60, seed=i) for i in range(3)] * 2, GREEDY)
+        s = await rt.sync_statistics()
+        assert [(i.kv_cached_blocks, i.prefix_query_tokens) for i in s.instances] == [(0, 0)] * 3
     async with infinillm.open_runtime(**opts) as rt:
         got = await _turns(rt, turns)
         s = await rt.sync_statistics()
@@ -252,3 +256,77 @@ async def test_a_conversation_over_three_instances_reuses_its_prefix_where_it_li
     assert s.kv_cached_blocks > 0
     assert [(i.kv_used_blocks, i.kv_lent_blocks, i.kv_borrowed_blocks) for i in s.instances] == [(0, 0, 0)] * 3
     assert [i.kv_free_blocks for i in s.instances] == [8, 8, 8]  # cached blocks count as free
+
+
+def test_blocks_brought_home_keep_their_names_and_leave_none_behind(tiny):
+    """A migration home moves a request's named blocks: they are named here, and the creditor's
+    ids (which may be lent to the request again, at another position) are not named there at
+    its end. From an adversarial review: a later request reused a re-lent block under the name of
+    the position it had held before, and answered wrongly."""
+    doc = document(300)
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+    home, (creditor,) = make_cluster(tiny, 8, [24])
+    s = home.add_request("S", document(60, seed=1), greedy(200))
+    r = home.add_request("R", doc[:150], greedy(40))
+    while len(home.requests[r].output_token_ids) < 1:
+        home.step()
+    home.abort(s)
+    home.queue_move(r, 3, 1, 0)  # what the gManager's planner asks for: bring home
+    while len(home.requests[r].output_token_ids) < 2:
+        home.step()
+    assert home.num_blocks_moved == 3
+    home.add_request("S2", document(110, seed=2), greedy(200))  # fills the home: R borrows again
+    while r in home.requests:
+        home.step()
+    for rid in list(home.requests):
+        home.abort(rid)
+    run(home, {"F0": doc[:150] + [7]})
+    run(home, {"EV": document(40, seed=9)}, greedy(1))  # evicts a block at home
+    f1 = doc[:150] + [8]
+    got = run(home, {"F1": f1})["F1"][0]
+    assert got == run(make_engine(tiny, caching=False), {"F1": f1})["F1"][0]
+    assert_all_free(home, creditor)
+
+
+def test_a_failed_claim_counts_as_progress(tiny):
+    """The runtime sleeps after a step that ran nothing, borrowed nothing and output nothing,
+    until something changes; a failed claim changes the request (recomputed): without this the
+    request waited forever on an idle runtime (an adversarial review)."""
+    home, creditors = make_cluster(tiny, 6, [24, 24, 24])
+    run(home, {"t1": document(400) + [5]})
+    for c in creditors:
+        c.pool.reset_cache()
+    home.add_request("t2", document(400) + [6], GREEDY)
+    before = (home.num_steps, home.num_loans, home.num_failed_claims)
+    home.step()  # claims fail: nothing computed, the request back to waiting
+    assert (home.num_steps, home.num_loans) == before[:2] and home.num_failed_claims == before[2] + 1
+    while home.has_work:
+        home.step()
+    assert_all_free(home, *creditors)
+
+
+async def test_every_stream_ends_when_claims_fail_on_an_idle_runtime(tiny_model):
+    """Requests whose prefix was evicted on a creditor meanwhile: the claim fails and the request
+    is computed again, on a runtime with nothing else to do (from an adversarial review, where it
+    hung in one of the first three rounds of every run)."""
+    opts = dict(model=tiny_model, device="cpu", num_instances=3, kv_capacity_tokens=128, max_model_len=256,
+                max_num_batched_tokens=32)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    async with infinillm.open_runtime(**opts) as rt:
+        async def go(rid, p):
+            async for _ in rt.generate({"prompt_token_ids": p}, params, request_id=rid):
+                pass
+
+        with trio.fail_after(120):
+            for k in range(3):
+                d, e = document(300, 10 + k), document(300, 50 + k)
+                # a: home 0, part on a creditor; q: home 1; q2 fills home 1 (its prefix there),
+                # evicting a's blocks cached there; b: home 0, claims them and fails.
+                for wave in ([("a", d[:150]), ("q", e[:100])], [("q2", e[:120])], [("b", d[:150] + [5])]):
+                    await rt.sync_statistics()  # every worker's load heard: the router places as above
+                    async with trio.open_nursery() as nursery:
+                        for rid, p in wave:
+                            nursery.start_soon(go, f"{rid}{k}", p)
+        s = await rt.sync_statistics()
+        assert rt.engine.num_failed_claims >= 1  # (1-2 in every run seen)
+    assert [(i.kv_used_blocks, i.kv_lent_blocks, i.kv_borrowed_blocks) for i in s.instances] == [(0, 0, 0)] * 3
