@@ -308,7 +308,9 @@ def test_a_failed_claim_counts_as_progress(tiny):
 async def test_every_stream_ends_when_claims_fail_on_an_idle_runtime(tiny_model):
     """Requests whose prefix was evicted on a creditor meanwhile: the claim fails and the request
     is computed again, on a runtime with nothing else to do (from an adversarial review, where it
-    hung in one of the first three rounds of every run)."""
+    hung in one of the first three rounds of every run). Whether a claim fails here depends on
+    the placements (0-2 a run seen); ``test_a_failed_claim_counts_as_progress`` makes one fail
+    for certain, and the runtime's loop wakes on that count."""
     opts = dict(model=tiny_model, device="cpu", num_instances=3, kv_capacity_tokens=128, max_model_len=256,
                 max_num_batched_tokens=32)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -328,5 +330,4 @@ async def test_every_stream_ends_when_claims_fail_on_an_idle_runtime(tiny_model)
                         for rid, p in wave:
                             nursery.start_soon(go, f"{rid}{k}", p)
         s = await rt.sync_statistics()
-        assert rt.engine.num_failed_claims >= 1  # (1-2 in every run seen)
     assert [(i.kv_used_blocks, i.kv_lent_blocks, i.kv_borrowed_blocks) for i in s.instances] == [(0, 0, 0)] * 3
