@@ -536,6 +536,28 @@ def assert_runtime_idle(rt) -> None:
         assert inst.kv_free_blocks == inst.kv_capacity_blocks, inst
 
 
+def assert_same_outputs(got: dict, want: dict, logprob_tol: float = 1e-3) -> None:
+    """``{request id: (token ids, logprobs)}`` twice: the same tokens, and each chosen token's
+    log-probability (the rank-1 entry of ``want``) within ``logprob_tol``."""
+    import math
+
+    assert got.keys() == want.keys()
+    for rid in want:
+        assert got[rid][0] == want[rid][0], rid
+        for g, w in zip(got[rid][1] or (), want[rid][1] or ()):
+            (tok,) = [t for t in w if w[t].rank == 1]
+            assert math.isclose(g[tok].logprob, w[tok].logprob, abs_tol=logprob_tol), rid
+
+
+def assert_engines_idle(*engines) -> None:
+    """Assert engines hold no KV of any request: nothing used, lent, reserved or borrowed, every
+    block free (cached ones count as free) and no block table left."""
+    for e in engines:
+        c = e.pool.counters()
+        assert (c.used, c.lent, c.reserved, c.borrowed) == (0, 0, 0, 0), (e.instance_id, c)
+        assert c.free == c.capacity and e.tables.num_requests == 0, (e.instance_id, c)
+
+
 def default_device() -> str:
     """The device runtime tests run on: ``INFINILLM_TEST_DEVICE`` if set, else ``cuda`` where
     torch sees a GPU, else ``cpu``. The tests' ``device`` fixture returns it."""

@@ -142,31 +142,48 @@ __attribute__((target("avx2,fma"))) inline void q8_0_gemv_avx2(const float* x, i
 
 #ifdef INFINILLM_X86
 // AVX-512: each block's 32 weights are dequantised once into two registers (exactly the fp32
-// weights: d * q is exact for q < 256 and a half-precision d, then + m rounds once, as the fp32
-// dequantisation does) and used for a tile of up to 16 tokens, two fused multiply-adds per token
-// a block. Tiles of 1-4 tokens keep two accumulators a token, so a decode of one token is not
-// bound by the adds' latency.
-template <int NT, bool PAIR>
-__attribute__((target("avx512f,avx512bw"))) inline void q4_1_tile_avx512(const float* x, int K, const float* d,
-                                                                      const float* m, const uint8_t* qs, int o0,
-                                                                      int o1, int O, float* y, int t0) {
+// weights: d * q is exact for |q| < 256 and a half-precision d, then + m rounds once, as the fp32
+// dequantisation does) and used for a tile of tokens: 8 tokens by 2 output rows (16
+// accumulators; each load of x feeds two rows), or 1-4 tokens by one row with two accumulators
+// a token (so a decode of one token is not bound by the adds' latency). The formats differ only
+// in how a block's weights are made (`Q41::weights`, `Q80::weights`).
+struct Q41 {
+  const float* d;
+  const float* m;
+  const uint8_t* qs;
+  __attribute__((target("avx512f,avx512bw"))) inline void weights(size_t at, __m512& w0, __m512& w1) const {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + at * 16));
+    __m512 dv = _mm512_set1_ps(d[at]), mv = _mm512_set1_ps(m[at]);
+    w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low))), dv, mv);
+    w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low))), dv, mv);
+  }
+};
+
+struct Q80 {
+  const float* d;
+  const int8_t* qs;
+  __attribute__((target("avx512f,avx512bw"))) inline void weights(size_t at, __m512& w0, __m512& w1) const {
+    const __m128i* q = reinterpret_cast<const __m128i*>(qs + at * 32);
+    __m512 dv = _mm512_set1_ps(d[at]);
+    w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), dv);
+    w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), dv);
+  }
+};
+
+// NT tokens from t0, one output row at a time (PAIR: two accumulators a token).
+template <int NT, bool PAIR, typename F>
+__attribute__((target("avx512f,avx512bw"))) inline void tile_avx512(const float* x, int K, const F& f, int o0, int o1,
+                                                                 int O, float* y, int t0) {
   const int NB = K / 32;
-  const __m128i low = _mm_set1_epi8(0x0F);
   const float* xt = x + (size_t)t0 * K;
   for (int o = o0; o < o1; ++o) {
-    const float* dr = d + (size_t)o * NB;
-    const float* mr = m + (size_t)o * NB;
-    const uint8_t* qr = qs + (size_t)o * NB * 16;
     __m512 acc[NT], acc2[PAIR ? NT : 1];
     for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
     for (int i = 0; i < (PAIR ? NT : 1); ++i) acc2[i] = _mm512_setzero_ps();
     for (int b = 0; b < NB; ++b) {
-      __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + 16 * b));
-      __m128i lo = _mm_and_si128(q, low);
-      __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
-      __m512 dv = _mm512_set1_ps(dr[b]), mv = _mm512_set1_ps(mr[b]);
-      __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), dv, mv);
-      __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), dv, mv);
+      __m512 w0, w1;
+      f.weights((size_t)o * NB + b, w0, w1);
       const float* xb = xt + 32 * b;
       for (int i = 0; i < NT; ++i) {
         acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + (size_t)i * K), acc[i]);
@@ -181,75 +198,10 @@ __attribute__((target("avx512f,avx512bw"))) inline void q4_1_tile_avx512(const f
   }
 }
 
-template <int NT, bool PAIR>
-__attribute__((target("avx512f,avx512bw"))) inline void q8_0_tile_avx512(const float* x, int K, const float* d,
-                                                                      const int8_t* qs, int o0, int o1, int O,
-                                                                      float* y, int t0) {
-  const int NB = K / 32;
-  const float* xt = x + (size_t)t0 * K;
-  for (int o = o0; o < o1; ++o) {
-    const float* dr = d + (size_t)o * NB;
-    const int8_t* qr = qs + (size_t)o * NB * 32;
-    __m512 acc[NT], acc2[PAIR ? NT : 1];
-    for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
-    for (int i = 0; i < (PAIR ? NT : 1); ++i) acc2[i] = _mm512_setzero_ps();
-    for (int b = 0; b < NB; ++b) {
-      __m512 dv = _mm512_set1_ps(dr[b]);
-      const __m128i* q = reinterpret_cast<const __m128i*>(qr + 32 * b);
-      __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), dv);
-      __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), dv);
-      const float* xb = xt + 32 * b;
-      for (int i = 0; i < NT; ++i) {
-        acc[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + (size_t)i * K), acc[i]);
-        if (PAIR)
-          acc2[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + (size_t)i * K + 16), acc2[i]);
-        else
-          acc[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + (size_t)i * K + 16), acc[i]);
-      }
-    }
-    for (int i = 0; i < NT; ++i)
-      y[(size_t)(t0 + i) * O + o] = _mm512_reduce_add_ps(PAIR ? _mm512_add_ps(acc[i], acc2[PAIR ? i : 0]) : acc[i]);
-  }
-}
-
-// Tiles of 8 tokens by 2 output rows: each x load feeds two rows' products (16 accumulators).
-__attribute__((target("avx512f,avx512bw"))) inline void q4_1_tile8x2_avx512(const float* x, int K, const float* d,
-                                                                         const float* m, const uint8_t* qs, int o0,
-                                                                         int o1, int O, float* y, int t0) {
-  const int NB = K / 32;
-  const __m128i low = _mm_set1_epi8(0x0F);
-  const float* xt = x + (size_t)t0 * K;
-  int o = o0;
-  for (; o + 2 <= o1; o += 2) {
-    __m512 a[8], c[8];
-    for (int i = 0; i < 8; ++i) a[i] = c[i] = _mm512_setzero_ps();
-    for (int b = 0; b < NB; ++b) {
-      __m512 w[2][2];
-      for (int r = 0; r < 2; ++r) {
-        size_t at = (size_t)(o + r) * NB + b;
-        __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + at * 16));
-        __m512 dv = _mm512_set1_ps(d[at]), mv = _mm512_set1_ps(m[at]);
-        w[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low))), dv, mv);
-        w[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low))), dv, mv);
-      }
-      const float* xb = xt + 32 * b;
-      for (int i = 0; i < 8; ++i) {
-        __m512 x0 = _mm512_loadu_ps(xb + (size_t)i * K), x1 = _mm512_loadu_ps(xb + (size_t)i * K + 16);
-        a[i] = _mm512_fmadd_ps(w[0][1], x1, _mm512_fmadd_ps(w[0][0], x0, a[i]));
-        c[i] = _mm512_fmadd_ps(w[1][1], x1, _mm512_fmadd_ps(w[1][0], x0, c[i]));
-      }
-    }
-    for (int i = 0; i < 8; ++i) {
-      y[(size_t)(t0 + i) * O + o] = _mm512_reduce_add_ps(a[i]);
-      y[(size_t)(t0 + i) * O + o + 1] = _mm512_reduce_add_ps(c[i]);
-    }
-  }
-  if (o < o1) q4_1_tile_avx512<8, false>(x, K, d, m, qs, o, o1, O, y, t0);
-}
-
-__attribute__((target("avx512f,avx512bw"))) inline void q8_0_tile8x2_avx512(const float* x, int K, const float* d,
-                                                                         const int8_t* qs, int o0, int o1, int O,
-                                                                         float* y, int t0) {
+// 8 tokens from t0 by two output rows at a time (an odd last row: by `tile_avx512`).
+template <typename F>
+__attribute__((target("avx512f,avx512bw"))) inline void tile8x2_avx512(const float* x, int K, const F& f, int o0,
+                                                                    int o1, int O, float* y, int t0) {
   const int NB = K / 32;
   const float* xt = x + (size_t)t0 * K;
   int o = o0;
@@ -257,19 +209,14 @@ __attribute__((target("avx512f,avx512bw"))) inline void q8_0_tile8x2_avx512(cons
     __m512 a[8], c[8];
     for (int i = 0; i < 8; ++i) a[i] = c[i] = _mm512_setzero_ps();
     for (int b = 0; b < NB; ++b) {
-      __m512 w[2][2];
-      for (int r = 0; r < 2; ++r) {
-        size_t at = (size_t)(o + r) * NB + b;
-        const __m128i* q = reinterpret_cast<const __m128i*>(qs + at * 32);
-        __m512 dv = _mm512_set1_ps(d[at]);
-        w[r][0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), dv);
-        w[r][1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), dv);
-      }
+      __m512 w00, w01, w10, w11;
+      f.weights((size_t)o * NB + b, w00, w01);
+      f.weights((size_t)(o + 1) * NB + b, w10, w11);
       const float* xb = xt + 32 * b;
       for (int i = 0; i < 8; ++i) {
         __m512 x0 = _mm512_loadu_ps(xb + (size_t)i * K), x1 = _mm512_loadu_ps(xb + (size_t)i * K + 16);
-        a[i] = _mm512_fmadd_ps(w[0][1], x1, _mm512_fmadd_ps(w[0][0], x0, a[i]));
-        c[i] = _mm512_fmadd_ps(w[1][1], x1, _mm512_fmadd_ps(w[1][0], x0, c[i]));
+        a[i] = _mm512_fmadd_ps(w01, x1, _mm512_fmadd_ps(w00, x0, a[i]));
+        c[i] = _mm512_fmadd_ps(w11, x1, _mm512_fmadd_ps(w10, x0, c[i]));
       }
     }
     for (int i = 0; i < 8; ++i) {
@@ -277,30 +224,31 @@ __attribute__((target("avx512f,avx512bw"))) inline void q8_0_tile8x2_avx512(cons
       y[(size_t)(t0 + i) * O + o + 1] = _mm512_reduce_add_ps(c[i]);
     }
   }
-  if (o < o1) q8_0_tile_avx512<8, false>(x, K, d, qs, o, o1, O, y, t0);
+  if (o < o1) tile_avx512<8, false>(x, K, f, o, o1, O, y, t0);
 }
 
-// Every token of x in tiles of 8 (by two rows), 4, 2, 1 (TILE: the kernel for NT tokens).
-#define INFINILLM_TILES(TILE, TILE8, ...)                            \
-  do {                                                              \
-    int t0 = 0;                                                     \
-    for (; t0 + 8 <= T; t0 += 8) TILE8(__VA_ARGS__, t0);             \
-    for (; t0 + 4 <= T; t0 += 4) TILE<4, true>(__VA_ARGS__, t0);     \
-    for (; t0 + 2 <= T; t0 += 2) TILE<2, true>(__VA_ARGS__, t0);     \
-    for (; t0 < T; t0 += 1) TILE<1, true>(__VA_ARGS__, t0);          \
-  } while (0)
+// Every token of x [T, K] in tiles of 8 (by two rows), 4, 2, 1; output rows [o0, o1).
+template <typename F>
+__attribute__((target("avx512f,avx512bw"))) inline void gemm_avx512(const float* x, int T, int K, const F& f, int o0,
+                                                                 int o1, int O, float* y) {
+  int t0 = 0;
+  for (; t0 + 8 <= T; t0 += 8) tile8x2_avx512(x, K, f, o0, o1, O, y, t0);
+  for (; t0 + 4 <= T; t0 += 4) tile_avx512<4, true>(x, K, f, o0, o1, O, y, t0);
+  for (; t0 + 2 <= T; t0 += 2) tile_avx512<2, true>(x, K, f, o0, o1, O, y, t0);
+  for (; t0 < T; t0 += 1) tile_avx512<1, true>(x, K, f, o0, o1, O, y, t0);
+}
 
 __attribute__((target("avx512f,avx512bw"))) inline void q4_1_gemv_avx512(const float* x, int T, int K,
                                                                       const float* d, const float* m,
                                                                       const uint8_t* qs, int o0, int o1, int O,
                                                                       float* y) {
-  INFINILLM_TILES(q4_1_tile_avx512, q4_1_tile8x2_avx512, x, K, d, m, qs, o0, o1, O, y);
+  gemm_avx512(x, T, K, Q41{d, m, qs}, o0, o1, O, y);
 }
 
 __attribute__((target("avx512f,avx512bw"))) inline void q8_0_gemv_avx512(const float* x, int T, int K,
                                                                       const float* d, const int8_t* qs, int o0,
                                                                       int o1, int O, float* y) {
-  INFINILLM_TILES(q8_0_tile_avx512, q8_0_tile8x2_avx512, x, K, d, qs, o0, o1, O, y);
+  gemm_avx512(x, T, K, Q80{d, qs}, o0, o1, O, y);
 }
 
 inline bool has_avx512() {
@@ -415,24 +363,26 @@ class RowPool {
   bool stop_ = false;
 };
 
-// y = x W^T over `threads` threads (rows of W split evenly, in multiples of 16) when the product
-// is large enough to be worth a hand-over (min_macs multiply-adds), else on this thread.
-inline void q4_1_matmul_rows(const float* x, const float* sx, int T, int K, const float* d, const float* m,
-                             const uint8_t* qs, int O, float* y, int threads, int64_t min_macs) {
+// `product(o0, o1)` (output rows [o0, o1) of y = x W^T) over `threads` threads, the rows split
+// evenly in multiples of 16, when the product has at least min_macs multiply-adds (T * O * K);
+// else on this thread alone (handing rows over costs more than it saves).
+template <typename P>
+inline void split_rows(int T, int K, int O, int threads, int64_t min_macs, const P& product) {
   int parts = (int64_t)T * O * K >= min_macs ? std::max(1, std::min(threads, O / 16)) : 1;
   RowPool::get().run(parts, [&](int part, int n) {
     int o0 = (int)((int64_t)O * part / n) & ~15, o1 = part + 1 == n ? O : (int)((int64_t)O * (part + 1) / n) & ~15;
-    q4_1_gemv(x, sx, T, K, d, m, qs, o0, o1, O, y);
+    product(o0, o1);
   });
+}
+
+inline void q4_1_matmul_rows(const float* x, const float* sx, int T, int K, const float* d, const float* m,
+                             const uint8_t* qs, int O, float* y, int threads, int64_t min_macs) {
+  split_rows(T, K, O, threads, min_macs, [&](int o0, int o1) { q4_1_gemv(x, sx, T, K, d, m, qs, o0, o1, O, y); });
 }
 
 inline void q8_0_matmul_rows(const float* x, int T, int K, const float* d, const int8_t* qs, int O, float* y,
                              int threads, int64_t min_macs) {
-  int parts = (int64_t)T * O * K >= min_macs ? std::max(1, std::min(threads, O / 16)) : 1;
-  RowPool::get().run(parts, [&](int part, int n) {
-    int o0 = (int)((int64_t)O * part / n) & ~15, o1 = part + 1 == n ? O : (int)((int64_t)O * (part + 1) / n) & ~15;
-    q8_0_gemv(x, T, K, d, qs, o0, o1, O, y);
-  });
+  split_rows(T, K, O, threads, min_macs, [&](int o0, int o1) { q8_0_gemv(x, T, K, d, qs, o0, o1, O, y); });
 }
 
 }  // namespace infinillm

@@ -9,7 +9,6 @@ prefill chunks, decode tails and the new tokens' k, v land on creditors.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from infinillm.cluster import LocalPeer
 from infinillm.config import CacheConfig, SchedulerConfig
 from infinillm.engine import Engine
 from infinillm.loader import load_model
-from infinillm.testing import make_tiny_model
+from infinillm.testing import assert_engines_idle, assert_same_outputs, make_tiny_model
 from infinillm.transport import AttentionQuery
 
 BLOCK = 16
@@ -74,22 +73,6 @@ def run(engine: Engine, prompts, params: SamplingParams, watch=None) -> dict[str
     return finals
 
 
-def assert_same(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for rid in want:
-        assert got[rid][0] == want[rid][0], rid
-        for g, w in zip(got[rid][1], want[rid][1]):
-            (tok,) = [t for t in w if w[t].rank == 1]
-            assert math.isclose(g[tok].logprob, w[tok].logprob, abs_tol=1e-3), rid
-
-
-def assert_pools_empty(*engines: Engine) -> None:
-    for e in engines:
-        c = e.pool.counters()
-        assert (c.used, c.lent, c.reserved, c.borrowed) == (0, 0, 0, 0), (e.instance_id, c)
-        assert c.free == c.capacity and e.tables.num_requests == 0
-
-
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
 
 
@@ -106,10 +89,10 @@ def test_spread_requests_equal_one_instance_with_room(tiny):
         assert home.pool.num_borrowed == sum(c.pool.num_lent for c in creditors)
 
     got = run(home, prompts, GREEDY, watch)
-    assert_same(got, want)
+    assert_same_outputs(got, want)
     assert all(n > 0 for n in held.values()), held  # every creditor held blocks at some point
     assert home.num_loans > 0
-    assert_pools_empty(home, *creditors)
+    assert_engines_idle(home, *creditors)
 
 
 def test_a_decode_tail_on_a_creditor_writes_its_new_tokens_there(tiny):
@@ -126,9 +109,9 @@ def test_a_decode_tail_on_a_creditor_writes_its_new_tokens_there(tiny):
             tails_remote.append(instance == creditor.instance_id)
 
     got = run(home, prompts, GREEDY, watch)
-    assert_same(got, want)
+    assert_same_outputs(got, want)
     assert any(tails_remote)
-    assert_pools_empty(home, creditor)
+    assert_engines_idle(home, creditor)
 
 
 def test_aborted_and_preempted_requests_free_their_blocks_on_every_instance(tiny):
@@ -145,7 +128,7 @@ def test_aborted_and_preempted_requests_free_their_blocks_on_every_instance(tiny
     while home.has_work:
         home.step()
     assert home.planner.statistics().num_preemptions > 0  # memory was short: some were recomputed
-    assert_pools_empty(home, *creditors)
+    assert_engines_idle(home, *creditors)
 
 
 def test_a_creditor_refuses_a_query_naming_blocks_it_does_not_have(tiny):
@@ -184,7 +167,7 @@ def test_a_creditor_that_fails_ends_the_requests_of_that_step_and_frees_their_bl
     while home.has_work:
         finals += [o for o in home.step() if o.finished]
     assert [(o.request_id, o.outputs[0].finish_reason) for o in finals] == [("later", "length")]
-    assert_pools_empty(home, creditor)
+    assert_engines_idle(home, creditor)
 
 
 def test_a_reservation_never_committed_expires_and_its_blocks_are_lent_again(tiny):
@@ -221,9 +204,9 @@ def test_requests_all_at_home_keep_the_fused_path_in_a_step_with_spread_ones(tin
 
     monkeypatch.setattr(attention.DistAttentionBackend, "__init__", init)
     got = run(home, prompts, GREEDY)
-    assert_same(got, want)
+    assert_same_outputs(got, want)
     assert fused_rows_in_spread_steps, "no decode row of a home-only request took the fused path beside spread rows"
-    assert_pools_empty(home, *creditors)
+    assert_engines_idle(home, *creditors)
 
 
 def test_blocks_migrated_mid_generation_leave_the_tokens_exactly_as_without_moves(tiny):
@@ -248,11 +231,11 @@ def test_blocks_migrated_mid_generation_leave_the_tokens_exactly_as_without_move
         seen.append({home.requests[r].request_id: home.placement(r) for r in rids})
 
     got = run(home, prompts, GREEDY, watch)
-    assert_same(got, want)
+    assert_same_outputs(got, want)
     assert home.num_blocks_moved == 3 + 2 + 2
     assert any(p.get("r0", {}).get(1) == 3 and p.get("r1", {}).get(2) == 2 for p in seen)
     assert any(p.get("r0", {}).get(1) == 1 for p in seen)
-    assert_pools_empty(home, *creditors)
+    assert_engines_idle(home, *creditors)
 
 
 def test_a_creditor_refuses_a_transfer_into_blocks_it_does_not_lend_the_request(tiny):
@@ -280,6 +263,6 @@ def test_a_creditor_that_fails_a_loan_is_skipped_and_the_step_goes_on(tiny):
 
     dying.reserve = gone
     got = run(home, prompts, GREEDY)
-    assert_same(got, want)
+    assert_same_outputs(got, want)
     assert creditors[0].pool.num_lent == 0  # (nothing was ever lent by the one that failed)
-    assert_pools_empty(home, *creditors)
+    assert_engines_idle(home, *creditors)

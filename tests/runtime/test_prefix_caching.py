@@ -8,7 +8,6 @@ encoded and decoded by the codec), as in ``test_distattention.py``.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
@@ -17,7 +16,7 @@ from infinillm.cluster import LocalPeer
 from infinillm.config import CacheConfig, SchedulerConfig
 from infinillm.engine import Engine, block_hashes
 from infinillm.loader import load_model
-from infinillm.testing import make_tiny_model
+from infinillm.testing import assert_engines_idle, assert_same_outputs, make_tiny_model
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
@@ -63,22 +62,6 @@ def run(engine: Engine, prompts: dict[str, list[int]], params=GREEDY) -> dict[st
     return finals
 
 
-def assert_same(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys()
-    for rid in want:
-        assert got[rid][0] == want[rid][0], rid
-        for g, w in zip(got[rid][1], want[rid][1]):
-            (tok,) = [t for t in w if w[t].rank == 1]
-            assert math.isclose(g[tok].logprob, w[tok].logprob, abs_tol=1e-3), rid
-
-
-def assert_all_free(*engines: Engine) -> None:
-    for e in engines:
-        c = e.pool.counters()
-        assert (c.used, c.lent, c.reserved, c.borrowed) == (0, 0, 0, 0), (e.instance_id, c)
-        assert c.free == c.capacity and e.tables.num_requests == 0
-
-
 def prompt_tokens_computed(engine: Engine) -> int:
     s = engine.statistics()
     return s.prefix_query_tokens - s.prefix_hit_tokens
@@ -104,13 +87,13 @@ def test_a_follow_up_reuses_the_conversation_and_answers_the_same(tiny):
     got = run(engine, {"t1": turn1})
     first = prompt_tokens_computed(engine)
     got |= run(engine, {"t2": turn2})
-    assert_same(got, want)
+    assert_same_outputs(got, want)
     assert first == len(turn1)
     s = engine.statistics()
     assert s.prefix_hit_tokens == (len(turn1) // BLOCK) * BLOCK  # turn 1's full blocks, 192 tokens
     assert prompt_tokens_computed(engine) - first == len(turn2) - s.prefix_hit_tokens
     assert 0 < s.prefix_cache_hit_rate < 1 and s.kv_cached_blocks >= len(turn1) // BLOCK
-    assert_all_free(engine)
+    assert_engines_idle(engine)
 
 
 def test_greedy_outputs_are_the_same_with_the_cache_on_and_off(tiny):
@@ -127,12 +110,12 @@ def test_greedy_outputs_are_the_same_with_the_cache_on_and_off(tiny):
     for wave in waves:
         for on, e in engines.items():
             got[on] |= run(e, wave)
-    assert_same(got[True], got[False])
+    assert_same_outputs(got[True], got[False])
     assert engines[True].statistics().prefix_hit_tokens > 300
     assert engines[False].statistics().prefix_query_tokens == 0
     assert engines[False].pool.num_cached == 0
     for e in engines.values():
-        assert_all_free(e)
+        assert_engines_idle(e)
 
 
 def test_cached_blocks_are_evicted_before_anything_is_preempted(tiny):
@@ -142,7 +125,7 @@ def test_cached_blocks_are_evicted_before_anything_is_preempted(tiny):
     got = run(engine, {"b": document(300, seed=9)})  # needs the blocks: takes them from the cache
     assert engine.statistics().num_preemptions == 0 and engine.pool.num_evicted > 0
     assert got["b"][0] == run(make_engine(tiny, caching=False), {"b": document(300, seed=9)})["b"][0]
-    assert_all_free(engine)
+    assert_engines_idle(engine)
 
 
 def test_a_prefix_spread_over_creditors_is_reused_where_it_lies(tiny):
@@ -154,10 +137,10 @@ def test_a_prefix_spread_over_creditors_is_reused_where_it_lies(tiny):
     assert sum(c.pool.num_evictable for c in creditors) > 0  # its blocks there stayed cached
     assert home.planner.num_remote_cached > 0
     got |= run(home, {"t2": turn2})
-    assert_same(got, want)
+    assert_same_outputs(got, want)
     s = home.statistics()
     assert s.prefix_hit_tokens == (len(turn1) // BLOCK) * BLOCK  # all of it: here and on creditors
-    assert_all_free(home, *creditors)
+    assert_engines_idle(home, *creditors)
 
 
 def test_a_prefix_evicted_on_a_creditor_is_computed_again(tiny):
@@ -169,16 +152,16 @@ def test_a_prefix_evicted_on_a_creditor_is_computed_again(tiny):
     for c in creditors:  # they needed the room meanwhile
         c.pool.reset_cache()
     got = run(home, {"t2": turn2})
-    assert_same(got, want)
+    assert_same_outputs(got, want)
     assert home.statistics().num_preemptions == 1  # the failed claim: recomputed from its tokens
-    assert_all_free(home, *creditors)
+    assert_engines_idle(home, *creditors)
     # Turn 2 computed the prefix again and left it cached where it lay: a third turn reuses it.
     before = home.statistics().prefix_hit_tokens
     turn3 = doc + [9]
     got = run(home, {"t3": turn3})
     assert got["t3"][0] == run(make_engine(tiny, caching=False), {"t3": turn3})["t3"][0]
     assert home.statistics().prefix_hit_tokens - before == 400
-    assert_all_free(home, *creditors)
+    assert_engines_idle(home, *creditors)
 
 
 def test_a_creditor_never_hands_one_homes_cached_blocks_to_another(tiny):
@@ -195,7 +178,7 @@ def test_a_creditor_never_hands_one_homes_cached_blocks_to_another(tiny):
     with pytest.raises(ValidationError, match="must name each"):
         creditor.lend_claim(9, 0, blocks, [11])
     creditor.lend_release(8, [])
-    assert_all_free(creditor)
+    assert_engines_idle(creditor)
 
 
 def test_reset_prefix_cache_forgets_what_no_request_holds(tiny):
@@ -285,7 +268,7 @@ def test_blocks_brought_home_keep_their_names_and_leave_none_behind(tiny):
     f1 = doc[:150] + [8]
     got = run(home, {"F1": f1})["F1"][0]
     assert got == run(make_engine(tiny, caching=False), {"F1": f1})["F1"][0]
-    assert_all_free(home, creditor)
+    assert_engines_idle(home, creditor)
 
 
 def test_a_failed_claim_counts_as_progress(tiny):
@@ -302,7 +285,7 @@ def test_a_failed_claim_counts_as_progress(tiny):
     assert (home.num_steps, home.num_loans) == before[:2] and home.num_failed_claims == before[2] + 1
     while home.has_work:
         home.step()
-    assert_all_free(home, *creditors)
+    assert_engines_idle(home, *creditors)
 
 
 async def test_every_stream_ends_when_claims_fail_on_an_idle_runtime(tiny_model):
