@@ -1,11 +1,12 @@
 # distutils: language = c++
-"""Matrix-vector products from GGUF-quantised weights on the CPU (``csrc/quant_cpu.hpp``).
+"""CPU kernels: products from GGUF-quantised weights (``csrc/quant_cpu.hpp``) and decode
+attention straight from the paged cache (``csrc/attention_cpu.hpp``).
 
 Called with numpy views of torch tensors (no copies); the GIL is released while the product
 runs.
 """
 
-from libc.stdint cimport int8_t, uint8_t
+from libc.stdint cimport int8_t, int64_t, uint8_t
 from libcpp.vector cimport vector
 
 import numpy as np
@@ -21,6 +22,34 @@ cdef extern from "quant_cpu.hpp" namespace "infinillm" nogil:
                           int threads, long long min_macs) except +
     bint has_avx2()
     bint has_avx512()
+
+
+cdef extern from "attention_cpu.hpp" namespace "infinillm" nogil:
+    bint decode_attention_supported(int H, int Hkv, int D)
+    void decode_attention(const float* q, const float* kc, const float* vc, const int64_t* slots,
+                          const uint8_t* visible, int B, int T, int H, int Hkv, int D, float scale, float* out,
+                          float* lse, int threads, long long min_work) except +
+
+
+def attention_supported(int num_heads, int num_kv_heads, int head_dim) -> bool:
+    return decode_attention_supported(num_heads, num_kv_heads, head_dim)
+
+
+def decode_attention_cpu(const float[:, :, ::1] q, const float[:, :, ::1] k_flat, const float[:, :, ::1] v_flat,
+                         const int64_t[:, ::1] slots, const uint8_t[:, ::1] visible, float scale,
+                         float[:, :, ::1] out, float[:, ::1] lse, int threads=1, long long min_work=0):
+    """One query row a request q [B, H, D] over the keys ``slots`` [B, T] names (flat cache rows
+    of k_flat / v_flat [S, Hkv, D]) where ``visible`` [B, T]: out [B, H, D], lse [B, H]."""
+    cdef int B = q.shape[0], H = q.shape[1], D = q.shape[2], T = slots.shape[1], Hkv = k_flat.shape[1]
+    if not decode_attention_supported(H, Hkv, D) or k_flat.shape[2] != D or v_flat.shape[1] != Hkv \
+            or v_flat.shape[2] != D or slots.shape[0] != B or visible.shape[0] != B or visible.shape[1] != T \
+            or out.shape[0] != B or out.shape[1] != H or out.shape[2] != D or lse.shape[0] != B or lse.shape[1] != H:
+        raise ValueError("decode_attention_cpu: shapes do not agree, or this CPU / head layout is not supported")
+    if B == 0 or T == 0:
+        return
+    with nogil:
+        decode_attention(&q[0, 0, 0], &k_flat[0, 0, 0], &v_flat[0, 0, 0], &slots[0, 0], &visible[0, 0], B, T, H, Hkv,
+                         D, scale, &out[0, 0, 0], &lse[0, 0], threads, min_work)
 
 
 def simd() -> str:

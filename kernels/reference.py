@@ -25,9 +25,18 @@ A query that sees no key has ``lse = -inf`` and ``out = 0``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
+
+try:  # the CPU decode-attention kernel (csrc/attention_cpu.hpp), when built
+    from . import _quant_cpu
+except ImportError:
+    _quant_cpu = None
+
+_CPU_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_CPU_PARALLEL_WORK = 1 << 22  # decode attention splits its requests over the cores from B*T*H*D this large
 
 __all__ = [
     "partial_attention_ref",
@@ -224,10 +233,15 @@ def _gather_plan_keys(plan: DecodePlan, cache: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention_sdpa(q: torch.Tensor, plan: DecodePlan, k_cache, v_cache, scale: float | None) -> torch.Tensor:
-    """Attention of the plan's queries q [B', H, D] (in plan order) through torch's fused SDPA,
-    without the log-sum-exp, over the keys ``plan.visible`` marks (its window included); every
-    query must see at least one key (``plan.seen``)."""
+    """Attention of the plan's queries q [B', H, D] (in plan order), without the log-sum-exp,
+    over the keys ``plan.visible`` marks (its window included); every query must see at least
+    one key (``plan.seen``). A few requests whose keys are runs of slots: torch's fused SDPA over
+    views of the cache; otherwise on the CPU the decode kernel (``csrc/attention_cpu.hpp``: keys
+    read where they lie; 2-12x the gather below at contexts of thousands, docs/PERFORMANCE.md);
+    else the keys gathered, then torch's fused SDPA under a mask."""
     b, num_heads, head_dim = q.shape
+    if plan.runs is None and _cpu_kernel(q, k_cache, v_cache):  # no gather, no padding, no mask
+        return _cpu_decode(q, plan, k_cache, v_cache, head_dim**-0.5 if scale is None else scale)[0]
     if plan.runs is not None:  # each request's keys are one run of slots: views, no gather
         num_blocks, block_size, num_kv_heads, _ = k_cache.shape
         flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
@@ -248,6 +262,31 @@ def decode_attention_sdpa(q: torch.Tensor, plan: DecodePlan, k_cache, v_cache, s
     return o.view(b, num_heads, head_dim)
 
 
+def _cpu_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the CPU decode-attention kernel (``csrc/attention_cpu.hpp``) serves this cache:
+    built, fp32 and contiguous on the CPU, a head layout it takes (AVX-512, head_dim a multiple
+    of 16, at most 8 query heads a key-value head)."""
+    return (_quant_cpu is not None and q.device.type == "cpu" and k_cache.dtype == v_cache.dtype == torch.float32
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and _quant_cpu.attention_supported(q.shape[1], k_cache.shape[2], k_cache.shape[3]))
+
+
+def _cpu_decode(q, plan: DecodePlan, k_cache, v_cache, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's queries q [B', H, D] (in plan order) over their visible keys, read where they
+    lie in the cache: (out [B', H, D], lse [B', H]) in fp32 (a request seeing no key: 0, -inf)."""
+    b, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    out = torch.empty(b, num_heads, head_dim, dtype=torch.float32)
+    lse = torch.empty(b, num_heads, dtype=torch.float32)
+    _quant_cpu.decode_attention_cpu(
+        q.float().contiguous().numpy(), k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).numpy(),
+        v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).numpy(), plan.slots.contiguous().numpy(),
+        plan.visible.contiguous().view(torch.uint8).numpy(), scale, out.numpy(), lse.numpy(), _CPU_THREADS,
+        _CPU_PARALLEL_WORK,
+    )
+    return out, lse
+
+
 def _decode_attention(q, plan: DecodePlan, k_cache, v_cache, scale: float, out, lse, need_lse: bool = True) -> None:
     """Partial attention of the plan's single-query requests, all at once (fills out/lse rows),
     over the keys ``plan.visible`` marks (its window included).
@@ -257,6 +296,11 @@ def _decode_attention(q, plan: DecodePlan, k_cache, v_cache, scale: float, out, 
     """
     if not need_lse and bool(plan.seen.all()):
         out[plan.rows] = decode_attention_sdpa(q.index_select(0, plan.rows), plan, k_cache, v_cache, scale).to(out.dtype)
+        return
+    if _cpu_kernel(q, k_cache, v_cache):
+        o, m = _cpu_decode(q.index_select(0, plan.rows), plan, k_cache, v_cache, scale)
+        out[plan.rows] = o.to(out.dtype)
+        lse[plan.rows] = m
         return
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]

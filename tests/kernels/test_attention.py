@@ -547,3 +547,40 @@ def test_cpu_causal_split_matches_dense_attention(ctx, first, block_size, hkv, g
     ref_out, ref_lse = full_attention(q, q_pos, paged.k, paged.v, 1 / 8)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_the_cpu_decode_kernel_matches_the_reference(monkeypatch, window, group):
+    """The CPU decode-attention kernel (``csrc/attention_cpu.hpp``: keys read where they lie, a
+    vectorised exp) against the reference, for requests seeing all, some (a window, blocks
+    elsewhere) or none of their keys here, its requests split over threads or not."""
+    from infinillm.kernels import reference
+    from infinillm.kernels.reference import build_decode_plan, partial_attention_ref, partial_attention_torch
+
+    if reference._quant_cpu is None or not reference._quant_cpu.attention_supported(2 * group, 2, 64):
+        pytest.skip("the CPU decode kernel is not built or this CPU has no AVX-512")
+    gen = torch.Generator().manual_seed(group)
+    block_size, hkv, d = 4, 2, 64
+    k_cache = torch.randn(40, block_size, hkv, d, generator=gen)
+    v_cache = torch.randn(40, block_size, hkv, d, generator=gen)
+    held = [[3, 7, 1, 9, 12], [20, 21], [], [5, 30, 31, 32, 33, 34]]  # request 2 holds nothing here
+    ctx = [19, 6, 9, 24]
+    m = max(len(h) for h in held)
+    bt = torch.full((4, m), -1, dtype=torch.int32)
+    bs_ = torch.zeros((4, m), dtype=torch.int32)
+    bl = torch.zeros((4, m), dtype=torch.int32)
+    for r, h in enumerate(held):
+        for j, blk in enumerate(h):
+            bt[r, j], bs_[r, j], bl[r, j] = blk, j * block_size, min(block_size, ctx[r] - 1 - j * block_size)
+    cu = torch.arange(5, dtype=torch.int32)
+    q_pos = torch.tensor([c - 1 for c in ctx], dtype=torch.int32)
+    q = torch.randn(4, hkv * group, d, generator=gen)
+    o_r, l_r = partial_attention_ref(q, cu, q_pos, k_cache, v_cache, bt, bs_, bl, window=window)
+    plan = build_decode_plan(cu, q_pos, bt, bs_, bl, block_size, window)
+    for work in (0, 1 << 40):  # split over the threads, then not
+        monkeypatch.setattr(reference, "_CPU_PARALLEL_WORK", work)
+        o_t, l_t = partial_attention_torch(q, cu, q_pos, k_cache, v_cache, bt, bs_, bl, window=window, decode_plan=plan)
+        torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-5)
+    assert torch.isinf(l_t[2]).all() and (o_t[2] == 0).all()
