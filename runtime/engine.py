@@ -365,6 +365,8 @@ class Engine:
         self.num_steps += 1
         try:
             self._run(plan, outputs)
+            if not self.requests:  # idle: the stepping thread gets torch's threads back
+                self._torch_threads(None)
         except Exception as exc:  # noqa: BLE001 - ends this step's requests, not the engine
             if isinstance(exc, InstanceDeadError) and self._lost_pending:
                 # A creditor died under the step: nothing was sampled; its requests compute
@@ -439,17 +441,20 @@ class Engine:
                 self.planner.append_output(req.rid)
                 outputs.append(req.snapshot(finished=False))
 
-    def _torch_threads(self, num_tokens: int) -> None:
+    def _torch_threads(self, num_tokens: int | None) -> None:
         """A CPU step on the quantised weights (a decode batch) runs torch's own operations on
         one thread: they are small, and waking torch's other threads for each costs more than
         they save (torch's OpenMP team per calling thread), while the quantised products use
-        every core themselves; other steps get torch's threads back. The count is switched only
-        when the kind of step changes (switching costs a few hundred microseconds), and only in
-        the thread running the step (OpenMP's setting is per thread). bench_generate:
-        docs/PERFORMANCE.md."""
+        every core themselves; other steps (``num_tokens`` None: the engine went idle) get
+        torch's threads back. The count is switched only when the kind of step changes
+        (switching costs a few hundred microseconds), in the thread running the step (OpenMP's
+        setting is per thread; MKL's, which ``torch.set_num_threads`` sets too, is the process's:
+        while a decode batch runs, an application's own MKL products in other threads use one
+        thread). bench_generate: docs/PERFORMANCE.md."""
         if self.device.type != "cpu" or not self.model.num_quantized:
             return
-        want = 1 if num_tokens <= _model.QUANT_MAX_TOKENS else self._cpu_threads
+        small = num_tokens is not None and num_tokens <= _model.QUANT_MAX_TOKENS
+        want = 1 if small else self._cpu_threads
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
 

@@ -142,3 +142,38 @@ async def test_batch_invariance_while_requests_join_and_leave():
         assert results["probe"] == alone
         s = rt.statistics().instances[0]
         assert s.kv_used_blocks == 0 and s.num_running == 0
+
+
+def test_decode_batches_run_torch_on_one_thread_and_give_its_threads_back():
+    """On the quantised weights a decode batch runs torch's own operations on one thread (the
+    products use the cores themselves); a prefill keeps torch's threads, and the stepping thread
+    gets them back when the engine is idle."""
+    import threading
+
+    from infinillm.config import CacheConfig, SchedulerConfig
+    from infinillm.engine import Engine
+    from infinillm.loader import load_model
+
+    model, tok, args = load_model("smollm2", dtype=torch.float32, device="cpu", progress=False)
+    assert model.num_quantized > 0
+    seen: dict[str, object] = {}
+
+    def steps():
+        before = torch.get_num_threads()
+        eng = Engine(model, args, tok, cache=CacheConfig(block_size=16), scheduler=SchedulerConfig(),
+                     num_blocks=64, max_model_len=1024)
+        eng.add_request("long", [(i * 7) % 1000 + 5 for i in range(100)], SamplingParams(max_tokens=3, temperature=0))
+        counts = []
+        while eng.has_work:
+            eng.step()
+            counts.append(torch.get_num_threads())
+        seen.update(before=before, counts=counts, after=torch.get_num_threads())
+
+    t = threading.Thread(target=steps)
+    t.start()
+    t.join()
+    before = seen["before"]
+    if before == 1:
+        pytest.skip("torch has one thread here: nothing to switch")
+    assert seen["counts"][0] == before  # the 100-token prefill: more than a decode batch
+    assert 1 in seen["counts"] and seen["after"] == before
