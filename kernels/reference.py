@@ -35,7 +35,8 @@ try:  # the CPU decode-attention kernel (csrc/attention_cpu.hpp), when built
 except ImportError:
     _quant_cpu = None
 
-_CPU_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+# The CPUs this process may use: the CPU kernels' threads (decode attention, quantised products).
+CPU_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _CPU_PARALLEL_WORK = 1 << 22  # decode attention splits its requests over the cores from B*T*H*D this large
 
 __all__ = [
@@ -281,7 +282,7 @@ def _cpu_decode(q, plan: DecodePlan, k_cache, v_cache, scale: float) -> tuple[to
     _quant_cpu.decode_attention_cpu(
         q.float().contiguous().numpy(), k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).numpy(),
         v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).numpy(), plan.slots.contiguous().numpy(),
-        plan.visible.contiguous().view(torch.uint8).numpy(), scale, out.numpy(), lse.numpy(), _CPU_THREADS,
+        plan.visible.contiguous().view(torch.uint8).numpy(), scale, out.numpy(), lse.numpy(), CPU_THREADS,
         _CPU_PARALLEL_WORK,
     )
     return out, lse

@@ -593,20 +593,18 @@ class Engine:
                 have = len(req.block_hashes)
                 parent = req.block_hashes[-1] if have else None
                 req.block_hashes += block_hashes(req.token_ids[have * bs : full * bs], bs, parent)
-            i = 0
+            i = 0  # the index of the run's first block
             with self.pool_lock:
                 for instance, ids in self.tables.runs(c.request_id):
-                    for b in ids:
-                        if req.num_named <= i < full:
-                            if instance == self.instance_id:
-                                self.pool.register_block(b, req.block_hashes[i])
-                            else:
-                                req.remote_named[(instance, b)] = req.block_hashes[i]
-                        i += 1
-                        if i >= full:
-                            break
                     if i >= full:
                         break
+                    lo, hi = max(req.num_named - i, 0), min(full - i, len(ids))  # this run's blocks to name
+                    for j in range(lo, hi):
+                        if instance == self.instance_id:
+                            self.pool.register_block(ids[j], req.block_hashes[i + j])
+                        else:
+                            req.remote_named[(instance, ids[j])] = req.block_hashes[i + j]
+                    i += len(ids)
             req.num_named = full
 
     @staticmethod
@@ -618,7 +616,8 @@ class Engine:
     def _claim(self, plan):
         """Take on their creditors the cached blocks that newly admitted requests reuse
         (``StepPlan.claims``). A request whose blocks are gone there (evicted) is preempted, to
-        be recomputed; the directory forgets them. Returns the plan without its chunks."""
+        be recomputed; the directory forgets them. Returns the plan without those requests'
+        chunks."""
         failed: dict[int, list] = {}
         for claim in plan.claims:
             peer = self.peers.get(claim.instance)

@@ -12,13 +12,13 @@ dequantised weights up to summation order. The model uses them for steps of up t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import ValidationError
+from .kernels.reference import CPU_THREADS
 
 __all__ = ["QuantWeight", "QUANT_KINDS", "quant_kernels_available"]
 
@@ -28,7 +28,7 @@ _BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 # handing rows to another thread costs more than it saves: a decode of one token's smaller
 # projections).
 PARALLEL_MIN_MACS = 1 << 21
-THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+THREADS = CPU_THREADS
 
 try:
     from .kernels import _quant_cpu

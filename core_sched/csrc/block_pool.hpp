@@ -102,6 +102,7 @@ class BlockPool {
   int32_t num_free() const { return static_cast<int32_t>(free_stack_.size()) + num_evictable_; }
   int32_t num_evictable() const { return num_evictable_; }
   int32_t num_cached() const { return static_cast<int32_t>(cache_.size()); }
+  int64_t num_evicted() const { return num_evicted_; }  // cached blocks taken by allocations so far
   int32_t num_used() const { return used_; }
   int32_t num_lent() const { return lent_; }
   int32_t num_reserved() const { return reserved_; }
@@ -519,10 +520,6 @@ class BlockPool {
     lru_prev_[b] = lru_next_[b] = -1;
   }
 
- public:
-  int64_t num_evicted() const { return num_evicted_; }
-
- private:
 
   int32_t release_reservation(std::map<int64_t, Reservation>::iterator it) {
     int32_t n = static_cast<int32_t>(it->second.blocks.size());
