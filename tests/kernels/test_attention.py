@@ -551,17 +551,19 @@ def test_cpu_causal_split_matches_dense_attention(ctx, first, block_size, hkv, g
 
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("group", [1, 3, 8])
-def test_the_cpu_decode_kernel_matches_the_reference(monkeypatch, window, group):
+@pytest.mark.parametrize("d", [64, 128, 96])
+def test_the_cpu_decode_kernel_matches_the_reference(monkeypatch, window, group, d):
     """The CPU decode-attention kernel (``csrc/attention_cpu.hpp``: keys read where they lie, a
     vectorised exp) against the reference, for requests seeing all, some (a window, blocks
-    elsewhere) or none of their keys here, its requests split over threads or not."""
+    elsewhere) or none of their keys here, its requests split over threads or not; head sizes
+    of 64 and 128 take the compiled layouts (scores 16 keys at a time), 96 the general loop."""
     from infinillm.kernels import reference
     from infinillm.kernels.reference import build_decode_plan, partial_attention_ref, partial_attention_torch
 
-    if reference._quant_cpu is None or not reference._quant_cpu.attention_supported(2 * group, 2, 64):
+    if reference._quant_cpu is None or not reference._quant_cpu.attention_supported(2 * group, 2, d):
         pytest.skip("the CPU decode kernel is not built or this CPU has no AVX-512")
     gen = torch.Generator().manual_seed(group)
-    block_size, hkv, d = 4, 2, 64
+    block_size, hkv = 4, 2
     k_cache = torch.randn(40, block_size, hkv, d, generator=gen)
     v_cache = torch.randn(40, block_size, hkv, d, generator=gen)
     held = [[3, 7, 1, 9, 12], [20, 21], [], [5, 30, 31, 32, 33, 34]]  # request 2 holds nothing here
