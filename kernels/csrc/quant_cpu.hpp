@@ -13,6 +13,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -147,6 +149,8 @@ __attribute__((target("avx2,fma"))) inline void q8_0_gemv_avx2(const float* x, i
 // accumulators; each load of x feeds two rows), or 1-4 tokens by one row with two accumulators
 // a token (so a decode of one token is not bound by the adds' latency). The formats differ only
 // in how a block's weights are made (`Q41::weights`, `Q80::weights`).
+constexpr int PREFETCH_ROWS = 6;  // how far ahead a tile asks for its weights
+
 struct Q41 {
   const float* d;
   const float* m;
@@ -157,6 +161,15 @@ struct Q41 {
     __m512 dv = _mm512_set1_ps(d[at]), mv = _mm512_set1_ps(m[at]);
     w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low))), dv, mv);
     w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low))), dv, mv);
+  }
+  // Ask for row o's blocks (NB of them) ahead of their use: the weights stream from memory once
+  // a step, faster than the hardware's prefetcher ramps up on rows of a few hundred bytes.
+  inline void prefetch(size_t o, int NB) const {
+    for (int i = 0; i < NB * 16; i += 64) _mm_prefetch((const char*)(qs + o * NB * 16 + i), _MM_HINT_T0);
+    for (int i = 0; i < NB; i += 16) {
+      _mm_prefetch((const char*)(d + o * NB + i), _MM_HINT_T0);
+      _mm_prefetch((const char*)(m + o * NB + i), _MM_HINT_T0);
+    }
   }
 };
 
@@ -169,6 +182,10 @@ struct Q80 {
     w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), dv);
     w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), dv);
   }
+  inline void prefetch(size_t o, int NB) const {
+    for (int i = 0; i < NB * 32; i += 64) _mm_prefetch((const char*)(qs + o * NB * 32 + i), _MM_HINT_T0);
+    for (int i = 0; i < NB; i += 16) _mm_prefetch((const char*)(d + o * NB + i), _MM_HINT_T0);
+  }
 };
 
 // NT tokens from t0, one output row at a time (PAIR: two accumulators a token).
@@ -178,6 +195,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void tile_avx512(const float*
   const int NB = K / 32;
   const float* xt = x + (size_t)t0 * K;
   for (int o = o0; o < o1; ++o) {
+    if (o + PREFETCH_ROWS < o1) f.prefetch(o + PREFETCH_ROWS, NB);
     __m512 acc[NT], acc2[PAIR ? NT : 1];
     for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
     for (int i = 0; i < (PAIR ? NT : 1); ++i) acc2[i] = _mm512_setzero_ps();
@@ -206,6 +224,10 @@ __attribute__((target("avx512f,avx512bw"))) inline void tile8x2_avx512(const flo
   const float* xt = x + (size_t)t0 * K;
   int o = o0;
   for (; o + 2 <= o1; o += 2) {
+    if (o + PREFETCH_ROWS + 2 <= o1) {
+      f.prefetch(o + PREFETCH_ROWS, NB);
+      f.prefetch(o + PREFETCH_ROWS + 1, NB);
+    }
     __m512 a[8], c[8];
     for (int i = 0; i < 8; ++i) a[i] = c[i] = _mm512_setzero_ps();
     for (int b = 0; b < NB; ++b) {
@@ -227,15 +249,23 @@ __attribute__((target("avx512f,avx512bw"))) inline void tile8x2_avx512(const flo
   if (o < o1) tile_avx512<8, false>(x, K, f, o, o1, O, y, t0);
 }
 
+constexpr int ROW_CHUNK = 64;
+
 // Every token of x [T, K] in tiles of 8 (by two rows), 4, 2, 1; output rows [o0, o1).
 template <typename F>
 __attribute__((target("avx512f,avx512bw"))) inline void gemm_avx512(const float* x, int T, int K, const F& f, int o0,
                                                                  int o1, int O, float* y) {
-  int t0 = 0;
-  for (; t0 + 8 <= T; t0 += 8) tile8x2_avx512(x, K, f, o0, o1, O, y, t0);
-  for (; t0 + 4 <= T; t0 += 4) tile_avx512<4, true>(x, K, f, o0, o1, O, y, t0);
-  for (; t0 + 2 <= T; t0 += 2) tile_avx512<2, true>(x, K, f, o0, o1, O, y, t0);
-  for (; t0 < T; t0 += 1) tile_avx512<1, true>(x, K, f, o0, o1, O, y, t0);
+  // More than one tile of tokens: the output rows in chunks, every tile over a chunk while its
+  // weights are in the cache (else each tile would read the whole matrix from memory again).
+  const int chunk = T > 8 ? ROW_CHUNK : o1 - o0;
+  for (int c0 = o0; c0 < o1; c0 += chunk) {
+    const int c1 = std::min(o1, c0 + chunk);
+    int t0 = 0;
+    for (; t0 + 8 <= T; t0 += 8) tile8x2_avx512(x, K, f, c0, c1, O, y, t0);
+    for (; t0 + 4 <= T; t0 += 4) tile_avx512<4, true>(x, K, f, c0, c1, O, y, t0);
+    for (; t0 + 2 <= T; t0 += 2) tile_avx512<2, true>(x, K, f, c0, c1, O, y, t0);
+    for (; t0 < T; t0 += 1) tile_avx512<1, true>(x, K, f, c0, c1, O, y, t0);
+  }
 }
 
 __attribute__((target("avx512f,avx512bw"))) inline void q4_1_gemv_avx512(const float* x, int T, int K,
@@ -295,6 +325,11 @@ class RowPool {
   }
 
   // f(part, parts) for part in [0, parts), parts <= size(); returns when all are done.
+  //
+  // A decode step makes ~120 products a few hundred microseconds apart; waking a sleeping thread
+  // costs tens of microseconds on a VM, so the threads spin (pausing, yielding now and then) for
+  // up to SPIN_NS after each job before they sleep, and the caller spins the same while the
+  // others finish.
   void run(int parts, const std::function<void(int, int)>& f) {
     std::lock_guard<std::mutex> call(call_mu_);
     if (parts <= 1 || getpid() != pid_) {
@@ -303,31 +338,50 @@ class RowPool {
     }
     start(parts - 1);
     parts = std::min<int>(parts, 1 + static_cast<int>(threads_.size()));
+    job_ = &f;
+    parts_ = parts;
+    pending_.store(parts - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
     {
-      std::lock_guard<std::mutex> lk(mu_);
-      job_ = &f;
-      parts_ = parts;
-      pending_ = parts - 1;
-      ++generation_;
+      std::lock_guard<std::mutex> lk(mu_);  // a thread about to sleep sees the new generation
+      if (sleeping_ > 0) cv_.notify_all();
     }
-    cv_.notify_all();
     f(0, parts);
-    std::unique_lock<std::mutex> lk(mu_);
-    done_.wait(lk, [this] { return pending_ == 0; });
+    if (!spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(mu_);
+      done_.wait(lk, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
     job_ = nullptr;
   }
 
   ~RowPool() {
     {
       std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
+      stop_.store(true);
     }
     cv_.notify_all();
     for (auto& t : threads_) t.join();
   }
 
  private:
+  static constexpr int64_t SPIN_NS = 300000;
+
   RowPool() : pid_(getpid()) {}
+
+  template <typename P>
+  static bool spin_until(const P& ready) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(SPIN_NS);
+    for (int i = 1;; ++i) {
+      if (ready()) return true;
+#ifdef INFINILLM_X86
+      _mm_pause();
+#endif
+      if (i % 256 == 0) {
+        if (std::chrono::steady_clock::now() > until) return false;
+        std::this_thread::yield();
+      }
+    }
+  }
 
   void start(int want) {  // (under call_mu_)
     while (static_cast<int>(threads_.size()) < want) {
@@ -338,18 +392,22 @@ class RowPool {
 
   void loop(int index) {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lk(mu_);
     for (;;) {
-      cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
+      auto fresh = [&] { return stop_.load() || generation_.load(std::memory_order_acquire) != seen; };
+      if (!spin_until(fresh)) {
+        std::unique_lock<std::mutex> lk(mu_);
+        ++sleeping_;
+        cv_.wait(lk, fresh);
+        --sleeping_;
+      }
+      if (stop_.load()) return;
+      seen = generation_.load(std::memory_order_acquire);
       if (index >= parts_) continue;
-      const std::function<void(int, int)>* job = job_;
-      int parts = parts_;
-      lk.unlock();
-      (*job)(index, parts);
-      lk.lock();
-      if (--pending_ == 0) done_.notify_one();
+      (*job_)(index, parts_);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(mu_);  // the caller, if it went to sleep, sees zero
+        done_.notify_one();
+      }
     }
   }
 
@@ -357,10 +415,11 @@ class RowPool {
   std::mutex call_mu_, mu_;
   std::condition_variable cv_, done_;
   std::vector<std::thread> threads_;
-  const std::function<void(int, int)>* job_ = nullptr;
-  int parts_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
+  const std::function<void(int, int)>* job_ = nullptr;  // written before generation_ is raised
+  int parts_ = 0, sleeping_ = 0;
+  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stop_{false};
 };
 
 // `product(o0, o1)` (output rows [o0, o1) of y = x W^T) over `threads` threads, the rows split

@@ -61,3 +61,31 @@ def test_bad_shapes_are_refused():
     qw = QuantWeight.from_gguf_blocks("Q8_0", raw, 4, 64)
     with pytest.raises(ValueError, match="do not agree"):
         qw.matmul(torch.zeros(1, 96))
+
+
+def test_the_row_pool_hands_over_many_products_from_several_threads():
+    """Products back to back from two Python threads at once, each split over the pool (whose
+    threads spin between jobs, then sleep): every result is right and none is lost."""
+    import threading
+
+    raw, ref = quantized("Q4_1", 80, 64, seed=3)
+    qw = QuantWeight.from_gguf_blocks("Q4_1", raw, 80, 64)
+    want = torch.from_numpy(ref)
+    errors = []
+
+    def work(seed):
+        x = torch.randn(9, 64, generator=torch.Generator().manual_seed(seed))
+        expect = x @ want.T
+        for _ in range(300):
+            got = qw.matmul(x, threads=2, min_macs=0)
+            if not torch.allclose(got, expect, atol=2e-5, rtol=1e-5):
+                errors.append(seed)
+                return
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a product never returned"
+    assert errors == []
