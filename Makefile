@@ -25,9 +25,9 @@ CORE_SOURCES := $(wildcard core_sched/_*.pyx kernels/_*.pyx transport/_*.pyx) $(
 test: build
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# make chat ARGS="--document README.md"   (options: python examples/04_long_context_chat.py --help)
 chat: build
-	@test -f examples/long_context_chat.py || { echo "make chat: the long-context chat is not there yet: it comes with issue #6 (one instance end to end)"; exit 1; }
-	$(PY) examples/long_context_chat.py $(CHAT_ARGS)
+	@$(PY) examples/04_long_context_chat.py $(ARGS)
 
 install: $(VENV)/.installed
 

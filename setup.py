@@ -42,7 +42,8 @@ if os.path.exists("kernels/_quant_cpu.pyx") and (not only or "_quant_cpu" in onl
             include_dirs=["kernels/csrc"],
             depends=sorted(glob.glob("kernels/csrc/*.hpp")),
             language="c++",
-            extra_compile_args=["-std=c++17", "-O3"],
+            # (GCC's own intrinsics headers trip -Wmaybe-uninitialized on their "undefined" registers)
+            extra_compile_args=["-std=c++17", "-O3", "-Wno-maybe-uninitialized"],
         )
     )
 

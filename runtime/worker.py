@@ -58,7 +58,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m infinillm.worker", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m infinillm.worker", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--instance-id", type=int, default=None, help="(required unless --join: the runtime gives it)")
     p.add_argument("--num-blocks", type=int, required=True)

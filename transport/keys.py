@@ -18,13 +18,14 @@ from .auth import generate_keypair
 __all__ = ["main"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m infinillm.transport.keys") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m infinillm.transport.keys",
+        prog=prog,
         description="Generate a ZeroMQ CURVE key pair for infinillm's tcp endpoints.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("directory", help="where to write NAME.key and NAME.key_secret (created if missing)")
-    parser.add_argument("--name", default="infinillm", help="file name stem (default: infinillm)")
+    parser.add_argument("--name", default="infinillm", help="file name stem")
     parser.add_argument("--force", action="store_true", help="replace existing files")
     args = parser.parse_args(argv)
     try:

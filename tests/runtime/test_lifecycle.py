@@ -402,10 +402,12 @@ async def test_a_kv_cache_smaller_than_max_model_len_is_refused_at_open(open_tin
     with pytest.raises(ValidationError, match=r"max_model_len=512 is invalid: needs 32 KV blocks of 16 tokens, but the KV cache holds 25 blocks \(400 tokens\)"):
         async with open_tiny(kv_capacity_tokens=400):
             pass  # pragma: no cover
-    # Without max_model_len, the model's own 2048 positions need 128 blocks.
-    with pytest.raises(ValidationError, match="max_model_len=2048 is invalid: needs 128 KV blocks"):
-        async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=1024):
-            pass  # pragma: no cover
+    # Without max_model_len, the model's own 2048 positions would need 128 blocks: the length
+    # is what the cache holds instead, and a longer prompt is refused at generate().
+    async with infinillm.open_runtime(model=tiny_model, device="cpu", kv_capacity_tokens=1024) as rt:
+        assert rt.engine.max_model_len == 1024
+        with pytest.raises(ValidationError, match="max_model_len=1024"):
+            rt.generate({"prompt_token_ids": [5] * 1024})
 
 
 async def test_a_string_prompt_is_encoded_as_hugging_face_does_with_special_tokens(open_tiny, tmp_path):
