@@ -53,6 +53,12 @@ def build_parser(prog: str = "infinillm chat") -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-prefix-caching", action="store_true", help="recompute the whole conversation every turn")
+    net = p.add_argument_group("workers on other hosts (infinillm worker --join ...)")
+    net.add_argument("--join-address", metavar="tcp://HOST:PORT", default=None,
+                     help="accept workers from other hosts here (tcp with CURVE; needs --keys)")
+    net.add_argument("--keys", metavar="DIR", default=None,
+                     help="the cluster's CURVE keys: DIR/infinillm.key and DIR/infinillm.key_secret (infinillm keys DIR)")
+    net.add_argument("--bind-host", default="127.0.0.1", help="with --join-address: the address this host's sockets bind to")
     return p
 
 
@@ -71,6 +77,11 @@ class Chat:
         self.last_placement: dict[int, int] = {}
         self.turn = 0
 
+    @property
+    def room(self) -> int:
+        """Context tokens kept for the template, the questions and the answers."""
+        return min(ROOM_FOR_TURNS, self.max_model_len // 2)
+
     def say(self, text: str = "", end: str = "\n") -> None:
         self.out.write(text + end)
         self.out.flush()
@@ -86,10 +97,11 @@ class Chat:
         except UnicodeDecodeError:
             raise ValidationError("--document", path, "must be a UTF-8 text file") from None
         ids = self.rt.tokenizer.encode(text)
-        budget = self.max_model_len - ROOM_FOR_TURNS
+        room = self.room
+        budget = max(0, self.max_model_len - room)
         if len(ids) > budget:
             self.say(f"[document {os.path.basename(path)}: {len(ids)} tokens, cut to its first {budget} to leave "
-                     f"{ROOM_FOR_TURNS} of the {self.max_model_len}-token context for the conversation]")
+                     f"{room} of the {self.max_model_len}-token context for the conversation]")
             text = self.rt.tokenizer.decode(ids[:budget])
             ids = ids[:budget]
         self.preamble += [
@@ -110,7 +122,20 @@ class Chat:
         shown = 0
         out = None
         placement: dict[int, int] = {}
-        async for out in self.rt.generate(messages, params, request_id=rid):
+        from .errors import ValidationError
+
+        while True:
+            try:
+                stream = self.rt.generate(messages, params, request_id=rid)
+                break
+            except ValidationError as e:
+                if not self.turns:  # the question itself (with the document) does not fit
+                    self.say(f"[error: {e}]")
+                    return
+                self.turns = self.turns[2:]  # make room: the oldest turn goes
+                messages = self.preamble + self.turns + [{"role": "user", "content": question}]
+                self.say("[the context is full: the oldest turn was dropped]")
+        async for out in stream:
             text = out.outputs[0].text
             if first is None:
                 first = time.perf_counter() - t0
@@ -130,7 +155,7 @@ class Chat:
                  f"KV on {_placement(placement)}]")
         if completion.finish_reason in ("stop", "length"):
             self.turns += [{"role": "user", "content": question}, {"role": "assistant", "content": completion.text}]
-        if len(out.prompt_token_ids) + n + ROOM_FOR_TURNS // 2 > self.max_model_len:
+        if len(out.prompt_token_ids) + n + self.room // 2 > self.max_model_len and self.turns:
             self.turns = self.turns[2:]  # the oldest turn goes: the context is nearly full
             self.say("[the context is nearly full: the oldest turn was dropped]")
 
@@ -142,7 +167,7 @@ class Chat:
                  f"{'capacity':>8}  memory")
         for inst in s.instances:
             if inst.memory_total_bytes:
-                memory = (f"device {(inst.memory_total_bytes - inst.memory_free_bytes) / 2**30:.1f} of "
+                memory = (f"memory {(inst.memory_total_bytes - inst.memory_free_bytes) / 2**30:.1f} of "
                           f"{inst.memory_total_bytes / 2**30:.1f} GiB used")
             else:
                 memory = f"KV {inst.kv_used_blocks * inst.block_size} of {inst.kv_capacity_blocks * inst.block_size} tokens"
@@ -180,6 +205,14 @@ async def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: Tex
         model=args.model, device=args.device, num_instances=instances, kv_capacity_tokens=args.kv_capacity_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
     )
+    if args.join_address is not None:
+        if args.keys is None:
+            from .errors import ValidationError
+
+            raise ValidationError("--keys", None, "must name the cluster's key directory with --join-address")
+        options.update(transport="tcp", join_address=args.join_address, bind_host=args.bind_host,
+                       curve_secret_key_file=os.path.join(args.keys, "infinillm.key_secret"),
+                       curve_public_key_file=os.path.join(args.keys, "infinillm.key"))
     async with infinillm.open_runtime(**options) as rt:
         # The context: the model's, or what one request can hold (its home's blocks and what the
         # others may lend it) if less.

@@ -1,5 +1,7 @@
 """The ``infinillm`` command, run as a real process."""
 
+import json
+import re
 import subprocess
 import sys
 
@@ -83,3 +85,75 @@ def test_a_broken_model_file_is_an_error_naming_the_file(tmp_path, capsys, broke
     err = capsys.readouterr().err
     assert "error: " in err and str(folder / broken) in err and message.split(" ", 1)[-1] in err
     assert "Traceback" not in err
+
+
+def test_help_lists_every_command_and_each_command_shows_its_defaults():
+    r = run("--help")
+    assert r.returncode == 0
+    for command in ("chat", "generate", "worker", "sim", "bench", "keys"):
+        assert command in r.stdout
+    for command in ("chat", "generate", "worker", "sim", "bench", "keys"):
+        r = run(command, "--help")
+        assert r.returncode == 0, (command, r.stderr)
+        assert "(default:" in r.stdout, command
+
+
+def test_an_unknown_command_is_refused_with_the_list():
+    r = run("serve")
+    assert r.returncode == 2
+    assert "invalid choice: 'serve'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_reads_turns_and_commands_from_a_pipe(tiny_folder, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The lighthouse stands on a rock. " * 40, encoding="utf-8")
+    r = subprocess.run(
+        [sys.executable, "-m", "infinillm.cli", "chat", "--model", tiny_folder, "--device", "cpu", "--instances", "2",
+         "--kv-capacity-tokens", "512", "--max-tokens", "4", "--document", str(doc)],
+        input="first question\n/stats\n\nsecond question\n/reset\nthird\n", capture_output=True, text=True, timeout=180,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "[document doc.txt:" in out
+    assert out.count("> ") == 3  # three turns echoed; commands and the blank line are not turns
+    assert len(re.findall(r"\[4 tokens, .* tokens/s, first token after .* s, \d+ in context, length; KV on instance", out)) == 3
+    assert re.search(r"\[2 instances; prefix cache hit rate", out)
+    assert len(re.findall(r"^\s+[01]\s+\d+\s+\d+\s+\d+\s+\d+\s+\d+\s+32  ", out, re.M)) == 2  # a row per instance
+    assert "[the conversation starts again from the document]" in out
+
+
+def test_chat_errors_are_one_line(tiny_folder, tmp_path):
+    r = run("chat", "--model", str(tmp_path / "nothing.gguf"))
+    assert r.returncode == 2 and "error: model=" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "infinillm.cli", "chat", "--model", tiny_folder, "--device", "cpu",
+                        "--instances", "1", "--kv-capacity-tokens", "256", "--document", str(tmp_path / "missing.txt")],
+                       input="", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error: --document=" in r.stderr and "cannot be read" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_chat_reports_a_port_in_use(tiny_folder, tmp_path):
+    import socket
+
+    from infinillm.transport.keys import generate_keypair
+
+    generate_keypair(str(tmp_path / "keys"), "infinillm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("chat", "--model", tiny_folder, "--device", "cpu", "--instances", "1", "--kv-capacity-tokens", "256",
+                "--join-address", f"tcp://127.0.0.1:{port}", "--keys", str(tmp_path / "keys"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Address already in use" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_measures_throughput_as_json(tiny_folder):
+    r = run("bench", "--model", tiny_folder, "--device", "cpu", "--requests", "3", "--prompt-tokens", "20",
+            "--max-tokens", "5", "--kv-capacity-tokens", "1024", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["requests"] == 3 and result["output_tokens_per_s"] > 0
+    assert result["ttft_s"]["p90"] >= result["ttft_s"]["median"] > 0
+    r = run("bench", "--model", tiny_folder, "--requests", "0")
+    assert r.returncode == 2 and "--requests=0 must be at least 1" in r.stderr
