@@ -1,6 +1,6 @@
-"""Every example under ``examples/`` runs as written (real processes, the bundled SmolLM2), and
-the long-context chat does what ``make chat`` promises: scripted turns from standard input, each
-answered, the second starting from the conversation's cached KV."""
+"""Every example under ``examples/`` runs as written (real processes, the bundled SmolLM2). The
+long-context chat (04) runs as the README's ``printf ... | make chat ARGS="--document README.md"``
+in ``tests/test_readme.py``: scripted turns, each answered, the second from the cached KV."""
 
 from __future__ import annotations
 
@@ -56,18 +56,3 @@ def test_05_asyncio_web_handler():
     answer = re.search(r"answer: (.*)", r.stdout).group(1)
     assert len(answer.split()) > 5
     assert "finished requests: 1" in r.stdout
-
-
-def test_04_the_chat_answers_scripted_turns_and_the_second_starts_from_the_cache():
-    # What the issue's `printf '...' | make chat ARGS="--document README.md"` does.
-    r = run_example("04_long_context_chat.py", "--document", "README.md", "--max-tokens", "24",
-                    stdin="Summarise the document in one sentence.\nWhat is its title?\n", timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("> ") == 2
-    status = re.findall(r"\[(\d+) tokens, ([\d.]+) tokens/s, first token after ([\d.]+) s, (\d+) in context, (\w+); "
-                        r"KV on (.*)\]", r.stdout)
-    assert len(status) == 2, r.stdout
-    first, second = float(status[0][2]), float(status[1][2])
-    assert second * 3 < first, (first, second)  # the document and the first turn come from the cache
-    assert int(status[1][3]) > int(status[0][3]) > 1000
-    assert "document README.md:" in r.stdout
