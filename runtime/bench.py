@@ -64,11 +64,13 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         finals: list[Any] = []
         t0 = time.perf_counter()
 
-        async def one(ids: list[int]) -> None:
+        streams = [rt.generate({"prompt_token_ids": ids}, params) for ids in prompts]  # bad input raises here
+
+        async def one(stream) -> None:
             start = time.perf_counter()
             last = None
             out = None
-            async for out in rt.generate({"prompt_token_ids": ids}, params):
+            async for out in stream:
                 now = time.perf_counter()
                 if last is None:
                     ttft.append(now - start)
@@ -78,8 +80,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             finals.append(out)
 
         async with trio.open_nursery() as nursery:
-            for ids in prompts:
-                nursery.start_soon(one, ids)
+            for stream in streams:
+                nursery.start_soon(one, stream)
         wall = time.perf_counter() - t0
     out_tokens = sum(len(f.outputs[0].token_ids) for f in finals)
     in_tokens = sum(len(f.prompt_token_ids) for f in finals)

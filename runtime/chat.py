@@ -129,7 +129,7 @@ class Chat:
                 stream = self.rt.generate(messages, params, request_id=rid)
                 break
             except ValidationError as e:
-                if not self.turns:  # the question itself (with the document) does not fit
+                if "max_model_len" not in str(e) or not self.turns:  # not a length, or the question alone is too long
                     self.say(f"[error: {e}]")
                     return
                 self.turns = self.turns[2:]  # make room: the oldest turn goes
@@ -196,7 +196,13 @@ async def _read_line(stdin: TextIO, prompt: str, tty: bool) -> str | None:
 
 async def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     import infinillm
+    from . import SamplingParams
 
+    SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)  # bad values: refused before loading
+    if stdin is None:  # (started with its standard input closed)
+        stdin = open(os.devnull, encoding="utf-8")
+    elif hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 do not end the chat
     tty = stdin.isatty()
     instances = args.instances or default_instances()
     print(f"[starting {instances} instance{'s' if instances > 1 else ''} of {args.model}, "
@@ -249,7 +255,12 @@ async def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: Tex
 def main(argv: list[str] | None = None, prog: str = "infinillm chat") -> int:
     from .errors import InfiniLLMError
 
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    for name in ("instances", "kv_capacity_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}={value} must be at least 1")
     try:
         return trio.run(run_chat, args)
     except InfiniLLMError as e:

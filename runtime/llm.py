@@ -37,6 +37,7 @@ from .sampling import SamplingParams
 __all__ = ["LLM", "AsyncLLM"]
 
 _OUT, _END, _ERROR = "out", "end", "error"
+_RELEASE_WAIT_S = 30.0  # (a bound on waiting for a request to be let go; the runtime answers in a step)
 _live_hosts: weakref.WeakSet[_Host] = weakref.WeakSet()
 
 
@@ -101,30 +102,36 @@ class _Host:
                 with self._lock:
                     callbacks, self._ready_callbacks = self._ready_callbacks, []
                     self._ready.set()
+                    if self._closing:  # closed (or dropped) while it was opening
+                        self._stop.set()
                 for fn in callbacks:
                     fn()
                 await self._stop.wait()
             # The runtime is closed: every stream still open has had its final "abort" output,
             # so the tasks below end on their own.
 
-    async def _pump(self, stream, sink: Callable[[str, Any], None], scope: trio.CancelScope) -> None:
-        """One request: its outputs to ``sink``, then the end (or the error that ended it)."""
-        ended = False
+    async def _pump(self, stream, sink: Callable[[str, Any], bool], scope: trio.CancelScope) -> None:
+        """One request: its outputs to ``sink``, then the end (or the error that ended it), sent
+        once the runtime has let the request go (its blocks free, its id usable again). A sink
+        that returns False (its reader is gone) stops the request."""
+        error: BaseException | None = None
         try:
             with scope:
-                async with stream:
-                    async for out in stream:
-                        sink(_OUT, out)
-                    ended = True
-                    sink(_END, None)
+                async for out in stream:
+                    if sink(_OUT, out) is False:
+                        scope.cancel()
         except BaseException as exc:  # noqa: BLE001 - the caller sees it
-            ended = True
-            sink(_ERROR, exc if isinstance(exc, Exception) else InfiniLLMError(f"the request ended: {exc!r}"))
-            if not isinstance(exc, Exception):
-                raise
+            error = exc
         finally:
-            if not ended:  # cancelled by the caller: it is not listening any more
-                sink(_END, None)
+            with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_WAIT_S):
+                await stream.aclose()  # aborts an unfinished request; returns once it is let go
+        if error is None:
+            sink(_END, None)
+        elif isinstance(error, Exception):
+            sink(_ERROR, error)
+        else:  # the runtime's own cancellation: the caller hears the request ended, then it goes on
+            sink(_ERROR, InfiniLLMError(f"the request ended with the runtime: {error!r}"))
+            raise error
 
     # ---- the caller's threads ----------------------------------------------------------------
 
@@ -165,26 +172,42 @@ class _Host:
         except trio.RunFinishedError:
             raise InfiniLLMError("the runtime is closed: it serves nothing more") from self._failure
 
-    def submit(self, prompt, params: SamplingParams | None, request_id: str | None,
-               sink: Callable[[str, Any], None]) -> tuple[str, trio.CancelScope]:
-        """Start one request (validated here, on the caller's thread: bad input raises now)."""
+    def submit(self, requests: Sequence[tuple[Any, SamplingParams | None, str | None]],
+               sinks: Sequence[Callable[[str, Any], bool]], started: list[trio.CancelScope]) -> None:
+        """Start requests, all or none: each is validated (bad input raises here, on the caller's
+        thread, and nothing has started); ``started`` gets each one's cancel scope as it starts
+        (on the runtime's thread, so a caller interrupted meanwhile can still stop them all)."""
 
-        def start() -> tuple[str, trio.CancelScope]:
+        def start() -> None:
             if self._stop.is_set():
                 raise InfiniLLMError("the runtime is closed: it serves nothing more")
-            stream = self._runtime.generate(prompt, params, request_id)
-            scope = trio.CancelScope()
-            self._nursery.start_soon(self._pump, stream, sink, scope)
-            return stream.request_id, scope
+            streams = []
+            try:
+                for prompt, params, request_id in requests:
+                    streams.append(self._runtime.generate(prompt, params, request_id))
+            except BaseException:
+                for stream in streams:  # made, never read: their ids are free at once
+                    stream._close()
+                raise
+            for stream, sink in zip(streams, sinks):
+                scope = trio.CancelScope()
+                started.append(scope)
+                self._nursery.start_soon(self._pump, stream, sink, scope)
 
-        return self._call(start)
+        self._call(start)
 
-    def cancel(self, scope: trio.CancelScope) -> None:
-        """Stop a request's task (its stream is closed, which aborts the request)."""
+    def cancel(self, scopes: Sequence[trio.CancelScope]) -> None:
+        """Stop requests' tasks (each stream is closed, which aborts its request). Runs after
+        any ``submit`` still in progress on the runtime's thread, so none is missed."""
+
+        def cancel_all() -> None:
+            for scope in scopes:
+                scope.cancel()
+
         try:
-            self._call(scope.cancel)
+            self._call(cancel_all)
         except InfiniLLMError:
-            pass  # closed: the request has ended anyway
+            pass  # closed: the requests have ended anyway
 
     def abort(self, request_id: str) -> None:
         self._call(lambda: self._runtime.abort(request_id))
@@ -199,9 +222,10 @@ class _Host:
             if self._closing:
                 return
             self._closing = True
-        if self._error is None and self._token is not None:
+        token = self._token
+        if token is not None:  # (not yet open: _serve stops as soon as it opens)
             try:
-                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+                token.run_sync_soon(self._stop.set)  # from any thread, the runtime's own included
             except trio.RunFinishedError:
                 pass
 
@@ -242,6 +266,7 @@ class LLM:
 
     def __init__(self, model: str = "smollm2", **options: Any) -> None:
         self._host = _Host({"model": model, **options})
+        weakref.finalize(self, self._host.begin_close)  # dropped without close(): it still ends
         self._host.wait_ready()
 
     def generate(
@@ -256,35 +281,51 @@ class LLM:
         per prompt. Returns the final output of each, in the prompts' order. Bad input raises
         ``ValidationError`` before anything starts; an interrupt (``KeyboardInterrupt``) aborts
         every request of the call and is raised again."""
-        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)
-        if isinstance(sampling_params, Sequence):
+        if _is_single_prompt(prompts):
+            batch = [prompts]
+        elif isinstance(prompts, (list, tuple)):
+            batch = list(prompts)
+        else:
+            raise ValidationError("prompts", type(prompts).__name__, "must be a prompt (a string, chat messages or "
+                                  "{'prompt_token_ids': [...]}) or a list of them")
+        if isinstance(sampling_params, (list, tuple)):
             params = list(sampling_params)
             if len(params) != len(batch):
                 raise ValidationError("sampling_params", f"{len(params)} of them",
                                       f"must be one, or one per prompt ({len(batch)})")
         else:
             params = [sampling_params] * len(batch)
-        if request_ids is not None and len(request_ids) != len(batch):
-            raise ValidationError("request_ids", f"{len(request_ids)} of them", f"must be one per prompt ({len(batch)})")
+        if request_ids is not None:
+            if not isinstance(request_ids, (list, tuple)) or len(request_ids) != len(batch):
+                raise ValidationError("request_ids", request_ids, f"must be a list of strings, one per prompt ({len(batch)})")
+        if not batch:
+            return []
         inbox: queue.Queue = queue.Queue()
-        started: list[tuple[str, trio.CancelScope]] = []
+        started: list[trio.CancelScope] = []
         finals: list[RequestOutput | None] = [None] * len(batch)
-        pending = len(batch)
+        ended = [False] * len(batch)
+
+        def sink_for(i: int) -> Callable[[str, Any], bool]:
+            return lambda kind, item: inbox.put((i, kind, item)) or True
+
+        rids = request_ids if request_ids is not None else [None] * len(batch)
         try:
-            for i, (prompt, p) in enumerate(zip(batch, params)):
-                rid = None if request_ids is None else request_ids[i]
-                started.append(self._host.submit(prompt, p, rid, lambda kind, item, i=i: inbox.put((i, kind, item))))
-            while pending:
+            self._host.submit(list(zip(batch, params, rids)), [sink_for(i) for i in range(len(batch))], started)
+            while not all(ended):
                 i, kind, item = inbox.get()
                 if kind == _OUT:
                     finals[i] = item
-                elif kind == _ERROR:
+                    continue
+                ended[i] = True
+                if kind == _ERROR:
                     raise item
-                else:
-                    pending -= 1
         except BaseException:
-            for _, scope in started:
-                self._host.cancel(scope)
+            # Stop every request of this call, and wait until each is let go (its id is free
+            # again when this raises), unless interrupted again.
+            self._host.cancel(started)
+            for _ in range(len(started) - sum(ended)):
+                while inbox.get()[1] == _OUT:
+                    pass
             raise
         if any(f is None for f in finals):  # the runtime closed before a request's first output
             raise InfiniLLMError("the runtime closed before every request had an output")
@@ -319,12 +360,16 @@ class AsyncLLM:
 
     The constructor starts loading and returns at once; ``async with AsyncLLM(...)`` (or the
     first ``generate``) waits for the model without blocking the event loop, and raises a bad
-    option's error. Cancelling the task that reads a stream, or leaving its ``async for``,
-    aborts the request; ``await llm.close()`` ends every request and the runtime's thread.
+    option's error. Cancelling the task that reads a stream, or closing the stream
+    (``aclose()``, ``contextlib.aclosing``), aborts the request and returns once its id is free
+    again; a stream left by ``break`` is closed when asyncio finalizes it (soon after, in a task
+    of its own), as every async generator. ``await llm.close()`` ends every request and the
+    runtime's thread.
     """
 
     def __init__(self, model: str = "smollm2", **options: Any) -> None:
         self._host = _Host({"model": model, **options})
+        weakref.finalize(self, self._host.begin_close)  # dropped without close(): it still ends
 
     async def _wait_host(self, register: Callable[[Callable[[], None]], None]) -> None:
         loop = asyncio.get_running_loop()
@@ -355,28 +400,34 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
 
-        def sink(kind: str, item: Any) -> None:
+        def sink(kind: str, item: Any) -> bool:
             try:
                 loop.call_soon_threadsafe(inbox.put_nowait, (kind, item))
-            except RuntimeError:  # the caller's loop is gone; the request is cancelled below or at close
-                pass
+                return True
+            except RuntimeError:  # the caller's loop is closed: nobody reads, the request stops
+                return False
 
-        _, scope = self._host.submit(prompt, sampling_params, request_id, sink)
+        started: list[trio.CancelScope] = []
+        self._host.submit([(prompt, sampling_params, request_id)], [sink], started)
         ended = False
         try:
             while True:
                 kind, item = await inbox.get()
                 if kind == _OUT:
                     yield item
-                elif kind == _ERROR:
-                    ended = True
+                    continue
+                ended = True
+                if kind == _ERROR:
                     raise item
-                else:
-                    ended = True
-                    return
+                return
         finally:
-            if not ended:
-                self._host.cancel(scope)
+            if not ended:  # the reader left early or was cancelled: abort, and wait until let go
+                self._host.cancel(started)
+                try:
+                    while (await inbox.get())[0] == _OUT:
+                        pass
+                except (asyncio.CancelledError, RuntimeError):
+                    pass  # cancelled again, or the loop is going: the abort goes on without us
 
     def abort(self, request_id: str) -> None:
         """Abort a request by id; its stream ends with a final ``"abort"`` output."""

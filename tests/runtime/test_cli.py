@@ -157,3 +157,26 @@ def test_bench_measures_throughput_as_json(tiny_folder):
     assert result["ttft_s"]["p90"] >= result["ttft_s"]["median"] > 0
     r = run("bench", "--model", tiny_folder, "--requests", "0")
     assert r.returncode == 2 and "--requests=0 must be at least 1" in r.stderr
+
+
+def test_chat_keeps_its_history_past_a_turn_that_cannot_fit_and_reads_any_bytes(tiny_folder):
+    lines = b"first\n" + b"x" * 3000 + b"\nsecond \xff\xfe junk\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "infinillm.cli", "chat", "--model", tiny_folder, "--device", "cpu", "--instances", "1",
+         "--kv-capacity-tokens", "1024", "--max-tokens", "4"],
+        input=lines, capture_output=True, timeout=180,
+    )
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert "[error: prompt=" in out and "max_model_len=1024" in out  # the long turn alone cannot fit
+    contexts = [int(n) for n in re.findall(r"(\d+) in context", out)]
+    assert len(contexts) == 2 and contexts[1] > contexts[0] + 4  # the first turn is still in the second's context
+
+
+def test_bench_and_chat_refuse_bad_values_in_one_line(tiny_folder):
+    r = run("bench", "--model", tiny_folder, "--device", "cpu", "--kv-capacity-tokens", "512", "--prompt-tokens", "600")
+    assert r.returncode == 2 and "error: prompt=" in r.stderr and "Traceback" not in r.stderr
+    r = run("chat", "--model", tiny_folder, "--instances", "0")
+    assert r.returncode == 2 and "--instances=0 must be at least 1" in r.stderr
+    r = run("chat", "--model", tiny_folder, "--max-tokens", "0")
+    assert r.returncode == 2 and "error: " in r.stderr and "max_tokens" in r.stderr and "Traceback" not in r.stderr

@@ -4,6 +4,7 @@ thread of its own, driven from plain Python and from asyncio."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -176,3 +177,92 @@ def test_async_llm_bad_input_raises_at_the_first_read(tiny_model, device):
             assert out.finished
 
     asyncio.run(main())
+
+
+# ---- found by the adversarial review (each was a bug) ------------------------------------------
+
+
+def test_a_batch_with_bad_input_starts_nothing_and_its_ids_stay_free(tiny_model, device):
+    with LLM(**options(tiny_model, device)) as llm:
+        with pytest.raises(ValidationError, match="prompt"):
+            llm.generate(["good", ""], greedy(3), request_ids=["g1", "g2"])
+        with pytest.raises(ValidationError, match="already in use"):
+            llm.generate(["a", "b"], greedy(3), request_ids=["r1", "r1"])
+        outs = llm.generate(["good", "fine"], greedy(3), request_ids=["g1", "r1"])  # at once: nothing holds them
+        assert [o.request_id for o in outs] == ["g1", "r1"]
+        stats = llm.statistics()
+        assert stats.num_aborted == 0 and stats.num_finished == 2
+        with pytest.raises(ValidationError, match="prompts="):
+            llm.generate(5)
+        with pytest.raises(ValidationError, match="request_ids="):
+            llm.generate("x", request_ids="abc")
+        assert llm.generate([]) == []
+
+
+def test_an_interrupt_while_a_batch_starts_aborts_every_request_of_it(tiny_model, device):
+    import _thread
+    import random
+    import time
+
+    rng = random.Random(0)
+    with LLM(**options(tiny_model, device)) as llm:
+        for _ in range(4):
+            before = llm.statistics().num_finished
+            delay = rng.random() * 0.03
+            threading.Thread(target=lambda: (time.sleep(delay), _thread.interrupt_main())).start()
+            with pytest.raises(KeyboardInterrupt):
+                llm.generate(["hello"] * 200, greedy(400))  # seconds of work: the interrupt lands inside
+            # Nothing of that call is left running: the next request is the only one that finishes.
+            llm.generate("after", greedy(2))
+            stats = llm.statistics()
+            assert stats.num_finished == before + 1 and stats.num_running == 0 and stats.kv_used_blocks == 0
+
+
+def test_a_dropped_llm_ends_its_runtime(tiny_model, device):
+    import gc
+
+    llm = LLM(**options(tiny_model, device))
+    thread = llm._host._thread
+    del llm
+    gc.collect()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+def test_async_llm_an_id_is_free_again_once_the_loop_is_left(tiny_model, device):
+    async def main():
+        async with AsyncLLM(**options(tiny_model, device)) as llm:
+            for _ in range(3):
+                # (A generator left by `break` is closed when asyncio finalizes it, later; closing
+                # it, here by `aclosing`, aborts the request and returns once the id is free.)
+                async with contextlib.aclosing(llm.generate("again", greedy(300), request_id="same")) as stream:
+                    async for _ in stream:
+                        break
+            async for out in llm.generate("again", greedy(2), request_id="same"):
+                pass
+            assert out.outputs[0].finish_reason == "length"
+
+    asyncio.run(main())
+
+
+def test_async_llm_a_stream_whose_loop_closed_is_aborted(tiny_model, device):
+    import time
+
+    llm = AsyncLLM(**options(tiny_model, device))
+
+    async def start():
+        await llm.ready()
+        stream = llm.generate("hello", greedy(480), "orphan")
+        await stream.__anext__()
+        return stream
+
+    loop = asyncio.new_event_loop()
+    stream = loop.run_until_complete(start())
+    loop.close()  # the loop is gone with the stream open: its next output finds no reader
+    deadline = time.monotonic() + 60
+    while llm.statistics().num_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = llm.statistics()
+    assert stats.num_running == 0 and stats.num_aborted == 1 and stats.num_finished == 0
+    del stream
+    asyncio.run(llm.close())
