@@ -110,22 +110,23 @@ def _table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str = "infinillm bench") -> int:
-    from .errors import InfiniLLMError
+    from .cli import run_command
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     for name in ("requests", "prompt_tokens", "max_tokens", "instances"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
-    try:
-        result = trio.run(run_bench, args)
-    except InfiniLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    print(json.dumps(result) if args.json else _table(result))
-    return 0
+    result: dict[str, Any] = {}
+
+    async def measure() -> int:
+        result.update(await run_bench(args))
+        return 0
+
+    status = run_command(measure)
+    if status == 0:
+        print(json.dumps(result) if args.json else _table(result))
+    return status
 
 
 if __name__ == "__main__":

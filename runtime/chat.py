@@ -253,7 +253,7 @@ async def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: Tex
 
 
 def main(argv: list[str] | None = None, prog: str = "infinillm chat") -> int:
-    from .errors import InfiniLLMError
+    from .cli import run_command
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
@@ -261,14 +261,7 @@ def main(argv: list[str] | None = None, prog: str = "infinillm chat") -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}={value} must be at least 1")
-    try:
-        return trio.run(run_chat, args)
-    except InfiniLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return run_command(run_chat, args)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,23 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_command(fn, *args) -> int:
+    """``trio.run(fn, *args)`` for a command: its exit status; an ``InfiniLLMError`` is one line
+    (``error: ...``, status 2), an interrupt status 130."""
+    import trio
+
+    from .errors import InfiniLLMError
+
+    try:
+        return trio.run(fn, *args)
+    except InfiniLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
 def _top_parser() -> argparse.ArgumentParser:
     epilog = "commands:\n" + "\n".join(f"  {name:<10} {text}" for name, text in _COMMANDS.items())
     epilog += "\n\n'infinillm COMMAND --help' lists a command's options with their defaults."
@@ -114,18 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         from .transport.keys import main as keys_main
 
         return keys_main(rest, prog="infinillm keys")
-    args = _generate_parser().parse_args(rest)
-    import trio
-
-    from .errors import InfiniLLMError
-
-    try:
-        return trio.run(_generate, args)
-    except InfiniLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(_generate, _generate_parser().parse_args(rest))
 
 
 if __name__ == "__main__":

@@ -255,7 +255,26 @@ def _is_single_prompt(prompts: Any) -> bool:
     )
 
 
-class LLM:
+class _Hosted:
+    """What ``LLM`` and ``AsyncLLM`` share: the hosted runtime's abort, statistics and state."""
+
+    _host: _Host
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request by id (from any thread); its stream ends with a final ``"abort"``
+        output (a blocking ``generate`` returns it)."""
+        self._host.abort(request_id)
+
+    def statistics(self) -> RuntimeStats:
+        """The runtime's ``statistics()`` (taken on the runtime's thread)."""
+        return self._host.statistics()
+
+    @property
+    def closed(self) -> bool:
+        return self._host.closed
+
+
+class LLM(_Hosted):
     """A blocking interface to the runtime, as vLLM's ``LLM``: ``generate(prompts,
     sampling_params)`` returns the final ``RequestOutput`` of every prompt, in order.
 
@@ -331,18 +350,6 @@ class LLM:
             raise InfiniLLMError("the runtime closed before every request had an output")
         return finals  # type: ignore[return-value]
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request by id (from another thread while ``generate`` waits)."""
-        self._host.abort(request_id)
-
-    def statistics(self) -> RuntimeStats:
-        """The runtime's ``statistics()``."""
-        return self._host.statistics()
-
-    @property
-    def closed(self) -> bool:
-        return self._host.closed
-
     def close(self) -> None:
         """End every request, close the runtime, join its thread (idempotent)."""
         self._host.close()
@@ -354,7 +361,7 @@ class LLM:
         self.close()
 
 
-class AsyncLLM:
+class AsyncLLM(_Hosted):
     """The runtime for asyncio: ``async for out in llm.generate(prompt, params)`` streams
     cumulative ``RequestOutput`` s, as ``Runtime.generate`` does in trio.
 
@@ -428,18 +435,6 @@ class AsyncLLM:
                         pass
                 except (asyncio.CancelledError, RuntimeError):
                     pass  # cancelled again, or the loop is going: the abort goes on without us
-
-    def abort(self, request_id: str) -> None:
-        """Abort a request by id; its stream ends with a final ``"abort"`` output."""
-        self._host.abort(request_id)
-
-    def statistics(self) -> RuntimeStats:
-        """The runtime's ``statistics()`` (a short wait for the runtime's thread)."""
-        return self._host.statistics()
-
-    @property
-    def closed(self) -> bool:
-        return self._host.closed
 
     async def close(self) -> None:
         """End every request, close the runtime and join its thread, without blocking the loop."""
