@@ -37,6 +37,21 @@ __attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// A row of TP scores (TP a multiple of 16; -inf where a key is not seen) becomes
+// exp(score - m) in place, 0 where not seen; returns their sum.
+__attribute__((target("avx512f"))) inline float softmax_row(float* s, int TP, float m) {
+  const __m512 mv = _mm512_set1_ps(m), inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 total = _mm512_setzero_ps();
+  for (int t = 0; t < TP; t += 16) {
+    __m512 x = _mm512_loadu_ps(s + t);
+    __mmask16 hidden = _mm512_cmp_ps_mask(x, inf, _CMP_EQ_OQ);
+    __m512 p = _mm512_mask_blend_ps(hidden, exp512(_mm512_sub_ps(x, mv)), _mm512_setzero_ps());
+    _mm512_storeu_ps(s + t, p);
+    total = _mm512_add_ps(total, p);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
 // Requests [b0, b1). D a multiple of 16, at most 256; G at most 8.
 __attribute__((target("avx512f"))) inline void decode_attention_avx512(
     const float* q, const float* kc, const float* vc, const int64_t* slots, const uint8_t* visible, int T, int H,
@@ -82,15 +97,7 @@ __attribute__((target("avx512f"))) inline void decode_attention_avx512(
           continue;
         }
         for (int t = T; t < TP; ++t) s[t] = neg_inf;
-        __m512 m = _mm512_set1_ps(mx[g]), total = _mm512_setzero_ps(), inf = _mm512_set1_ps(neg_inf);
-        for (int t = 0; t < TP; t += 16) {
-          __m512 x = _mm512_loadu_ps(s + t);
-          __mmask16 hidden = _mm512_cmp_ps_mask(x, inf, _CMP_EQ_OQ);
-          __m512 p = _mm512_mask_blend_ps(hidden, exp512(_mm512_sub_ps(x, m)), _mm512_setzero_ps());
-          _mm512_storeu_ps(s + t, p);
-          total = _mm512_add_ps(total, p);
-        }
-        float sum = _mm512_reduce_add_ps(total);
+        float sum = softmax_row(s, TP, mx[g]);
         __m512 acc[16];
         for (int j = 0; j < ND; ++j) acc[j] = _mm512_setzero_ps();
         for (int t = 0; t < T; ++t) {
@@ -171,16 +178,7 @@ __attribute__((target("avx512f"))) inline void decode_attention_tiles(
         m[g] = _mm512_reduce_max_ps(mx[g]);
         sum[g] = 0.f;
         if (m[g] == neg_inf) continue;
-        float* s = scores.data() + (size_t)g * TP;
-        __m512 mv = _mm512_set1_ps(m[g]), total = _mm512_setzero_ps();
-        for (int t = 0; t < TP; t += 16) {
-          __m512 x = _mm512_loadu_ps(s + t);
-          __mmask16 hidden = _mm512_cmp_ps_mask(x, vinf, _CMP_EQ_OQ);
-          __m512 p = _mm512_mask_blend_ps(hidden, exp512(_mm512_sub_ps(x, mv)), _mm512_setzero_ps());
-          _mm512_storeu_ps(s + t, p);
-          total = _mm512_add_ps(total, p);
-        }
-        sum[g] = _mm512_reduce_add_ps(total);
+        sum[g] = softmax_row(scores.data() + (size_t)g * TP, TP, m[g]);
       }
       __m512 acc[G][ND];
       for (int g = 0; g < G; ++g)

@@ -79,21 +79,16 @@ def test_llm_after_close_refuses_work_and_close_is_idempotent(tiny_model, device
 
 def test_llm_abort_from_another_thread_ends_that_request(tiny_model, device):
     with LLM(**options(tiny_model, device)) as llm:
-        timer = threading.Timer(0.0, lambda: None)
-        started = threading.Event()
 
         def abort_when_running():
-            started.wait()
             while llm.statistics().num_running == 0:
                 pass
             llm.abort("long")
 
         t = threading.Thread(target=abort_when_running)
         t.start()
-        started.set()
         outs = llm.generate(["short", "long"], [greedy(2), greedy(400)], request_ids=["short", "long"])
         t.join()
-        timer.cancel()
     assert outs[0].outputs[0].finish_reason == "length"
     assert outs[1].outputs[0].finish_reason == "abort"
 
@@ -209,6 +204,7 @@ def test_an_interrupt_while_a_batch_starts_aborts_every_request_of_it(tiny_model
         for _ in range(4):
             before = llm.statistics().num_finished
             delay = rng.random() * 0.03
+            # sleep-ok: the interrupt lands at a random moment of the call, not after a condition
             threading.Thread(target=lambda: (time.sleep(delay), _thread.interrupt_main())).start()
             with pytest.raises(KeyboardInterrupt):
                 llm.generate(["hello"] * 200, greedy(400))  # seconds of work: the interrupt lands inside
@@ -246,7 +242,7 @@ def test_async_llm_an_id_is_free_again_once_the_loop_is_left(tiny_model, device)
 
 
 def test_async_llm_a_stream_whose_loop_closed_is_aborted(tiny_model, device):
-    import time
+    import trio
 
     llm = AsyncLLM(**options(tiny_model, device))
 
@@ -259,9 +255,15 @@ def test_async_llm_a_stream_whose_loop_closed_is_aborted(tiny_model, device):
     loop = asyncio.new_event_loop()
     stream = loop.run_until_complete(start())
     loop.close()  # the loop is gone with the stream open: its next output finds no reader
-    deadline = time.monotonic() + 60
-    while llm.statistics().num_running and time.monotonic() < deadline:
-        time.sleep(0.01)
+
+
+    async def until_let_go():  # (on the runtime's thread: the request's own end, aborted or not)
+        request = llm._host._runtime._requests.get("orphan")
+        if request is not None:
+            with trio.fail_after(60):
+                await request.ended.wait()
+
+    trio.from_thread.run(until_let_go, trio_token=llm._host._token)
     stats = llm.statistics()
     assert stats.num_running == 0 and stats.num_aborted == 1 and stats.num_finished == 0
     del stream
