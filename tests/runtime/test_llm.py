@@ -204,8 +204,8 @@ def test_an_interrupt_while_a_batch_starts_aborts_every_request_of_it(tiny_model
         for _ in range(4):
             before = llm.statistics().num_finished
             delay = rng.random() * 0.03
-            # sleep-ok: the interrupt lands at a random moment of the call, not after a condition
-            threading.Thread(target=lambda: (time.sleep(delay), _thread.interrupt_main())).start()
+            # The interrupt lands at a random moment of the call (a deliberate delay, no condition).
+            threading.Thread(target=lambda: (time.sleep(delay), _thread.interrupt_main())).start()  # sleep-ok
             with pytest.raises(KeyboardInterrupt):
                 llm.generate(["hello"] * 200, greedy(400))  # seconds of work: the interrupt lands inside
             # Nothing of that call is left running: the next request is the only one that finishes.
